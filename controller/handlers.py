@@ -1,0 +1,121 @@
+"""Requests in, replies out. Handlers validate meaning (the protocol module validated form),
+call the object table and shape the reply; they never touch the socket.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+
+from faastube import protocol
+from faastube.errors import InvalidArgumentError, InvalidStateError, NamespaceError
+from faastube.refs import check_dtype
+
+from .objects import Grant, ObjectTable, Session
+
+MAX_GET_TIMEOUT_S = 3600.0
+
+
+def load_secrets(path: str | None) -> dict[str, str]:
+    """``{namespace: secret}`` from a JSON file; namespaces listed there must present it."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"cannot read the secrets file {path}: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise InvalidArgumentError(f"the secrets file {path} must hold a JSON object "
+                                   f'{{"namespace": "secret", ...}}')
+    return data
+
+
+class Handlers:
+    def __init__(self, table: ObjectTable, node: str, epoch: str, namespace_secrets: dict[str, str]):
+        self.table = table
+        self.node = node
+        self.epoch = epoch
+        self.secrets = namespace_secrets
+        self._dispatch = {
+            protocol.Hello: self.hello, protocol.Create: self.create, protocol.Seal: self.seal,
+            protocol.Get: self.get, protocol.Release: lambda s, r: ({}, []),
+            protocol.Delete: self.delete, protocol.CloseScope: self.close_scope,
+            protocol.Status: self.status, protocol.Ping: self.ping,
+        }
+
+    def handle(self, session: Session, envelope: protocol.Envelope) -> tuple[dict, list]:
+        """The reply fields and the (fd, info) pairs to pass for one request."""
+        request = envelope.request
+        if envelope.releases:
+            self.table.release(session, envelope.releases)
+        if session.namespace is None and not isinstance(
+                request, (protocol.Hello, protocol.Ping, protocol.Release, protocol.Status)):
+            raise InvalidStateError(f"send 'hello' with your namespace before {request.op!r}")
+        reply, fds = self._dispatch[type(request)](session, request)
+        if session.retired:
+            reply["retired"] = self.table.take_retired(session)
+        return reply, fds
+
+    def hello(self, session: Session, request: protocol.Hello):
+        if session.namespace is not None:
+            raise InvalidStateError("this connection already declared its namespace "
+                                    f"{session.namespace!r}; open a new one for another")
+        expected = self.secrets.get(request.namespace)
+        if expected is not None and not hmac.compare_digest(
+                expected.encode(), (request.secret or "").encode()):
+            raise NamespaceError(
+                f"namespace {request.namespace!r} needs its secret: set FAASTUBE_SECRET to the "
+                f"value in the controller's secrets file" if not request.secret else
+                f"wrong secret for namespace {request.namespace!r}")
+        session.namespace = request.namespace
+        session.client = request.client
+        return {"node": self.node, "epoch": self.epoch, "pid": session.pid}, []
+
+    def create(self, session: Session, request: protocol.Create):
+        dtype = check_dtype(request.dtype)
+        expected = math.prod(request.shape) * dtype.itemsize
+        if request.nbytes != expected:
+            raise InvalidArgumentError(f"nbytes {request.nbytes} does not match shape "
+                                       f"{list(request.shape)} of {dtype} ({expected} bytes)")
+        grant = self.table.create(session, request.shape, request.dtype, request.nbytes,
+                                  request.consumers, request.ttl, request.scope)
+        return self._grant_reply(grant)
+
+    def seal(self, session: Session, request: protocol.Seal):
+        self.table.seal(session, request.id, request.drop_writer)
+        return {}, []
+
+    def get(self, session: Session, request: protocol.Get):
+        grant = self.table.get(session, request.id, min(request.timeout, MAX_GET_TIMEOUT_S))
+        return self._grant_reply(grant)
+
+    def delete(self, session: Session, request: protocol.Delete):
+        self.table.delete(session, request.id)
+        return {}, []
+
+    def close_scope(self, session: Session, request: protocol.CloseScope):
+        return {"freed": self.table.close_scope(session, request.scope)}, []
+
+    def status(self, session: Session, request: protocol.Status):
+        if session.namespace is None and not session.admin:
+            raise NamespaceError("status without 'hello' is for the controller's own user or "
+                                 "root; declare your namespace to see it")
+        reply = self.table.status(session)
+        reply.update(node=self.node, epoch=self.epoch)
+        return reply, []
+
+    def ping(self, session: Session, request: protocol.Ping):
+        return {"node": self.node, "epoch": self.epoch}, []
+
+    @staticmethod
+    def _grant_reply(grant: Grant):
+        record = grant.record
+        reply = {"id": record.id, "lease": grant.lease.id, "slab": record.region.slab.id,
+                 "offset": record.region.offset, "nbytes": record.region.nbytes,
+                 "dtype": record.dtype, "shape": list(record.shape),
+                 "fds": [info for _fd, info in grant.fds]}
+        return reply, grant.fds
+

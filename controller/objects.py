@@ -1,0 +1,406 @@
+"""The object table: objects, their leases, scopes and TTLs, and the sessions that hold them.
+
+Note [Leases pin memory]: every view of an object's bytes in a function process is covered
+by a lease: the writer's view from ``create`` and each reader's view from ``get``. An object
+leaves the table ("unlinked": deleted, consumed, expired, scope closed, aborted) as soon as
+its reason arises, so nobody can get it any more, but its region goes back to the allocator
+only when its last lease ends. The SDK ends a lease when the array (and every view of it)
+is garbage-collected; the controller ends all of a process's leases when its socket closes.
+Hence a freed object can never show another object's bytes.
+
+Note [Consumers]: with ``consumers=N`` an object is unlinked once N reader leases have
+*consumed* it: a lease consumes when the reader calls ``faastube.release`` or when its view
+is garbage-collected. A reader that dies does not consume (another may retry the get).
+
+Note [What a crash frees]: when a process's socket closes, the objects it created and did
+not seal are unlinked ("aborted") and all its leases end without consuming. Sealed objects
+stay: they were handed on.
+
+Every method runs under ``self.lock``; Redis calls that can block are made outside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import itertools
+import math
+import os
+import secrets
+import threading
+import time
+
+from faastube.errors import (InvalidStateError, NamespaceError, ObjectDeletedError,
+                             ObjectExpiredError, ObjectLostError, ObjectNotFoundError,
+                             FaasTubeTimeoutError, UnknownObjectError)
+
+from .pool import Pool, Region
+
+FORGOTTEN_CAP = 100_000    # local tombstones kept in memory (Redis keeps them longer)
+
+
+@dataclasses.dataclass(eq=False)
+class ObjectRecord:
+    id: str
+    namespace: str
+    region: Region
+    dtype: str
+    shape: tuple
+    consumers: int | None
+    scope: str | None
+    expires_at: float | None      # time.monotonic() deadline
+    expiry_unix: float | None     # the same deadline as wall-clock time, for Redis and status
+    creator: "Session"
+    state: str = "pending"        # pending → sealed
+    consumed: int = 0
+    leases: int = 0
+    unlinked: str | None = None   # why it left the table, once it has
+
+
+@dataclasses.dataclass(eq=False)
+class Lease:
+    id: int
+    record: ObjectRecord
+    writer: bool
+    counted: bool = False
+
+
+class Session:
+    """One client connection: who it is and what it holds."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, pid: int, uid: int, gid: int, admin: bool):
+        self.id = next(self._ids)
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.admin = admin
+        self.namespace: str | None = None
+        self.client: str | None = None
+        self.slabs_sent: dict[int, bool] = {}     # slab id → a writable descriptor was sent
+        self.leases: dict[int, Lease] = {}
+        self.pending: set[str] = set()            # objects created here, not sealed yet
+        self.retired: list[int] = []              # retired slabs to tell the client about
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    """What a create or get hands to the client: the object, its lease, slab descriptors."""
+    record: ObjectRecord
+    lease: Lease
+    fds: list            # [(dup'ed fd, {"slab", "size", "writable"})], closed by the server
+
+
+_GONE = {
+    "deleted": (ObjectDeletedError, "object {id} was deleted"),
+    "consumed": (ObjectDeletedError, "object {id} was freed after all its consumers released it"),
+    "scope_closed": (ObjectDeletedError, "object {id} was freed when its scope was closed"),
+    "aborted": (ObjectDeletedError, "object {id} was never sealed: its producer exited or "
+                                    "failed before sealing it"),
+    "expired": (ObjectExpiredError, "object {id} expired: its ttl ran out"),
+    "lost": (ObjectLostError, "object {id} is lost: the controller that held its bytes "
+                              "restarted or stopped; produce it again"),
+}
+
+
+def gone_error(object_id: str, reason: str) -> ObjectNotFoundError:
+    cls, text = _GONE.get(reason, (UnknownObjectError, "object {id} is gone ({reason})"))
+    return cls(text.format(id=object_id, reason=reason))
+
+
+class ObjectTable:
+    def __init__(self, pool: Pool, directory):
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.pool = pool
+        self.directory = directory
+        self.objects: dict[str, ObjectRecord] = {}
+        self.sessions: dict[int, Session] = {}
+        self._forgotten: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
+        self._scopes: dict[tuple[str, str], set[str]] = {}
+        self._expiries: list[tuple[float, str]] = []
+        self._lease_ids = itertools.count(1)
+        pool._on_retire = self._slab_retired
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def open_session(self, session: Session) -> None:
+        with self.lock:
+            self.sessions[session.id] = session
+
+    def close_session(self, session: Session) -> None:
+        """Note [What a crash frees]."""
+        with self.lock:
+            self.sessions.pop(session.id, None)
+            for object_id in list(session.pending):
+                record = self.objects.get(object_id)
+                if record is not None and record.state == "pending":
+                    self._unlink(record, "aborted")
+            session.pending.clear()
+            for lease in list(session.leases.values()):
+                self._end_lease(session, lease)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def create(self, session: Session, shape, dtype: str, nbytes: int, consumers, ttl, scope) -> Grant:
+        with self.lock:
+            region = self.pool.allocate(session.namespace, nbytes)
+            now = time.monotonic()
+            record = ObjectRecord(
+                id=secrets.token_hex(16), namespace=session.namespace, region=region,
+                dtype=dtype, shape=tuple(shape), consumers=consumers, scope=scope,
+                expires_at=now + ttl if ttl else None,
+                expiry_unix=round(time.time() + ttl, 3) if ttl else None, creator=session)
+            self.objects[record.id] = record
+            session.pending.add(record.id)
+            if scope:
+                self._scopes.setdefault((record.namespace, scope), set()).add(record.id)
+            if ttl:
+                heapq.heappush(self._expiries, (record.expires_at, record.id))
+            grant = self._grant(session, record, writer=True)
+        try:
+            self.directory.publish(record)
+        except Exception:
+            with self.lock:
+                self._close_grant(grant)
+                session.pending.discard(record.id)
+                self._end_lease(session, grant.lease)
+                self._unlink(record, "aborted")
+            raise
+        return grant
+
+    def seal(self, session: Session, object_id: str, drop_writer: bool) -> ObjectRecord:
+        with self.lock:
+            record = self._require(session, object_id)
+            if record.state != "pending":
+                raise InvalidStateError(f"object {object_id} is already sealed")
+            if record.creator is not session:
+                raise InvalidStateError(f"object {object_id} can only be sealed by the process "
+                                        f"that created it")
+        try:
+            self.directory.seal(object_id)
+        except Exception:
+            with self.lock:
+                if record.unlinked is None:
+                    self._unlink(record, "aborted")
+            raise
+        with self.lock:
+            if record.unlinked is not None:
+                raise gone_error(object_id, record.unlinked)
+            record.state = "sealed"
+            session.pending.discard(object_id)
+            if drop_writer:
+                for lease in list(session.leases.values()):
+                    if lease.writer and lease.record is record:
+                        self._end_lease(session, lease)
+            self.changed.notify_all()
+        return record
+
+    def get(self, session: Session, object_id: str, timeout: float) -> Grant:
+        self.directory.require()
+        with self.lock:
+            record = self.objects.get(object_id)
+            if record is not None:
+                self._check_namespace(session, record.namespace, object_id)
+                if record.state == "pending":
+                    self.changed.wait_for(lambda: record.state != "pending" or record.unlinked,
+                                          timeout=timeout)
+                if record.unlinked is not None:
+                    raise gone_error(object_id, record.unlinked)
+                if record.state == "pending":
+                    raise FaasTubeTimeoutError(
+                        f"object {object_id} was not sealed within {timeout:g} s: its producer "
+                        f"is still writing it (or forgot to seal it); pass a longer timeout")
+                return self._grant(session, record, writer=False)
+            forgotten = self._forgotten.get(object_id)
+        if forgotten is not None:
+            self._check_namespace(session, forgotten[0], object_id)
+            raise gone_error(object_id, forgotten[1])
+        raise self._resolve_elsewhere(session, object_id)
+
+    def release(self, session: Session, releases) -> None:
+        """Note [Consumers] and Note [Leases pin memory]."""
+        with self.lock:
+            for lease_id, kind in releases:
+                lease = session.leases.get(lease_id)
+                if lease is None:
+                    continue        # already ended, or not this session's: nothing to do
+                self._consume(lease)
+                if kind == "drop":
+                    self._end_lease(session, lease)
+
+    def delete(self, session: Session, object_id: str) -> None:
+        with self.lock:
+            self._unlink(self._require(session, object_id), "deleted")
+
+    def close_scope(self, session: Session, scope: str) -> int:
+        with self.lock:
+            ids = self._scopes.pop((session.namespace, scope), set())
+            for object_id in ids:
+                self._unlink(self.objects[object_id], "scope_closed", scope_index=False)
+            return len(ids)
+
+    def housekeeping(self, now: float | None = None) -> None:
+        """Expire objects whose TTL ran out and retire slabs that stayed empty."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            while self._expiries and self._expiries[0][0] <= now:
+                _deadline, object_id = heapq.heappop(self._expiries)
+                record = self.objects.get(object_id)
+                if record is not None:
+                    self._unlink(record, "expired")
+            self.pool.retire_idle(now)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            for record in list(self.objects.values()):
+                self._unlink(record, "lost")
+            self.pool.close()
+
+    # -- internals (lock held) ------------------------------------------------------------
+
+    def _require(self, session: Session, object_id: str) -> ObjectRecord:
+        record = self.objects.get(object_id)
+        if record is None:
+            forgotten = self._forgotten.get(object_id)
+            if forgotten is not None:
+                self._check_namespace(session, forgotten[0], object_id)
+                raise gone_error(object_id, forgotten[1])
+            raise UnknownObjectError(f"no object {object_id} on this node")
+        self._check_namespace(session, record.namespace, object_id)
+        return record
+
+    @staticmethod
+    def _check_namespace(session: Session, namespace: str, object_id: str) -> None:
+        if namespace != session.namespace:
+            raise NamespaceError(f"object {object_id} belongs to another namespace than "
+                                 f"{session.namespace!r}")
+
+    def _grant(self, session: Session, record: ObjectRecord, writer: bool) -> Grant:
+        lease = Lease(next(self._lease_ids), record, writer)
+        session.leases[lease.id] = lease
+        record.leases += 1
+        fds = []
+        slab = record.region.slab
+        sent_writable = session.slabs_sent.get(slab.id)
+        if sent_writable is None or (writer and not sent_writable):
+            fds.append((os.dup(slab.fd(writer)), {"slab": slab.id, "size": slab.size,
+                                                  "writable": writer}))
+            session.slabs_sent[slab.id] = writer or bool(sent_writable)
+        return Grant(record, lease, fds)
+
+    @staticmethod
+    def _close_grant(grant: Grant) -> None:
+        for fd, _info in grant.fds:
+            os.close(fd)
+
+    def _consume(self, lease: Lease) -> None:
+        if lease.writer or lease.counted:
+            return
+        lease.counted = True
+        record = lease.record
+        record.consumed += 1
+        if record.consumers and record.consumed >= record.consumers and record.unlinked is None:
+            self._unlink(record, "consumed")
+
+    def _end_lease(self, session: Session, lease: Lease) -> None:
+        del session.leases[lease.id]
+        record = lease.record
+        record.leases -= 1
+        if record.unlinked is not None and record.leases == 0:
+            self.pool.free(record.region)
+
+    def _unlink(self, record: ObjectRecord, reason: str, scope_index: bool = True) -> None:
+        """Take an object out of the table; its memory follows when its leases end."""
+        if record.unlinked is not None:
+            return
+        record.unlinked = reason
+        del self.objects[record.id]
+        record.creator.pending.discard(record.id)
+        if scope_index and record.scope:
+            ids = self._scopes.get((record.namespace, record.scope))
+            if ids is not None:
+                ids.discard(record.id)
+                if not ids:
+                    del self._scopes[(record.namespace, record.scope)]
+        self._forgotten[record.id] = (record.namespace, reason)
+        if len(self._forgotten) > FORGOTTEN_CAP:
+            self._forgotten.popitem(last=False)
+        self.directory.forget(record.id, reason)
+        if record.leases == 0:
+            self.pool.free(record.region)
+        self.changed.notify_all()
+
+    def _slab_retired(self, slab) -> None:
+        for session in self.sessions.values():
+            if session.slabs_sent.pop(slab.id, None) is not None:
+                session.retired.append(slab.id)
+
+    def take_retired(self, session: Session) -> list[int]:
+        with self.lock:
+            retired, session.retired = session.retired, []
+            return retired
+
+    # -- misses ---------------------------------------------------------------------------
+
+    def _resolve_elsewhere(self, session: Session, object_id: str) -> ObjectNotFoundError:
+        """Why an object that is not in the local table cannot be read (Redis decides)."""
+        info = self.directory.lookup(object_id)
+        if info is None:
+            return UnknownObjectError(
+                f"no object {object_id}: it never existed, or it was freed more than the "
+                f"tombstone time ago")
+        self._check_namespace(session, info.get("ns"), object_id)
+        state = info.get("state")
+        if state not in ("pending", "sealed"):
+            return gone_error(object_id, state)
+        if info.get("node") != self.directory.node:
+            return ObjectNotFoundError(
+                f"object {object_id} is held by node {info.get('node')!r}; fetching objects from "
+                f"another node is not supported yet: run the consumer on that node")
+        if info.get("epoch") != self.directory.epoch:
+            return gone_error(object_id, "lost")
+        expiry = info.get("expiry")
+        if expiry and float(expiry) <= time.time():
+            return gone_error(object_id, "expired")
+        return gone_error(object_id, "deleted")
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self, session: Session) -> dict:
+        with self.lock:
+            namespaces: dict[str, dict] = {}
+
+            def entry(ns):
+                return namespaces.setdefault(ns, {
+                    "slabs": 0, "reserved": 0, "used": 0, "objects": 0, "pending": 0,
+                    "sealed": 0, "freeing": 0, "object_bytes": 0, "leases": 0, "clients": 0})
+
+            for slab in self.pool.slabs.values():
+                e = entry(slab.namespace)
+                e["slabs"] += 1
+                e["reserved"] += slab.size
+                e["used"] += slab.allocator.used
+            for record in self.objects.values():
+                e = entry(record.namespace)
+                e["objects"] += 1
+                e[record.state] += 1
+                e["object_bytes"] += record.region.nbytes
+            for other in self.sessions.values():
+                if other.namespace is not None:
+                    e = entry(other.namespace)
+                    e["clients"] += 1
+                    e["leases"] += len(other.leases)
+                    e["freeing"] += sum(1 for lease in other.leases.values()
+                                        if lease.record.unlinked is not None)
+            if not session.admin:
+                namespaces = {ns: v for ns, v in namespaces.items() if ns == session.namespace}
+            pool = self.pool.stats()
+            if not session.admin:
+                pool = {k: pool[k] for k in ("device", "limit", "slab_size")}
+            return {"pools": [pool], "namespaces": namespaces,
+                    "clients": len(self.sessions) if session.admin else None}
+
+
+def nbytes_of(shape, itemsize: int) -> int:
+    return math.prod(shape) * itemsize

@@ -1,0 +1,120 @@
+"""The controller's Unix socket: one thread per connection, frames in, replies out.
+
+A connection is identified once, at accept, by ``SO_PEERCRED`` (pid, uid, gid), then by the
+namespace it declares in ``hello``. A frame that is not a valid request gets an error reply
+and the connection keeps going; a frame whose length prefix is over the limit cannot be
+resynced, so it gets an error reply and the connection is closed. Nothing a client sends
+can stop the accept loop or touch another connection's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from faastube import protocol
+from faastube.errors import FaasTubeError, ProtocolError, to_wire
+
+from .handlers import Handlers
+from .objects import ObjectTable, Session
+
+log = logging.getLogger("faastube.controller")
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Listen on ``path``, replacing a stale socket file but never a live controller's."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)          # nobody answers: a leftover from a controller that died
+        else:
+            raise FaasTubeError(f"another controller is already serving {path}; stop it or "
+                                f"pass another --socket")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, mode)
+    listener.listen(1024)
+    return listener
+
+
+class ControllerServer:
+    def __init__(self, listener: socket.socket, table: ObjectTable, handlers: Handlers):
+        self.listener = listener
+        self.table = table
+        self.handlers = handlers
+        self._stopping = threading.Event()
+        self._admin_uids = {0, os.getuid()}
+
+    def serve_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                raise
+            pid, uid, gid = protocol.peer_credentials(conn)
+            session = Session(pid, uid, gid, admin=uid in self._admin_uids)
+            threading.Thread(target=self._serve_connection, args=(conn, session),
+                             name=f"conn-{session.id}-pid{pid}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+    def _serve_connection(self, conn: socket.socket, session: Session) -> None:
+        self.table.open_session(session)
+        reader = protocol.FrameReader(conn)
+        try:
+            while True:
+                try:
+                    message, _fds = reader.read()
+                except protocol.FrameTooLarge as exc:
+                    self._send(conn, {"seq": None, "ok": False, **to_wire(exc)})
+                    return
+                except ProtocolError as exc:
+                    self._send(conn, {"seq": None, "ok": False, **to_wire(exc)})
+                    continue
+                if message is None:
+                    return                                  # the client closed: clean up
+                self._answer(conn, session, message)
+        except OSError:
+            pass                                            # peer vanished mid-reply
+        finally:
+            self.table.close_session(session)
+            conn.close()
+
+    def _answer(self, conn: socket.socket, session: Session, message: dict) -> None:
+        seq = message.get("seq") if isinstance(message.get("seq"), int) else None
+        fds = []
+        try:
+            envelope = protocol.decode_request(message)
+            reply, fds = self.handlers.handle(session, envelope)
+            reply.update(seq=seq, ok=True)
+        except FaasTubeError as exc:
+            reply = {"seq": seq, "ok": False, **to_wire(exc)}
+        except Exception as exc:  # a bug must cost one request, not the controller
+            log.exception("request %r from pid %d failed", message.get("op"), session.pid)
+            reply = {"seq": seq, "ok": False, "error": "FaasTubeError",
+                     "message": f"internal controller error: {type(exc).__name__}: {exc}"}
+        try:
+            self._send(conn, reply, [fd for fd, _info in fds])
+        finally:
+            for fd, _info in fds:
+                os.close(fd)
+
+    @staticmethod
+    def _send(conn: socket.socket, reply: dict, fds=()) -> None:
+        reply["v"] = protocol.PROTOCOL_VERSION
+        protocol.send_frame(conn, reply, fds)

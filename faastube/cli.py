@@ -1,0 +1,107 @@
+"""``faastube``: one command, with subcommands (``controller``, ``status``, ``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import DEFAULT_SOCKET, Config, format_size, parse_size
+from .errors import FaasTubeError
+
+
+def _controller(args) -> int:
+    from controller import run_controller
+    config = Config.from_env(socket=args.socket, redis=args.redis, node=args.node,
+                             slab_size=args.slab_size, pool_limit=args.pool_limit,
+                             idle_release_s=args.idle_release, secrets_file=args.secrets_file,
+                             socket_mode=args.socket_mode)
+    run_controller(config)
+    return 0
+
+
+def _status(args) -> int:
+    from . import protocol
+    from .client import Client
+    client = Client(Config.from_env(socket=args.socket), anonymous=True)
+    try:
+        reply = client.request(protocol.Status())
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({k: v for k, v in reply.items() if k not in ("v", "seq", "ok")}, indent=2))
+    else:
+        print(render_status(reply))
+    return 0
+
+
+def render_status(status: dict) -> str:
+    lines = [f"node {status['node']}  epoch {status['epoch']}  clients {status.get('clients')}"]
+    for pool in status["pools"]:
+        lines.append(
+            f"pool {pool['device']}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
+            f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
+            f"limit {format_size(pool['limit'])}")
+    header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
+              "bytes", "leases", "freeing", "clients")
+    rows = [header]
+    for ns, e in sorted(status["namespaces"].items()):
+        rows.append((ns, e["slabs"], format_size(e["reserved"]), format_size(e["used"]),
+                     e["objects"], e["pending"], e["sealed"], format_size(e["object_bytes"]),
+                     e["leases"], e["freeing"], e["clients"]))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(str(v).rjust(w) if i else str(v).ljust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    if len(rows) == 1:
+        lines.append("(no namespace holds anything)")
+    return "\n".join(lines)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(size_mb=args.size_mb, runs=args.runs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faastube", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("controller", help="run the per-node controller (pools, socket, directory)")
+    p.add_argument("--socket", help=f"Unix socket to serve (FAASTUBE_SOCKET; default {DEFAULT_SOCKET})")
+    p.add_argument("--redis", help="Redis URL for metadata (FAASTUBE_REDIS; default redis://127.0.0.1:6379/0)")
+    p.add_argument("--node", help="this node's name in the directory (FAASTUBE_NODE; default hostname)")
+    p.add_argument("--slab-size", type=parse_size, help="bytes per host slab, e.g. 64MiB (FAASTUBE_SLAB_SIZE)")
+    p.add_argument("--pool-limit", type=parse_size,
+                   help="most bytes the host pool may hold, e.g. 8GiB (FAASTUBE_POOL_LIMIT; default 1/4 of RAM)")
+    p.add_argument("--idle-release", type=float, metavar="SECONDS",
+                   help="release a slab after it stayed empty this long (FAASTUBE_IDLE_RELEASE_S; default 30)")
+    p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
+    p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
+    p.set_defaults(func=_controller)
+
+    p = sub.add_parser("status", help="print pools, slabs, objects and bytes per namespace")
+    p.add_argument("--socket", help="the controller's socket (FAASTUBE_SOCKET)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("demo", help="a 3-stage pipeline through the pool and through Redis bytes")
+    p.add_argument("--size-mb", type=int, default=48, help="array size per hand-off in MB (default 48)")
+    p.add_argument("--runs", type=int, default=5, help="pipeline runs per mode (default 5)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FaasTubeError as exc:
+        print(f"faastube {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The SDK's connection to the node controller, and the one place where an object becomes an
+array view and back.
+
+Note [One mapping per slab]: a slab's descriptor arrives once per process (on the first
+reply that needs it) and is mapped at once: read-only always, read-write too if the
+descriptor allows it (Note [Read-only descriptors] in controller/slabs.py). Later gets are
+one round trip plus pointer arithmetic. Mappings of retired slabs are dropped from the cache;
+views still using one keep it alive, and the kernel unmaps it with the last view.
+
+Note [Releases ride along]: an array's lease ends when the array and every view of it are
+garbage-collected. The finalizer must not do I/O (it may run inside another request, on any
+thread), so it only queues the lease; queued leases travel on the next request, or a
+background thread sends them after a short delay if no request comes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import mmap
+import os
+import socket
+import threading
+import weakref
+
+import numpy as np
+
+from . import protocol
+from .config import Config
+from .errors import (ControllerUnavailableError, InvalidStateError, NotAnArrayError,
+                     from_wire)
+from .refs import dtype_name
+
+RELEASE_DELAY_S = 0.002       # let queued releases ride on the next request first
+REPLY_MARGIN_S = 10.0         # a controller slower than this past a request's own wait is hung
+DEFAULT_REPLY_TIMEOUT_S = 60.0
+
+
+class SlabMapping:
+    """A slab mapped into this process: always readable, writable if the controller allowed."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.readable: mmap.mmap | None = None
+        self.writable: mmap.mmap | None = None
+
+    def attach(self, fd: int, writable: bool) -> None:
+        try:
+            if self.readable is None:
+                self.readable = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                          prot=mmap.PROT_READ)
+            if writable and self.writable is None:
+                self.writable = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+
+
+class Client:
+    """A connection to the controller. Thread-safe; reconnects after a fork or a lost controller."""
+
+    def __init__(self, config: Config | None = None, anonymous: bool = False):
+        """``anonymous`` skips ``hello``: for tools (status, ping) run by the controller's
+        own user or root, which the controller recognises by SO_PEERCRED."""
+        self.config = config or Config.from_env()
+        self._anonymous = anonymous
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._reader: protocol.FrameReader | None = None
+        self._pid = os.getpid()
+        self._seq = 0
+        self._slabs: dict[int, SlabMapping] = {}
+        self._writers: dict[int, tuple[str, int]] = {}   # id(flat array) → (object id, lease)
+        self._readers: dict[int, int] = {}               # id(flat array) → lease
+        self._releases: collections.deque = collections.deque()
+        self._release_wanted = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self.node: str | None = None
+        self.epoch: str | None = None
+
+    # -- connection -----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        path = self.config.socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.config.connect_timeout_s)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise ControllerUnavailableError(
+                f"no controller at {path} ({exc.strerror or exc}): start `faastube controller` "
+                f"or set FAASTUBE_SOCKET to its socket") from None
+        self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
+        if self._anonymous:
+            return
+        hello = self._exchange(protocol.Hello(self.config.namespace, self.config.secret,
+                                              f"pid {os.getpid()}"), DEFAULT_REPLY_TIMEOUT_S)
+        if hello["epoch"] != self.epoch:
+            self._slabs.clear()   # slab ids belong to one controller epoch
+        self.node, self.epoch = hello["node"], hello["epoch"]
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._reader = None
+
+    def _after_fork(self) -> None:
+        # The child shares the parent's socket; it must never speak on it. The controller
+        # keeps the parent's leases; the child's copies of them are not its to release.
+        self._pid = os.getpid()
+        self._sock = self._reader = None
+        self._releases.clear()
+        self._writers.clear()
+        self._readers.clear()
+        self._flusher = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._disconnect()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def request(self, request, wait_s: float = 0.0) -> dict:
+        """Send one request (plus queued releases) and return its reply, or raise its error."""
+        if os.getpid() != self._pid:
+            self._after_fork()
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            return self._exchange(request, wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S)
+
+    def _exchange(self, request, timeout: float) -> dict:
+        releases = []
+        while self._releases:
+            releases.append(self._releases.popleft())
+        self._seq += 1
+        try:
+            self._sock.settimeout(timeout)
+            protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases))
+            reply, fds = self._reader.read()
+        except OSError as exc:
+            self._disconnect()
+            what = "did not answer in time" if isinstance(exc, TimeoutError) else f"failed: {exc}"
+            raise ControllerUnavailableError(
+                f"the controller at {self.config.socket} {what}; check that `faastube controller` "
+                f"is running") from None
+        if reply is None:
+            self._disconnect()
+            raise ControllerUnavailableError(
+                f"the controller at {self.config.socket} closed the connection (did it stop or "
+                f"restart?)")
+        for info, fd in zip(reply.get("fds", ()), fds):
+            self._slabs.setdefault(info["slab"], SlabMapping(info["size"])).attach(fd, info["writable"])
+        for fd in fds[len(reply.get("fds", ())):]:
+            os.close(fd)
+        for slab_id in reply.get("retired", ()):
+            self._slabs.pop(slab_id, None)
+        if not reply.get("ok"):
+            raise from_wire(reply.get("error", "FaasTubeError"), reply.get("message", "unknown error"))
+        return reply
+
+    # -- objects --------------------------------------------------------------------------
+
+    def create(self, shape, dtype: np.dtype, consumers=None, ttl=None, scope=None,
+               track: bool = True) -> tuple[np.ndarray, str, int]:
+        """A writable array for a new pending object: (array, object id, writer lease).
+
+        With ``track`` the writer's lease ends when the array is collected and ``seal(array)``
+        works; without it the caller seals with ``drop_writer=True`` and drops the array.
+        """
+        shape = tuple(int(d) for d in shape)
+        reply = self.request(protocol.Create(shape, dtype_name(dtype),
+                                             math.prod(shape) * dtype.itemsize, consumers, ttl, scope))
+        flat = self._view(reply, writable=True)
+        if track:
+            self._writers[id(flat)] = (reply["id"], reply["lease"])
+            weakref.finalize(flat, self._writer_gone, id(flat), reply["lease"]).atexit = False
+        return flat.reshape(shape), reply["id"], reply["lease"]
+
+    def seal(self, object_id: str, drop_writer: bool = False) -> None:
+        self.request(protocol.Seal(object_id, drop_writer))
+
+    def writer_of(self, array) -> tuple[np.ndarray, str]:
+        """The flat base and object id of an array returned by ``create`` (or a view of it)."""
+        flat = self._tracked(array, self._writers)
+        if flat is None:
+            raise InvalidStateError("this array was not returned by faastube.empty in this process "
+                                    "(or it was sealed already): only pool-backed arrays can be sealed")
+        return flat, self._writers[id(flat)][0]
+
+    @staticmethod
+    def _tracked(array, table: dict) -> np.ndarray | None:
+        """The flat base of a tracked array: the array itself or its base (numpy collapses
+        view chains to the first array that is not a view of another array)."""
+        if not isinstance(array, np.ndarray):
+            raise NotAnArrayError(f"expected an array from faastube, got {type(array).__name__}")
+        for candidate in (array, array.base):
+            if isinstance(candidate, np.ndarray) and id(candidate) in table:
+                return candidate
+        return None
+
+    def get(self, object_id: str, timeout: float) -> np.ndarray:
+        reply = self.request(protocol.Get(object_id, timeout), wait_s=timeout)
+        flat = self._view(reply, writable=False)
+        self._readers[id(flat)] = reply["lease"]
+        weakref.finalize(flat, self._reader_gone, id(flat), reply["lease"]).atexit = False
+        return flat.reshape(reply["shape"])
+
+    def _view(self, reply: dict, writable: bool) -> np.ndarray:
+        mapping = self._slabs[reply["slab"]]
+        buffer = mapping.writable if writable else mapping.readable
+        dtype = np.dtype(reply["dtype"])
+        return np.frombuffer(buffer, dtype=dtype, count=math.prod(reply["shape"]), offset=reply["offset"])
+
+    def release(self, array) -> None:
+        """Count a got array as consumed now (Note [Consumers] in controller/objects.py).
+
+        Its memory stays pinned until the array is collected, so the view stays valid."""
+        flat = self._tracked(array, self._readers)
+        if flat is None:
+            raise InvalidStateError("this array was not returned by faastube.get in this process")
+        self._releases.append((self._readers[id(flat)], "consume"))
+        self.request(protocol.Release())
+
+    # -- garbage collection (Note [Releases ride along]) ----------------------------------
+
+    def _lease_gone(self, lease: int) -> None:
+        if os.getpid() == self._pid:
+            self._releases.append((lease, "drop"))
+            self._wake_flusher()
+
+    def _writer_gone(self, key: int, lease: int) -> None:
+        self._writers.pop(key, None)
+        self._lease_gone(lease)
+
+    def _reader_gone(self, key: int, lease: int) -> None:
+        self._readers.pop(key, None)
+        self._lease_gone(lease)
+
+    def _wake_flusher(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_releases, name="faastube-releases",
+                                             daemon=True)
+            self._flusher.start()
+        self._release_wanted.set()
+
+    def _flush_releases(self) -> None:
+        while True:
+            self._release_wanted.wait()
+            self._release_wanted.clear()
+            threading.Event().wait(RELEASE_DELAY_S)
+            if os.getpid() != self._pid:
+                return
+            with self._lock:
+                if self._releases and self._sock is not None:
+                    try:
+                        self._exchange(protocol.Release(), DEFAULT_REPLY_TIMEOUT_S)
+                    except Exception:
+                        pass   # a lost connection ends every lease of this process anyway
+

@@ -1,0 +1,106 @@
+"""One typed configuration, defaults in one place, read once from ``FAASTUBE_*`` variables.
+
+Both the controller and the SDK read their settings here. Command-line flags of
+``faastube controller`` override the environment, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from .errors import InvalidArgumentError
+
+#: Where the controller listens unless ``--socket`` or ``FAASTUBE_SOCKET`` says otherwise.
+DEFAULT_SOCKET = "/run/faastube/controller.sock"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"64MiB"`` → 67108864. Accepts plain byte counts and k/m/g/t with or without ``iB``."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise InvalidArgumentError(
+            f"cannot read {text!r} as a size: write a byte count or a number with a unit, e.g. 64MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(nbytes: int) -> str:
+    """67108864 → ``"64.0 MiB"``."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _default_pool_limit() -> int:
+    """A quarter of the machine's memory: the host tier must never starve the functions."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def _default_namespace() -> str:
+    # OpenWhisk gives every activation its namespace; Kubernetes pods may get theirs through
+    # the downward API. Outside a platform everything lands in "default".
+    return os.environ.get("__OW_NAMESPACE") or os.environ.get("POD_NAMESPACE") or "default"
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of the controller and the SDK. Field docs name the variable that sets it."""
+
+    socket: str = DEFAULT_SOCKET            # FAASTUBE_SOCKET: the controller's Unix socket
+    redis: str = DEFAULT_REDIS              # FAASTUBE_REDIS: Redis URL (metadata only)
+    node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)  # FAASTUBE_NODE
+    # Host tier of the pool (controller side).
+    slab_size: int = 64 << 20               # FAASTUBE_SLAB_SIZE: bytes per memfd slab
+    pool_limit: int = dataclasses.field(default_factory=_default_pool_limit)  # FAASTUBE_POOL_LIMIT
+    idle_release_s: float = 30.0            # FAASTUBE_IDLE_RELEASE_S: empty slab kept this long
+    tombstone_ttl_s: int = 3600             # FAASTUBE_TOMBSTONE_TTL_S: deleted/lost ids remembered
+    secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
+    socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
+    # Client (SDK) side.
+    namespace: str = dataclasses.field(default_factory=_default_namespace)  # FAASTUBE_NAMESPACE
+    secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
+    get_timeout_s: float = 30.0             # FAASTUBE_GET_TIMEOUT_S: wait for a pending object
+    connect_timeout_s: float = 5.0          # FAASTUBE_CONNECT_TIMEOUT_S
+
+    _ENV = {
+        "socket": ("FAASTUBE_SOCKET", str),
+        "redis": ("FAASTUBE_REDIS", str),
+        "node": ("FAASTUBE_NODE", str),
+        "slab_size": ("FAASTUBE_SLAB_SIZE", parse_size),
+        "pool_limit": ("FAASTUBE_POOL_LIMIT", parse_size),
+        "idle_release_s": ("FAASTUBE_IDLE_RELEASE_S", float),
+        "tombstone_ttl_s": ("FAASTUBE_TOMBSTONE_TTL_S", int),
+        "secrets_file": ("FAASTUBE_SECRETS_FILE", str),
+        "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
+        "namespace": ("FAASTUBE_NAMESPACE", str),
+        "secret": ("FAASTUBE_SECRET", str),
+        "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),
+        "connect_timeout_s": ("FAASTUBE_CONNECT_TIMEOUT_S", float),
+    }
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides) -> "Config":
+        """Defaults, then ``FAASTUBE_*`` variables, then ``overrides`` (None means unset)."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field, (variable, convert) in cls._ENV.items():
+            if environ.get(variable):
+                try:
+                    values[field] = convert(environ[variable])
+                except ValueError as exc:
+                    raise InvalidArgumentError(f"{variable}={environ[variable]!r} is not valid: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

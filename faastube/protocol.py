@@ -1,0 +1,327 @@
+"""The controller socket protocol, shared by the controller and the SDK.
+
+Framing: every message is a 4-byte big-endian length followed by that many bytes of msgpack
+encoding one map. A request is ``{"v": PROTOCOL_VERSION, "op": <name>, "seq": <int>, ...}``;
+its reply is ``{"v": ..., "seq": <same>, "ok": true, ...}`` or ``{"ok": false, "error":
+<FaasTubeError subclass name>, "message": <text>}``. Slab file descriptors ride on a reply as
+``SCM_RIGHTS`` ancillary data; the reply's ``"fds"`` list says which slab each one maps.
+
+Any request may carry ``"releases": [[lease, "consume"|"drop"], ...]`` so that leases ended
+by the garbage collector travel on the next request instead of costing a round trip each.
+
+Requests are frozen dataclasses (:data:`REQUESTS`); :func:`decode_request` validates a map
+into one of them or raises :class:`ProtocolError` with the field at fault. Handlers never see
+a raw map and never touch the socket.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import socket
+import struct
+
+import msgpack
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20          # a control message is small; anything bigger is a broken peer
+MAX_FDS_PER_REPLY = 8
+_HEADER = struct.Struct(">I")
+MAX_NAME = 256               # namespaces, scopes, object ids
+
+
+def pack(message: dict) -> bytes:
+    """One frame: length prefix + msgpack body."""
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def unpack_body(body: bytes) -> dict:
+    """Decode one frame body into a map, or raise ProtocolError saying what is wrong."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"frame must hold a msgpack map, got {type(message).__name__}")
+    return message
+
+
+def send_frame(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    """Send one frame; file descriptors go with its first byte."""
+    data = memoryview(pack(message))
+    if fds:
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+class FrameReader:
+    """Reads whole frames (and any passed file descriptors) from a stream socket."""
+
+    def __init__(self, sock: socket.socket, accept_fds: bool = False):
+        self._sock = sock
+        self._buffer = bytearray()
+        self._accept_fds = accept_fds
+        self._fds: list[int] = []
+
+    def read(self) -> tuple[dict | None, list[int]]:
+        """The next frame and the fds that arrived with it; ``(None, [])`` once the peer has
+        closed (a partial frame before the close is dropped: nobody is left to answer).
+
+        Raises FrameTooLarge for an oversized length prefix (the stream cannot be resynced,
+        so the caller closes it) and ProtocolError for a body that is not a msgpack map (the
+        stream is still in step, so the caller may answer and continue).
+        """
+        while len(self._buffer) < _HEADER.size:
+            if not self._fill():
+                return None, []
+        (length,) = _HEADER.unpack_from(self._buffer)
+        if length > MAX_FRAME:
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+        while len(self._buffer) < _HEADER.size + length:
+            if not self._fill():
+                return None, []
+        body = bytes(self._buffer[_HEADER.size:_HEADER.size + length])
+        del self._buffer[:_HEADER.size + length]
+        fds, self._fds = self._fds, []
+        return unpack_body(body), fds
+
+    def _fill(self) -> bool:
+        if self._accept_fds:
+            fd_size = array.array("i").itemsize
+            data, ancillary, _flags, _addr = self._sock.recvmsg(
+                1 << 16, socket.CMSG_SPACE(MAX_FDS_PER_REPLY * fd_size))
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[:len(payload) - len(payload) % fd_size])
+                    self._fds.extend(fds)
+        else:
+            data = self._sock.recv(1 << 16)
+        self._buffer += data
+        return bool(data)
+
+
+class FrameTooLarge(ProtocolError):
+    """A length prefix over MAX_FRAME: the stream is out of step and must be closed."""
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (``SO_PEERCRED``)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+# --- Requests ---------------------------------------------------------------------------
+
+def _name(value, field):
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME or not value.isprintable():
+        raise ProtocolError(f"field {field!r} must be a non-empty printable string of at most "
+                            f"{MAX_NAME} characters")
+    return value
+
+
+def _optional_name(value, field):
+    return None if value is None else _name(value, field)
+
+
+def _number(value, field, minimum=0.0, maximum=float("inf")):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum <= value <= maximum:
+        raise ProtocolError(f"field {field!r} must be a number between {minimum} and {maximum}")
+    return value
+
+
+def _optional_positive(value, field):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ProtocolError(f"field {field!r} must be a positive number or absent")
+    return value
+
+
+def _optional_count(value, field):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 31:
+        raise ProtocolError(f"field {field!r} must be a positive integer or absent")
+    return value
+
+
+def _shape(value, field):
+    if not isinstance(value, (list, tuple)) or len(value) > 32 or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value):
+        raise ProtocolError(f"field {field!r} must be a list of at most 32 non-negative integers")
+    return tuple(value)
+
+
+def _dtype(value, field):
+    # The controller stores the dtype string verbatim; the SDK validates dtypes before
+    # sending (faastube.refs) and rebuilds arrays only from dtypes it accepts.
+    if not isinstance(value, str) or not 0 < len(value) <= 32:
+        raise ProtocolError(f"field {field!r} must be a dtype string such as 'float32'")
+    return value
+
+
+def _nbytes(value, field):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 50:
+        raise ProtocolError(f"field {field!r} must be a non-negative integer byte count")
+    return value
+
+
+def _optional_secret(value, field):
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 4096:
+        raise ProtocolError(f"field {field!r} must be a string of at most 4096 characters")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """Declare the caller's namespace (and its secret, where one is configured)."""
+    op = "hello"
+    namespace: str
+    secret: str | None = None
+    client: str | None = None
+    _fields = {"namespace": _name, "secret": _optional_secret, "client": _optional_name}
+
+
+@dataclasses.dataclass(frozen=True)
+class Create:
+    """Allocate a pending, writable object (``empty``; ``put`` is create + copy + seal)."""
+    op = "create"
+    shape: tuple
+    dtype: str
+    nbytes: int
+    consumers: int | None = None
+    ttl: float | None = None
+    scope: str | None = None
+    _fields = {"shape": _shape, "dtype": _dtype, "nbytes": _nbytes, "consumers": _optional_count,
+               "ttl": _optional_positive, "scope": _optional_name}
+
+
+@dataclasses.dataclass(frozen=True)
+class Seal:
+    """Make a pending object immutable and visible; optionally end the writer's lease."""
+    op = "seal"
+    id: str
+    drop_writer: bool = False
+    _fields = {"id": _name, "drop_writer": lambda v, f: bool(v)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Get:
+    """Lease a read-only view of an object, waiting up to ``timeout`` while it is pending."""
+    op = "get"
+    id: str
+    timeout: float = 0.0
+    _fields = {"id": _name, "timeout": lambda v, f: _number(v, f, 0.0, 3600.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """Only carries piggybacked releases; answered once they are applied."""
+    op = "release"
+    _fields = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Delete:
+    """Free an object now (its memory is reused once no lease holds it)."""
+    op = "delete"
+    id: str
+    _fields = {"id": _name}
+
+
+@dataclasses.dataclass(frozen=True)
+class CloseScope:
+    """Free every object created in a scope (an activation, a workflow run)."""
+    op = "close_scope"
+    scope: str
+    _fields = {"scope": _name}
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """Pools, slabs, objects and bytes per namespace."""
+    op = "status"
+    _fields = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """A control round trip; answers the node and the controller's epoch."""
+    op = "ping"
+    _fields = {}
+
+
+REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, CloseScope, Status, Ping)}
+RELEASE_KINDS = ("consume", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    """What every request carries besides its own fields."""
+    seq: int
+    request: object
+    releases: tuple = ()
+
+
+def decode_request(message: dict) -> Envelope:
+    """Validate a decoded frame into an Envelope, or raise ProtocolError naming the problem."""
+    version = message.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported; this controller "
+                            f"speaks version {PROTOCOL_VERSION}: upgrade the faastube SDK")
+    seq = message.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise ProtocolError("field 'seq' must be an integer")
+    op = message.get("op")
+    cls = REQUESTS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(sorted(REQUESTS))}")
+    fields = {}
+    for name, check in cls._fields.items():
+        if name in message:
+            fields[name] = check(message[name], name)
+        elif dataclasses.fields(cls) and _required(cls, name):
+            raise ProtocolError(f"op {op!r} needs field {name!r}")
+    unknown = set(message) - set(cls._fields) - {"v", "seq", "op", "releases"}
+    if unknown:
+        raise ProtocolError(f"op {op!r} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    return Envelope(seq=seq, request=cls(**fields), releases=_releases(message.get("releases", ())))
+
+
+def _required(cls, name) -> bool:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default is dataclasses.MISSING
+
+
+def _releases(value) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) > 100_000:
+        raise ProtocolError("field 'releases' must be a list of [lease, kind] pairs")
+    out = []
+    for item in value:
+        if (not isinstance(item, (list, tuple)) or len(item) != 2 or isinstance(item[0], bool)
+                or not isinstance(item[0], int) or item[1] not in RELEASE_KINDS):
+            raise ProtocolError("each release must be [lease id, 'consume' or 'drop']")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+def request_message(seq: int, request, releases=()) -> dict:
+    """The map for a request dataclass (the SDK side of decode_request)."""
+    message = {"v": PROTOCOL_VERSION, "seq": seq, "op": request.op}
+    for field in dataclasses.fields(request):
+        value = getattr(request, field.name)
+        if value is not None:
+            message[field.name] = list(value) if isinstance(value, tuple) else value
+    if releases:
+        message["releases"] = [list(r) for r in releases]
+    return message
