@@ -41,20 +41,27 @@ class Handlers:
         self.secrets = namespace_secrets
         self._dispatch = {
             protocol.Hello: self.hello, protocol.Create: self.create, protocol.Seal: self.seal,
-            protocol.Get: self.get, protocol.Release: lambda s, r: ({}, []),
+            protocol.Release: lambda s, r: ({}, []),
             protocol.Delete: self.delete, protocol.CloseScope: self.close_scope,
             protocol.Status: self.status, protocol.Ping: self.ping,
         }
 
-    def handle(self, session: Session, envelope: protocol.Envelope) -> tuple[dict, list]:
-        """The reply fields and the (fd, info) pairs to pass for one request."""
+    def handle(self, session: Session, envelope: protocol.Envelope,
+               may_wait: bool = False) -> tuple[dict, list]:
+        """The reply fields and the (fd, info) pairs to pass for one request.
+
+        Raises WouldWait (controller/objects.py) for a get that must wait, unless ``may_wait``;
+        piggybacked releases are applied by the first call only."""
         request = envelope.request
-        if envelope.releases:
+        if envelope.releases and not may_wait:
             self.table.release(session, envelope.releases)
         if session.namespace is None and not isinstance(
                 request, (protocol.Hello, protocol.Ping, protocol.Release, protocol.Status)):
             raise InvalidStateError(f"send 'hello' with your namespace before {request.op!r}")
-        reply, fds = self._dispatch[type(request)](session, request)
+        if isinstance(request, protocol.Get):
+            reply, fds = self.get(session, request, may_wait)
+        else:
+            reply, fds = self._dispatch[type(request)](session, request)
         if session.retired:
             reply["retired"] = self.table.take_retired(session)
         return reply, fds
@@ -88,8 +95,8 @@ class Handlers:
         self.table.seal(session, request.id, request.drop_writer)
         return {}, []
 
-    def get(self, session: Session, request: protocol.Get):
-        grant = self.table.get(session, request.id, min(request.timeout, MAX_GET_TIMEOUT_S))
+    def get(self, session: Session, request: protocol.Get, may_wait: bool = False):
+        grant = self.table.get(session, request.id, min(request.timeout, MAX_GET_TIMEOUT_S), may_wait)
         return self._grant_reply(grant)
 
     def delete(self, session: Session, request: protocol.Delete):

@@ -14,7 +14,10 @@ is garbage-collected. A reader that dies does not consume (another may retry the
 
 Note [What a crash frees]: when a process's socket closes, the objects it created and did
 not seal are unlinked ("aborted") and all its leases end without consuming. Sealed objects
-stay: they were handed on.
+stay: they were handed on. If the process is still alive (it closed or lost its connection
+but may still hold views), its leases end only when it exits, which the controller learns
+from a pidfd (Linux ≥ 5.3); where no pidfd can be had (the peer's pid is not visible in the
+controller's PID namespace), they end at once.
 
 Every method runs under ``self.lock``; Redis calls that can block are made outside it.
 """
@@ -25,8 +28,8 @@ import collections
 import dataclasses
 import heapq
 import itertools
-import math
 import os
+import select
 import secrets
 import threading
 import time
@@ -66,6 +69,11 @@ class Lease:
     counted: bool = False
 
 
+class WouldWait(Exception):
+    """A get must wait for a pending object: the server answers it from another thread, so
+    the connection keeps serving the process's other requests meanwhile."""
+
+
 class Session:
     """One client connection: who it is and what it holds."""
 
@@ -81,6 +89,30 @@ class Session:
         self.leases: dict[int, Lease] = {}
         self.pending: set[str] = set()            # objects created here, not sealed yet
         self.retired: list[int] = []              # retired slabs to tell the client about
+        self.closed = False
+        self.pidfd = open_pidfd(pid)
+
+    def exited(self) -> bool:
+        """True once the peer process has exited (or when it cannot be watched)."""
+        if self.pidfd is None:
+            return True
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def open_pidfd(pid: int) -> int | None:
+    if pid <= 0 or not hasattr(os, "pidfd_open"):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +148,7 @@ class ObjectTable:
         self.directory = directory
         self.objects: dict[str, ObjectRecord] = {}
         self.sessions: dict[int, Session] = {}
+        self._orphans: list[Session] = []         # closed, but their process still lives
         self._forgotten: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._scopes: dict[tuple[str, str], set[str]] = {}
         self._expiries: list[tuple[float, str]] = []
@@ -132,13 +165,22 @@ class ObjectTable:
         """Note [What a crash frees]."""
         with self.lock:
             self.sessions.pop(session.id, None)
+            session.closed = True
+            self.changed.notify_all()     # waiting gets of this session give up
             for object_id in list(session.pending):
                 record = self.objects.get(object_id)
                 if record is not None and record.state == "pending":
                     self._unlink(record, "aborted")
             session.pending.clear()
-            for lease in list(session.leases.values()):
-                self._end_lease(session, lease)
+            if session.leases and not session.exited():
+                self._orphans.append(session)
+                return
+            self._end_session_leases(session)
+
+    def _end_session_leases(self, session: Session) -> None:
+        for lease in list(session.leases.values()):
+            self._end_lease(session, lease)
+        session.close_pidfd()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -196,15 +238,22 @@ class ObjectTable:
             self.changed.notify_all()
         return record
 
-    def get(self, session: Session, object_id: str, timeout: float) -> Grant:
+    def get(self, session: Session, object_id: str, timeout: float, may_wait: bool = True) -> Grant:
+        """Lease a sealed object; for a pending one wait up to ``timeout`` if ``may_wait``,
+        else raise WouldWait."""
         self.directory.require()
         with self.lock:
             record = self.objects.get(object_id)
             if record is not None:
                 self._check_namespace(session, record.namespace, object_id)
-                if record.state == "pending":
-                    self.changed.wait_for(lambda: record.state != "pending" or record.unlinked,
-                                          timeout=timeout)
+                if record.state == "pending" and timeout > 0:
+                    if not may_wait:
+                        raise WouldWait()
+                    self.changed.wait_for(
+                        lambda: record.state != "pending" or record.unlinked or session.closed,
+                        timeout=timeout)
+                if session.closed:
+                    raise InvalidStateError("the connection closed while waiting")
                 if record.unlinked is not None:
                     raise gone_error(object_id, record.unlinked)
                 if record.state == "pending":
@@ -249,6 +298,9 @@ class ObjectTable:
                 record = self.objects.get(object_id)
                 if record is not None:
                     self._unlink(record, "expired")
+            for session in [s for s in self._orphans if s.exited()]:
+                self._orphans.remove(session)
+                self._end_session_leases(session)
             self.pool.retire_idle(now)
 
     def shutdown(self) -> None:
@@ -386,10 +438,10 @@ class ObjectTable:
                 e["objects"] += 1
                 e[record.state] += 1
                 e["object_bytes"] += record.region.nbytes
-            for other in self.sessions.values():
+            for other in [*self.sessions.values(), *self._orphans]:
                 if other.namespace is not None:
                     e = entry(other.namespace)
-                    e["clients"] += 1
+                    e["clients"] += other.id in self.sessions
                     e["leases"] += len(other.leases)
                     e["freeing"] += sum(1 for lease in other.leases.values()
                                         if lease.record.unlinked is not None)
@@ -401,6 +453,3 @@ class ObjectTable:
             return {"pools": [pool], "namespaces": namespaces,
                     "clients": len(self.sessions) if session.admin else None}
 
-
-def nbytes_of(shape, itemsize: int) -> int:
-    return math.prod(shape) * itemsize

@@ -18,7 +18,7 @@ from faastube import protocol
 from faastube.errors import FaasTubeError, ProtocolError, to_wire
 
 from .handlers import Handlers
-from .objects import ObjectTable, Session
+from .objects import ObjectTable, Session, WouldWait
 
 log = logging.getLogger("faastube.controller")
 
@@ -76,32 +76,41 @@ class ControllerServer:
     def _serve_connection(self, conn: socket.socket, session: Session) -> None:
         self.table.open_session(session)
         reader = protocol.FrameReader(conn)
+        send_lock = threading.Lock()     # waiting gets answer from their own threads
         try:
             while True:
                 try:
-                    message, _fds = reader.read()
+                    message = reader.read()
                 except protocol.FrameTooLarge as exc:
-                    self._send(conn, {"seq": None, "ok": False, **to_wire(exc)})
+                    self._send(conn, send_lock, {"seq": None, "ok": False, **to_wire(exc)})
                     return
                 except ProtocolError as exc:
-                    self._send(conn, {"seq": None, "ok": False, **to_wire(exc)})
+                    self._send(conn, send_lock, {"seq": None, "ok": False, **to_wire(exc)})
                     continue
                 if message is None:
                     return                                  # the client closed: clean up
-                self._answer(conn, session, message)
+                self._answer(conn, send_lock, session, message)
         except OSError:
             pass                                            # peer vanished mid-reply
         finally:
             self.table.close_session(session)
             conn.close()
 
-    def _answer(self, conn: socket.socket, session: Session, message: dict) -> None:
+    def _answer(self, conn, send_lock, session: Session, message: dict, envelope=None) -> None:
+        """Answer one request; a get that must wait is answered later from a helper thread."""
         seq = message.get("seq") if isinstance(message.get("seq"), int) else None
         fds = []
         try:
-            envelope = protocol.decode_request(message)
-            reply, fds = self.handlers.handle(session, envelope)
+            if envelope is None:
+                envelope = protocol.decode_request(message)
+                reply, fds = self.handlers.handle(session, envelope)
+            else:
+                reply, fds = self.handlers.handle(session, envelope, may_wait=True)
             reply.update(seq=seq, ok=True)
+        except WouldWait:
+            threading.Thread(target=self._answer_quietly, name=f"wait-{session.id}-{seq}",
+                             args=(conn, send_lock, session, message, envelope), daemon=True).start()
+            return
         except FaasTubeError as exc:
             reply = {"seq": seq, "ok": False, **to_wire(exc)}
         except Exception as exc:  # a bug must cost one request, not the controller
@@ -109,12 +118,19 @@ class ControllerServer:
             reply = {"seq": seq, "ok": False, "error": "FaasTubeError",
                      "message": f"internal controller error: {type(exc).__name__}: {exc}"}
         try:
-            self._send(conn, reply, [fd for fd, _info in fds])
+            self._send(conn, send_lock, reply, [fd for fd, _info in fds])
         finally:
             for fd, _info in fds:
                 os.close(fd)
 
+    def _answer_quietly(self, conn, send_lock, session, message, envelope) -> None:
+        try:
+            self._answer(conn, send_lock, session, message, envelope)
+        except OSError:
+            pass            # the client left while we waited; close_session cleans up
+
     @staticmethod
-    def _send(conn: socket.socket, reply: dict, fds=()) -> None:
+    def _send(conn: socket.socket, send_lock: threading.Lock, reply: dict, fds=()) -> None:
         reply["v"] = protocol.PROTOCOL_VERSION
-        protocol.send_frame(conn, reply, fds)
+        with send_lock:
+            protocol.send_frame(conn, reply, fds)

@@ -21,14 +21,15 @@ import mmap
 import os
 import socket
 import threading
+import time
 import weakref
 
 import numpy as np
 
 from . import protocol
 from .config import Config
-from .errors import (ControllerUnavailableError, InvalidStateError, NotAnArrayError,
-                     from_wire)
+from .errors import (ControllerUnavailableError, FaasTubeError, InvalidStateError,
+                     NotAnArrayError, from_wire)
 from .refs import dtype_name
 
 RELEASE_DELAY_S = 0.002       # let queued releases ride on the next request first
@@ -57,18 +58,22 @@ class SlabMapping:
 
 
 class Client:
-    """A connection to the controller. Thread-safe; reconnects after a fork or a lost controller."""
+    """A connection to the controller, shared by every thread of the process.
+
+    Note [Pipelined requests]: threads send requests whenever they like (a send lock keeps
+    frames whole) and replies may come back in any order (a get that waits for a seal is
+    answered later). Whichever waiting thread finds no reader becomes the reader: it reads
+    frames and files each reply under its ``seq`` until its own arrives, then hands over.
+    One thread alone therefore reads its own reply directly, with no thread hop.
+    """
 
     def __init__(self, config: Config | None = None, anonymous: bool = False):
         """``anonymous`` skips ``hello``: for tools (status, ping) run by the controller's
         own user or root, which the controller recognises by SO_PEERCRED."""
         self.config = config or Config.from_env()
         self._anonymous = anonymous
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._reader: protocol.FrameReader | None = None
         self._pid = os.getpid()
-        self._seq = 0
+        self._init_connection_state()
         self._slabs: dict[int, SlabMapping] = {}
         self._writers: dict[int, tuple[str, int]] = {}   # id(flat array) → (object id, lease)
         self._readers: dict[int, int] = {}               # id(flat array) → lease
@@ -78,9 +83,21 @@ class Client:
         self.node: str | None = None
         self.epoch: str | None = None
 
+    def _init_connection_state(self) -> None:
+        self._send_lock = threading.Lock()
+        self._state = threading.Condition(threading.Lock())
+        self._sock: socket.socket | None = None
+        self._reader: protocol.FrameReader | None = None
+        self._generation = 0          # bumped per connection; replies never cross them
+        self._reading = False
+        self._replies: dict[int, dict] = {}
+        self._abandoned: set[int] = set()
+        self._seq = 0
+
     # -- connection -----------------------------------------------------------------------
 
     def _connect(self) -> None:
+        """Open the socket and say hello (send lock held: nobody else can be waiting)."""
         path = self.config.socket
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.config.connect_timeout_s)
@@ -91,72 +108,134 @@ class Client:
             raise ControllerUnavailableError(
                 f"no controller at {path} ({exc.strerror or exc}): start `faastube controller` "
                 f"or set FAASTUBE_SOCKET to its socket") from None
-        self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
+        with self._state:
+            self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
+            self._generation += 1
         if self._anonymous:
             return
-        hello = self._exchange(protocol.Hello(self.config.namespace, self.config.secret,
-                                              f"pid {os.getpid()}"), DEFAULT_REPLY_TIMEOUT_S)
+        seq = self._send(protocol.Hello(self.config.namespace, self.config.secret,
+                                        f"pid {os.getpid()}"))
+        hello = self._wait(seq, self._generation, DEFAULT_REPLY_TIMEOUT_S)
         if hello["epoch"] != self.epoch:
             self._slabs.clear()   # slab ids belong to one controller epoch
         self.node, self.epoch = hello["node"], hello["epoch"]
 
-    def _disconnect(self) -> None:
-        if self._sock is not None:
+    def _disconnect(self, generation: int | None = None) -> None:
+        with self._state:
+            if self._sock is None or (generation is not None and generation != self._generation):
+                return
             self._sock.close()
-        self._sock = self._reader = None
+            self._reader.close_fds()
+            self._sock = self._reader = None
+            self._replies.clear()
+            self._abandoned.clear()
+            self._state.notify_all()
 
     def _after_fork(self) -> None:
         # The child shares the parent's socket; it must never speak on it. The controller
         # keeps the parent's leases; the child's copies of them are not its to release.
         self._pid = os.getpid()
-        self._sock = self._reader = None
+        self._init_connection_state()
         self._releases.clear()
         self._writers.clear()
         self._readers.clear()
         self._flusher = None
-        self._lock = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
-            self._disconnect()
+        """Send any queued releases, then close. Leases of arrays still alive stay with the
+        controller until this process exits (Note [What a crash frees])."""
+        if self._releases and self._sock is not None and os.getpid() == self._pid:
+            try:
+                self.request(protocol.Release())
+            except FaasTubeError:
+                pass
+        self._disconnect()
 
-    # -- requests -------------------------------------------------------------------------
+    # -- requests (Note [Pipelined requests]) ---------------------------------------------
 
     def request(self, request, wait_s: float = 0.0) -> dict:
         """Send one request (plus queued releases) and return its reply, or raise its error."""
         if os.getpid() != self._pid:
             self._after_fork()
-        with self._lock:
+        with self._send_lock:
             if self._sock is None:
                 self._connect()
-            return self._exchange(request, wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S)
+            generation = self._generation
+            seq = self._send(request)
+        timeout = wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S
+        return self._wait(seq, generation, timeout)
 
-    def _exchange(self, request, timeout: float) -> dict:
+    def _send(self, request) -> int:
+        """Frame and send a request (send lock held); returns its seq."""
         releases = []
         while self._releases:
             releases.append(self._releases.popleft())
         self._seq += 1
         try:
-            self._sock.settimeout(timeout)
             protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases))
-            reply, fds = self._reader.read()
         except OSError as exc:
             self._disconnect()
-            what = "did not answer in time" if isinstance(exc, TimeoutError) else f"failed: {exc}"
-            raise ControllerUnavailableError(
-                f"the controller at {self.config.socket} {what}; check that `faastube controller` "
-                f"is running") from None
+            raise self._lost(f"failed: {exc}") from None
+        return self._seq
+
+    def _wait(self, seq: int, generation: int, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._state:
+                while True:
+                    if generation != self._generation or self._sock is None:
+                        raise self._lost("closed the connection (did it stop or restart?)")
+                    if seq in self._replies:
+                        return self._check(self._replies.pop(seq))
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._abandoned.add(seq)
+                        raise self._lost("did not answer in time")
+                    if not self._reading:
+                        self._reading = True
+                        sock, reader = self._sock, self._reader
+                        break
+                    self._state.wait(remaining)
+            try:
+                self._read_one(sock, reader, generation, deadline)
+            finally:
+                with self._state:
+                    self._reading = False
+                    self._state.notify_all()
+
+    def _read_one(self, sock, reader, generation: int, deadline: float) -> None:
+        """Read one reply frame (as the current reader) and file it under its seq."""
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            reply = reader.read()
+        except TimeoutError:
+            return                          # the frame stays buffered; the loop re-checks
+        except OSError:
+            reply = None
         if reply is None:
-            self._disconnect()
-            raise ControllerUnavailableError(
-                f"the controller at {self.config.socket} closed the connection (did it stop or "
-                f"restart?)")
-        for info, fd in zip(reply.get("fds", ()), fds):
+            self._disconnect(generation)
+            return
+        count = len(reply.get("fds", ()))
+        for info, fd in zip(reply.get("fds", ()), reader.take_fds(count)):
             self._slabs.setdefault(info["slab"], SlabMapping(info["size"])).attach(fd, info["writable"])
-        for fd in fds[len(reply.get("fds", ())):]:
-            os.close(fd)
         for slab_id in reply.get("retired", ()):
             self._slabs.pop(slab_id, None)
+        with self._state:
+            seq = reply.get("seq")
+            if seq in self._abandoned:
+                self._abandoned.discard(seq)
+                if reply.get("ok") and "lease" in reply:
+                    self._releases.append((reply["lease"], "drop"))
+            else:
+                self._replies[seq] = reply
+
+    def _lost(self, what: str) -> ControllerUnavailableError:
+        return ControllerUnavailableError(
+            f"the controller at {self.config.socket} {what}; check that `faastube controller` "
+            f"is running")
+
+    @staticmethod
+    def _check(reply: dict) -> dict:
         if not reply.get("ok"):
             raise from_wire(reply.get("error", "FaasTubeError"), reply.get("message", "unknown error"))
         return reply
@@ -250,13 +329,11 @@ class Client:
         while True:
             self._release_wanted.wait()
             self._release_wanted.clear()
-            threading.Event().wait(RELEASE_DELAY_S)
+            time.sleep(RELEASE_DELAY_S)
             if os.getpid() != self._pid:
                 return
-            with self._lock:
-                if self._releases and self._sock is not None:
-                    try:
-                        self._exchange(protocol.Release(), DEFAULT_REPLY_TIMEOUT_S)
-                    except Exception:
-                        pass   # a lost connection ends every lease of this process anyway
-
+            if self._releases and self._sock is not None:
+                try:
+                    self.request(protocol.Release())
+                except Exception:
+                    pass   # a lost connection ends every lease of this process anyway

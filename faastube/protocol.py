@@ -17,7 +17,9 @@ a raw map and never touch the socket.
 from __future__ import annotations
 
 import array
+import collections
 import dataclasses
+import os
 import socket
 import struct
 
@@ -62,17 +64,24 @@ def send_frame(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
 
 
 class FrameReader:
-    """Reads whole frames (and any passed file descriptors) from a stream socket."""
+    """Reads whole frames from a stream socket, and collects passed file descriptors.
+
+    Descriptors are queued in arrival order; a reply says how many it carries (its ``fds``
+    list), and the reader of that reply takes that many from the queue (:meth:`take_fds`).
+    This holds even when replies are pipelined: the sender writes frames whole and in order,
+    and a frame's descriptors travel with its first byte, so they arrive before its end.
+    A receive timeout leaves a partial frame buffered; the next read continues it.
+    """
 
     def __init__(self, sock: socket.socket, accept_fds: bool = False):
         self._sock = sock
         self._buffer = bytearray()
         self._accept_fds = accept_fds
-        self._fds: list[int] = []
+        self._fds: collections.deque[int] = collections.deque()
 
-    def read(self) -> tuple[dict | None, list[int]]:
-        """The next frame and the fds that arrived with it; ``(None, [])`` once the peer has
-        closed (a partial frame before the close is dropped: nobody is left to answer).
+    def read(self) -> dict | None:
+        """The next frame; ``None`` once the peer has closed (a partial frame before the
+        close is dropped: nobody is left to answer).
 
         Raises FrameTooLarge for an oversized length prefix (the stream cannot be resynced,
         so the caller closes it) and ProtocolError for a body that is not a msgpack map (the
@@ -80,17 +89,23 @@ class FrameReader:
         """
         while len(self._buffer) < _HEADER.size:
             if not self._fill():
-                return None, []
+                return None
         (length,) = _HEADER.unpack_from(self._buffer)
         if length > MAX_FRAME:
             raise FrameTooLarge(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
         while len(self._buffer) < _HEADER.size + length:
             if not self._fill():
-                return None, []
+                return None
         body = bytes(self._buffer[_HEADER.size:_HEADER.size + length])
         del self._buffer[:_HEADER.size + length]
-        fds, self._fds = self._fds, []
-        return unpack_body(body), fds
+        return unpack_body(body)
+
+    def take_fds(self, count: int) -> list[int]:
+        return [self._fds.popleft() for _ in range(min(count, len(self._fds)))]
+
+    def close_fds(self) -> None:
+        while self._fds:
+            os.close(self._fds.popleft())
 
     def _fill(self) -> bool:
         if self._accept_fds:
