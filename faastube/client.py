@@ -7,6 +7,10 @@ descriptor allows it (Note [Read-only descriptors] in controller/slabs.py). Late
 one round trip plus pointer arithmetic. Mappings of retired slabs are dropped from the cache;
 views still using one keep it alive, and the kernel unmaps it with the last view.
 
+Note [A finished process has consumed]: at a normal exit the client counts every array it
+still holds from ``get`` as consumed (Note [Consumers] in controller/objects.py); a process
+that dies of an unhandled exception or a signal consumes nothing, so a retry can get it.
+
 Note [Releases ride along]: an array's lease ends when the array and every view of it are
 garbage-collected. The finalizer must not do I/O (it may run inside another request, on any
 thread), so it only queues the lease; queued leases travel on the next request, or a
@@ -15,11 +19,14 @@ background thread sends them after a short delay if no request comes.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import math
 import mmap
 import os
 import socket
+import struct
+import sys
 import threading
 import time
 import weakref
@@ -33,6 +40,7 @@ from .errors import (ControllerUnavailableError, FaasTubeError, InvalidStateErro
 from .refs import dtype_name
 
 RELEASE_DELAY_S = 0.002       # let queued releases ride on the next request first
+READ_TICK_S = 0.25            # how often a waiting reader re-checks its deadline
 REPLY_MARGIN_S = 10.0         # a controller slower than this past a request's own wait is hung
 DEFAULT_REPLY_TIMEOUT_S = 60.0
 
@@ -108,6 +116,11 @@ class Client:
             raise ControllerUnavailableError(
                 f"no controller at {path} ({exc.strerror or exc}): start `faastube controller` "
                 f"or set FAASTUBE_SOCKET to its socket") from None
+        # Blocking socket with kernel timeouts: Python's own timeouts cost a poll() per call.
+        # A receive wakes at least every READ_TICK_S so a reader can check its deadline.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(READ_TICK_S))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(DEFAULT_REPLY_TIMEOUT_S))
         with self._state:
             self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
             self._generation += 1
@@ -206,10 +219,9 @@ class Client:
     def _read_one(self, sock, reader, generation: int, deadline: float) -> None:
         """Read one reply frame (as the current reader) and file it under its seq."""
         try:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             reply = reader.read()
-        except TimeoutError:
-            return                          # the frame stays buffered; the loop re-checks
+        except (BlockingIOError, TimeoutError):
+            return            # a read tick passed; a partial frame stays buffered; re-check
         except OSError:
             reply = None
         if reply is None:
@@ -283,6 +295,8 @@ class Client:
     def get(self, object_id: str, timeout: float) -> np.ndarray:
         reply = self.request(protocol.Get(object_id, timeout), wait_s=timeout)
         flat = self._view(reply, writable=False)
+        if not self._readers:
+            _watch_exit(self)
         self._readers[id(flat)] = reply["lease"]
         weakref.finalize(flat, self._reader_gone, id(flat), reply["lease"]).atexit = False
         return flat.reshape(reply["shape"])
@@ -337,3 +351,39 @@ class Client:
                     self.request(protocol.Release())
                 except Exception:
                     pass   # a lost connection ends every lease of this process anyway
+
+
+# -- process exit (Note [A finished process has consumed]) --------------------------------
+
+_exit_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_failed = False
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+def _watch_exit(client: Client) -> None:
+    if not _exit_clients:
+        atexit.register(_consume_at_exit)
+        previous = sys.excepthook
+
+        def excepthook(*exc_info):
+            global _failed
+            _failed = True
+            previous(*exc_info)
+        sys.excepthook = excepthook
+    _exit_clients.add(client)
+
+
+def _consume_at_exit() -> None:
+    if _failed:
+        return
+    for client in list(_exit_clients):
+        if (client._readers or client._releases) and client._sock is not None \
+                and os.getpid() == client._pid:
+            client._releases.extend((lease, "consume") for lease in list(client._readers.values()))
+            try:
+                client.request(protocol.Release())
+            except FaasTubeError:
+                pass

@@ -108,8 +108,9 @@ _BY_NAME = {
 
 
 def to_wire(exc: FaasTubeError) -> dict:
-    """The reply fields that describe ``exc`` on the socket."""
-    return {"error": type(exc).__name__, "message": str(exc)}
+    """The reply fields that describe ``exc`` on the socket (its nearest documented class)."""
+    name = next(cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in _BY_NAME)
+    return {"error": name, "message": str(exc)}
 
 
 def from_wire(name: str, message: str) -> FaasTubeError:

@@ -73,9 +73,13 @@ class FrameReader:
     A receive timeout leaves a partial frame buffered; the next read continues it.
     """
 
+    _CHUNK = 1 << 16
+    _FD_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_REPLY * array.array("i").itemsize)
+
     def __init__(self, sock: socket.socket, accept_fds: bool = False):
         self._sock = sock
         self._buffer = bytearray()
+        self._chunk = memoryview(bytearray(self._CHUNK))   # reused: no allocation per recv
         self._accept_fds = accept_fds
         self._fds: collections.deque[int] = collections.deque()
 
@@ -109,18 +113,16 @@ class FrameReader:
 
     def _fill(self) -> bool:
         if self._accept_fds:
-            fd_size = array.array("i").itemsize
-            data, ancillary, _flags, _addr = self._sock.recvmsg(
-                1 << 16, socket.CMSG_SPACE(MAX_FDS_PER_REPLY * fd_size))
+            count, ancillary, _flags, _addr = self._sock.recvmsg_into([self._chunk], self._FD_SPACE)
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds = array.array("i")
-                    fds.frombytes(payload[:len(payload) - len(payload) % fd_size])
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
                     self._fds.extend(fds)
         else:
-            data = self._sock.recv(1 << 16)
-        self._buffer += data
-        return bool(data)
+            count = self._sock.recv_into(self._chunk)
+        self._buffer += self._chunk[:count]
+        return count > 0
 
 
 class FrameTooLarge(ProtocolError):
@@ -278,6 +280,14 @@ class Ping:
 
 REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, CloseScope, Status, Ping)}
 RELEASE_KINDS = ("consume", "drop")
+_ENVELOPE_KEYS = {"v", "seq", "op", "releases"}
+# Per request type, computed once: (field names in order, required ones, allowed keys).
+_LAYOUT = {
+    cls: (tuple(f.name for f in dataclasses.fields(cls)),
+          frozenset(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING),
+          frozenset(cls._fields) | _ENVELOPE_KEYS)
+    for cls in REQUESTS.values()
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,21 +311,18 @@ def decode_request(message: dict) -> Envelope:
     cls = REQUESTS.get(op) if isinstance(op, str) else None
     if cls is None:
         raise ProtocolError(f"unknown op {op!r}; known ops: {', '.join(sorted(REQUESTS))}")
+    names, required, allowed = _LAYOUT[cls]
     fields = {}
     for name, check in cls._fields.items():
         if name in message:
             fields[name] = check(message[name], name)
-        elif dataclasses.fields(cls) and _required(cls, name):
+        elif name in required:
             raise ProtocolError(f"op {op!r} needs field {name!r}")
-    unknown = set(message) - set(cls._fields) - {"v", "seq", "op", "releases"}
-    if unknown:
+    if len(message) > len(allowed) or not allowed.issuperset(message):
+        unknown = set(message) - allowed
         raise ProtocolError(f"op {op!r} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
-    return Envelope(seq=seq, request=cls(**fields), releases=_releases(message.get("releases", ())))
-
-
-def _required(cls, name) -> bool:
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return field.default is dataclasses.MISSING
+    releases = _releases(message["releases"]) if "releases" in message else ()
+    return Envelope(seq=seq, request=cls(**fields), releases=releases)
 
 
 def _releases(value) -> tuple:
@@ -333,10 +340,10 @@ def _releases(value) -> tuple:
 def request_message(seq: int, request, releases=()) -> dict:
     """The map for a request dataclass (the SDK side of decode_request)."""
     message = {"v": PROTOCOL_VERSION, "seq": seq, "op": request.op}
-    for field in dataclasses.fields(request):
-        value = getattr(request, field.name)
+    for name in _LAYOUT[type(request)][0]:
+        value = getattr(request, name)
         if value is not None:
-            message[field.name] = list(value) if isinstance(value, tuple) else value
+            message[name] = list(value) if isinstance(value, tuple) else value
     if releases:
         message["releases"] = [list(r) for r in releases]
     return message

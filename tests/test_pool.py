@@ -1,0 +1,76 @@
+"""The host pool seen through a real controller: exhaustion, growth, idle release."""
+
+import gc
+
+import numpy as np
+import pytest
+
+from faastube import errors
+
+from .conftest import wait_for
+
+
+@pytest.fixture
+def controller_settings():
+    return {"slab_size": "1MiB", "pool_limit": "4MiB", "idle_release": "0.3"}
+
+
+def pool_of(controller):
+    return controller.status()["pools"][0]
+
+
+def test_exhaustion_is_a_clear_error_and_other_objects_stay_intact(ft, controller):
+    kept = [np.full(700_000, i, np.uint8) for i in range(4)]
+    refs = [ft.put(a) for a in kept]
+    with pytest.raises(errors.PoolExhaustedError,
+                       match=r"cannot hold 2\.9 MiB for namespace 'test'.*4\.0 MiB limit.*--pool-limit"):
+        ft.put(np.zeros(3_000_000, np.uint8))
+    for ref, original in zip(refs, kept):
+        np.testing.assert_array_equal(ft.get(ref), original)
+    ft.delete(refs[0])
+    ft.delete(refs[1])
+    ft.put(np.zeros(1_500_000, np.uint8))   # room again once objects are deleted
+
+
+def test_the_pool_grows_on_demand_and_releases_idle_slabs(ft, controller):
+    assert pool_of(controller)["slabs"] == 0
+    refs = [ft.put(np.ones(600_000, np.uint8)) for _ in range(3)]
+    assert pool_of(controller)["slabs"] == 3
+    for ref in refs:
+        ft.delete(ref)
+    wait_for(lambda: pool_of(controller)["slabs"] == 0, timeout=5, message="idle slabs released")
+    assert pool_of(controller)["slabs_retired"] == 3
+    # The client learns of retired slabs on its next reply and drops its cached mappings.
+    client = ft.client()
+    assert client._slabs
+    ft.put(np.ones(10, np.uint8))
+    assert len(client._slabs) == 1
+
+
+def test_a_retired_slab_stays_readable_through_a_live_view(ft, controller):
+    ref = ft.put(np.arange(1000, dtype=np.int64))
+    view = ft.get(ref)
+    ft.delete(ref)
+    # Still leased, so the slab is not empty and cannot be retired.
+    other = ft.put(np.ones(10))
+    ft.delete(other)
+    assert int(view.sum()) == 499500
+    del view
+    gc.collect()
+    wait_for(lambda: pool_of(controller)["slabs"] == 0, timeout=5, message="slab retired after the view")
+
+
+def test_slabs_are_never_shared_between_namespaces(controller):
+    alice, bob = controller.client("alice"), controller.client("bob")
+    try:
+        a, a_id, _ = alice.create((10,), np.dtype("uint8"), track=False)
+        b, b_id, _ = bob.create((10,), np.dtype("uint8"), track=False)
+        del a, b
+        alice.seal(a_id, drop_writer=True)
+        bob.seal(b_id, drop_writer=True)
+        assert set(alice._slabs).isdisjoint(bob._slabs)
+        namespaces = controller.status()["namespaces"]
+        assert namespaces["alice"]["slabs"] == namespaces["bob"]["slabs"] == 1
+    finally:
+        alice.close()
+        bob.close()
