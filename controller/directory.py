@@ -8,16 +8,18 @@ Key schema (also in docs/architecture.md):
                                         controller's last heartbeat
     faastube:node:<node>:objects set    ids of the objects this node holds
 
-``state`` is ``pending`` or ``sealed`` while the bytes live; afterwards the key is a tombstone
-that says why they are gone (``deleted``, ``consumed``, ``scope_closed``, ``expired``,
-``aborted``, ``lost``) and expires after ``tombstone_ttl_s``.
+``state`` is ``sealed`` while the bytes live; afterwards the key is a tombstone that says why
+they are gone (``deleted``, ``consumed``, ``scope_closed``, ``expired``, ``lost``) and expires
+after ``tombstone_ttl_s``. Pending objects (created, not sealed) live only in the local table:
+only processes on this node can wait for them.
 
 Note [The local table answers first]: the controller's in-memory table is the authority for
 the objects whose bytes it holds; Redis is consulted on a miss (to say why an object is not
-here) and written when an object is created, sealed and freed. Creating and sealing are
-synchronous, so a put fails clearly while Redis is unreachable; tombstones are written by a
-background queue that retries until Redis is back. A get refuses to serve while Redis is
-known to be unreachable (see ``require``), so put and get fail and recover together.
+here) and written when an object is sealed (one pipelined write) and when it is freed.
+Sealing is synchronous, so a put fails clearly while Redis is unreachable; tombstones are
+written by a background queue that retries until Redis is back. Creating and getting refuse
+to start while Redis is known to be unreachable (see ``require``), so put and get fail and
+recover together.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from faastube.errors import RedisUnavailableError
 log = logging.getLogger("faastube.controller")
 
 PREFIX = "faastube:"
-LIVE_STATES = ("pending", "sealed")
+LIVE_STATES = ("sealed",)
 NODE_TTL_S = 10
 
 
@@ -96,15 +98,15 @@ class Directory:
     # -- objects --------------------------------------------------------------------------
 
     def publish(self, record) -> None:
-        """Write a new (pending) object's metadata; synchronous, raises when Redis is down."""
+        """Write a sealed object's metadata; synchronous, raises when Redis is down."""
         fields = {
             "node": self.node, "epoch": self.epoch, "device": record.region.slab.device,
             "slab": record.region.slab.id, "offset": record.region.offset,
             "size": record.region.nbytes, "dtype": record.dtype,
-            "shape": json.dumps(list(record.shape)), "state": "pending",
+            "shape": json.dumps(list(record.shape)), "state": "sealed",
             "ns": record.namespace, "consumers": record.consumers or "",
             "expiry": record.expiry_unix or "", "scope": record.scope or "",
-            "created": round(time.time(), 3),
+            "created": record.created_unix,
         }
         key = object_key(record.id)
 
@@ -118,9 +120,6 @@ class Directory:
                 pipe.expireat(key, int(record.expiry_unix) + self.tombstone_ttl_s)
             pipe.execute()
         self._call(write)
-
-    def seal(self, object_id: str) -> None:
-        self._call(lambda: self._redis.hset(object_key(object_id), "state", "sealed"))
 
     def forget(self, object_id: str, reason: str) -> None:
         """Turn the object's key into a tombstone saying ``reason``; queued, never blocks."""

@@ -54,6 +54,7 @@ class ObjectRecord:
     scope: str | None
     expires_at: float | None      # time.monotonic() deadline
     expiry_unix: float | None     # the same deadline as wall-clock time, for Redis and status
+    created_unix: float
     creator: "Session"
     state: str = "pending"        # pending → sealed
     consumed: int = 0
@@ -185,6 +186,7 @@ class ObjectTable:
     # -- lifecycle ------------------------------------------------------------------------
 
     def create(self, session: Session, shape, dtype: str, nbytes: int, consumers, ttl, scope) -> Grant:
+        self.directory.require()      # fail before the caller writes, not at seal
         with self.lock:
             region = self.pool.allocate(session.namespace, nbytes)
             now = time.monotonic()
@@ -192,24 +194,15 @@ class ObjectTable:
                 id=secrets.token_hex(16), namespace=session.namespace, region=region,
                 dtype=dtype, shape=tuple(shape), consumers=consumers, scope=scope,
                 expires_at=now + ttl if ttl else None,
-                expiry_unix=round(time.time() + ttl, 3) if ttl else None, creator=session)
+                expiry_unix=round(time.time() + ttl, 3) if ttl else None,
+                created_unix=round(time.time(), 3), creator=session)
             self.objects[record.id] = record
             session.pending.add(record.id)
             if scope:
                 self._scopes.setdefault((record.namespace, scope), set()).add(record.id)
             if ttl:
                 heapq.heappush(self._expiries, (record.expires_at, record.id))
-            grant = self._grant(session, record, writer=True)
-        try:
-            self.directory.publish(record)
-        except Exception:
-            with self.lock:
-                self._close_grant(grant)
-                session.pending.discard(record.id)
-                self._end_lease(session, grant.lease)
-                self._unlink(record, "aborted")
-            raise
-        return grant
+            return self._grant(session, record, writer=True)
 
     def seal(self, session: Session, object_id: str, drop_writer: bool) -> ObjectRecord:
         with self.lock:
@@ -220,7 +213,7 @@ class ObjectTable:
                 raise InvalidStateError(f"object {object_id} can only be sealed by the process "
                                         f"that created it")
         try:
-            self.directory.seal(object_id)
+            self.directory.publish(record)
         except Exception:
             with self.lock:
                 if record.unlinked is None:
@@ -341,11 +334,6 @@ class ObjectTable:
             session.slabs_sent[slab.id] = writer or bool(sent_writable)
         return Grant(record, lease, fds)
 
-    @staticmethod
-    def _close_grant(grant: Grant) -> None:
-        for fd, _info in grant.fds:
-            os.close(fd)
-
     def _consume(self, lease: Lease) -> None:
         if lease.writer or lease.counted:
             return
@@ -378,7 +366,8 @@ class ObjectTable:
         self._forgotten[record.id] = (record.namespace, reason)
         if len(self._forgotten) > FORGOTTEN_CAP:
             self._forgotten.popitem(last=False)
-        self.directory.forget(record.id, reason)
+        if record.state == "sealed":      # pending objects never reached Redis
+            self.directory.forget(record.id, reason)
         if record.leases == 0:
             self.pool.free(record.region)
         self.changed.notify_all()
@@ -404,7 +393,7 @@ class ObjectTable:
                 f"tombstone time ago")
         self._check_namespace(session, info.get("ns"), object_id)
         state = info.get("state")
-        if state not in ("pending", "sealed"):
+        if state != "sealed":
             return gone_error(object_id, state)
         if info.get("node") != self.directory.node:
             return ObjectNotFoundError(

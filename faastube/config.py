@@ -49,10 +49,10 @@ def _default_pool_limit() -> int:
         return 4 << 30
 
 
-def _default_namespace() -> str:
+def default_namespace(environ) -> str:
     # OpenWhisk gives every activation its namespace; Kubernetes pods may get theirs through
     # the downward API. Outside a platform everything lands in "default".
-    return os.environ.get("__OW_NAMESPACE") or os.environ.get("POD_NAMESPACE") or "default"
+    return environ.get("__OW_NAMESPACE") or environ.get("POD_NAMESPACE") or "default"
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ class Config:
     secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
     # Client (SDK) side.
-    namespace: str = dataclasses.field(default_factory=_default_namespace)  # FAASTUBE_NAMESPACE
+    namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
     get_timeout_s: float = 30.0             # FAASTUBE_GET_TIMEOUT_S: wait for a pending object
     connect_timeout_s: float = 5.0          # FAASTUBE_CONNECT_TIMEOUT_S
@@ -102,5 +102,6 @@ class Config:
                     values[field] = convert(environ[variable])
                 except ValueError as exc:
                     raise InvalidArgumentError(f"{variable}={environ[variable]!r} is not valid: {exc}") from exc
+        values.setdefault("namespace", default_namespace(environ))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -18,17 +18,13 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import numpy as np
 
 from .config import format_size
-from .localredis import LocalRedis
+from .local import LocalController, LocalRedis
 
 FRAME = (720, 1280, 3)
 
@@ -138,41 +134,6 @@ def _run_mode(mode, socket_path, redis_url, frames, runs, progress):
             "result": result}
 
 
-@contextlib.contextmanager
-def _controller(redis_url):
-    folder = tempfile.mkdtemp(prefix="faastube-demo-")
-    socket_path = os.path.join(folder, "controller.sock")
-    log = open(os.path.join(folder, "controller.log"), "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "faastube.cli", "controller", "--socket",
-                             socket_path, "--redis", redis_url, "--node", f"demo-{os.getpid()}",
-                             "--slab-size", "256MiB"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        from .client import Client
-        from .config import Config
-        from . import protocol
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the controller exited; see {log.name}")
-            try:
-                probe = Client(Config.from_env(socket=socket_path), anonymous=True)
-                probe.request(protocol.Ping())
-                probe.close()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield socket_path
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
 def run_demo(size_mb: int = 48, runs: int = 5, progress=print) -> int:
     frames = _frames_for(size_mb)
     nbytes = frames * int(np.prod(FRAME))
@@ -184,7 +145,7 @@ def run_demo(size_mb: int = 48, runs: int = 5, progress=print) -> int:
             progress("starting a private redis-server …")
             redis_url = stack.enter_context(LocalRedis()).url
         progress(f"starting a controller (redis {redis_url}) …")
-        socket_path = stack.enter_context(_controller(redis_url))
+        socket_path = stack.enter_context(LocalController(redis_url, slab_size="256MiB")).socket
         results = {}
         for mode in ("pool", "redis"):
             progress(f"running the pipeline through {'the FaaSTube pool' if mode == 'pool' else 'Redis bytes'} …")

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 import faastube
-from faastube import protocol
 from faastube.client import Client
 from faastube.config import Config
-from faastube.localredis import LocalRedis
+from faastube.local import LocalController, LocalRedis
 
 WORKERS = Path(__file__).parent / "workers"
 _nodes = itertools.count(1)
@@ -46,66 +45,28 @@ def redis_server():
         yield server
 
 
-class ControllerProcess:
-    """A `faastube controller` subprocess with its own socket, node name and log."""
+class ControllerProcess(LocalController):
+    """A controller for one test: its own socket, node name and log under tmp_path."""
 
     def __init__(self, tmp_path: Path, redis_url: str, **settings):
-        self.socket = str(tmp_path / "ctl" / "controller.sock")
-        self.redis_url = redis_url
-        self.node = f"test-node-{os.getpid()}-{next(_nodes)}"
-        self.log_path = tmp_path / "controller.log"
-        self.settings = {"slab_size": "4MiB", "pool_limit": "256MiB", "idle_release": "30",
-                         **settings}
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def env(self) -> dict:
-        return {**os.environ, "FAASTUBE_SOCKET": self.socket, "FAASTUBE_REDIS": self.redis_url,
-                "FAASTUBE_NODE": self.node, "PYTHONUNBUFFERED": "1"}
-
-    def start(self) -> "ControllerProcess":
-        args = [sys.executable, "-m", "faastube.cli", "controller", "--socket", self.socket,
-                "--redis", self.redis_url, "--node", self.node]
-        for key, value in self.settings.items():
-            if value is not None:
-                args += [f"--{key.replace('_', '-')}", str(value)]
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
-        wait_for(self._answers, timeout=15, message=f"controller on {self.socket}")
-        return self
-
-    def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            pytest.fail(f"controller exited with {self.process.returncode}:\n{self.log()}")
-        try:
-            self.status()
-            return True
-        except faastube.errors.ControllerUnavailableError:
-            return False
-
-    def status(self) -> dict:
-        client = Client(Config.from_env(socket=self.socket), anonymous=True)
-        try:
-            return client.request(protocol.Status())
-        finally:
-            client.close()
+        settings = {"slab_size": "4MiB", "pool_limit": "256MiB", "idle_release": "30", **settings}
+        super().__init__(redis_url, socket_path=str(tmp_path / "ctl" / "controller.sock"),
+                         node=f"test-node-{os.getpid()}-{next(_nodes)}",
+                         log_path=str(tmp_path / "controller.log"), **settings)
 
     def leases(self) -> int:
         return sum(ns["leases"] for ns in self.status()["namespaces"].values())
 
-    def stop(self, sig=signal.SIGTERM, timeout=15) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            pytest.fail(f"controller did not stop within {timeout} s of {sig!r}:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def stop(self, sig=signal.SIGTERM, timeout_s=15) -> int:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                pytest.fail(f"controller did not stop within {timeout_s} s of {sig!r}:\n{self.log()}")
+        return super().stop(sig, timeout_s)
 
     def client(self, namespace="test", **settings) -> Client:
         return Client(Config.from_env(socket=self.socket, redis=self.redis_url,

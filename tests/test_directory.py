@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from faastube import errors
-from faastube.localredis import LocalRedis, free_port
+from faastube.local import LocalRedis, free_port
 
 from .conftest import ControllerProcess, wait_for
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Host-pool latency benchmark: control round trip, get and put by size, and cross-process
+hand-offs through the pool against bytes through Redis, all in one run.
+
+    python bench/pool_latency.py [--quick] [--out results.json]
+
+Starts a private redis-server (unless FAASTUBE_REDIS is set) and a controller, prints a
+table, and writes the full numbers as JSON (default bench/results/pool_latency-<time>.json).
+
+What is timed:
+- ping: one control round trip to the controller (no object);
+- get: ``faastube.get`` of a sealed object whose slab this process has mapped, the view
+  dropped after each get (so its lease ends as in real use);
+- put: ``faastube.put`` (one copy into the pool) of a numpy array;
+- redis set/get: what functions do today: ``SET key arr.tobytes()``, ``GET`` + ``frombuffer``;
+- hand-off: producer process publishes an array it computed, consumer process holds it as
+  an array; timed from the start of publishing to the consumer's array (CLOCK_MONOTONIC).
+  Three ways: pool zero-copy (the producer computed into ``faastube.empty``; publishing is
+  ``seal``), pool put (publishing is ``put``, one copy), and Redis bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import redis
+
+import faastube
+from faastube import protocol
+from faastube.local import LocalController, LocalRedis
+
+SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
+HANDOFF_SIZES = [1 << 20, 16 << 20, 64 << 20]
+
+
+def percentiles(samples_ns):
+    samples = sorted(samples_ns)
+    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] / 1e3
+    return {"p50_us": pick(0.5), "p99_us": pick(0.99), "n": len(samples)}
+
+
+def timed(fn, repeat):
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        fn()
+        out.append(time.perf_counter_ns() - start)
+    return out
+
+
+def repeats(size, quick):
+    base = 300 if quick else 2000
+    return max(5, min(base, int(base * (1 << 20) / max(size, 1 << 20))))
+
+
+def bench_local(redis_url, quick):
+    client = faastube.client()
+    rows = {"ping": percentiles(timed(lambda: client.request(protocol.Ping()), 500 if quick else 5000))}
+    board = redis.Redis.from_url(redis_url)
+    for size in SIZES:
+        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        ref = faastube.put(data)
+        faastube.get(ref)                                     # map the slab once
+        n = repeats(size, quick)
+        gets = percentiles(timed(lambda: faastube.get(ref), max(n, 200)))
+        puts = []
+        for _ in range(min(n, 50 if size >= 64 << 20 else n)):
+            start = time.perf_counter_ns()
+            other = faastube.put(data)
+            puts.append(time.perf_counter_ns() - start)
+            faastube.delete(other)
+        key = f"bench:{size}"
+        sets = timed(lambda: board.set(key, data.tobytes()), min(n, 20 if size >= 16 << 20 else n))
+        redis_gets = timed(lambda: np.frombuffer(board.get(key), np.uint8), min(n, 20 if size >= 16 << 20 else n))
+        board.delete(key)
+        faastube.delete(ref)
+        rows[f"size_{size}"] = {"size": size, "get": gets, "put": percentiles(puts),
+                                "redis_set": percentiles(sets), "redis_get": percentiles(redis_gets)}
+    return rows
+
+
+def _producer(mode, socket_path, redis_url, size, runs, inbox, outbox):
+    faastube.connect(socket=socket_path, namespace="bench")
+    board = redis.Redis.from_url(redis_url)
+    source = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
+    for run in range(runs):
+        inbox.recv()
+        if mode == "zero-copy":
+            out = faastube.empty(size, "uint8", consumers=1)
+            np.add(source, run, out=out)                         # the function's own work
+            start = time.monotonic_ns()
+            message = faastube.seal(out)
+            del out
+        else:
+            out = np.add(source, run)
+            start = time.monotonic_ns()
+            if mode == "put":
+                message = faastube.put(out, consumers=1)
+            else:
+                board.set(f"bench:handoff:{run}", out.tobytes())
+                message = {"key": f"bench:handoff:{run}"}
+        outbox.send((start, message, int(out.sum() if mode != "zero-copy" else 0)))
+
+
+def _consumer(mode, socket_path, redis_url, size, runs, inbox, outbox):
+    faastube.connect(socket=socket_path, namespace="bench")
+    board = redis.Redis.from_url(redis_url)
+    for _ in range(runs):
+        start, message = inbox.recv()
+        if mode == "redis":
+            array = np.frombuffer(board.get(message["key"]), np.uint8)
+            board.delete(message["key"])
+        else:
+            array = faastube.get(message)
+        done = time.monotonic_ns()
+        checksum = int(array[:: max(1, size // 4096)].sum())
+        del array
+        outbox.send((done - start, checksum))
+
+
+def bench_handoff(mode, socket_path, redis_url, size, runs):
+    """Median producer→consumer hand-off over ``runs`` (after one warm-up)."""
+    ctx = multiprocessing.get_context("spawn")
+    to_producer, producer_in = ctx.Pipe()
+    to_consumer, consumer_in = ctx.Pipe()
+    producer = ctx.Process(target=_producer, args=(mode, socket_path, redis_url, size, runs + 1,
+                                                    producer_in, producer_in), daemon=True)
+    consumer = ctx.Process(target=_consumer, args=(mode, socket_path, redis_url, size, runs + 1,
+                                                    consumer_in, consumer_in), daemon=True)
+    producer.start()
+    consumer.start()
+    samples = []
+    try:
+        for run in range(runs + 1):
+            to_producer.send(run)
+            start, message, _ = to_producer.recv()
+            to_consumer.send((start, message))
+            elapsed, _checksum = to_consumer.recv()
+            if run:
+                samples.append(elapsed)
+    finally:
+        producer.kill()
+        consumer.kill()
+        producer.join()
+        consumer.join()
+    return {"median_ms": statistics.median(samples) / 1e6, "runs": runs}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument("--out", help="JSON output path")
+    args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        redis_url = os.environ.get("FAASTUBE_REDIS") or stack.enter_context(LocalRedis()).url
+        controller = stack.enter_context(LocalController(redis_url, slab_size="64MiB", pool_limit="4GiB"))
+        faastube.connect(socket=controller.socket, namespace="bench")
+        print("measuring control round trip, get, put and Redis bytes by size …", file=sys.stderr)
+        local = bench_local(redis_url, args.quick)
+        handoffs = {}
+        runs = 5 if args.quick else 15
+        for size in HANDOFF_SIZES:
+            for mode in ("zero-copy", "put", "redis"):
+                print(f"measuring the {size >> 20} MiB hand-off via {mode} …", file=sys.stderr)
+                handoffs[f"{mode}_{size}"] = bench_handoff(mode, controller.socket, redis_url, size, runs)
+        faastube.sdk._client.close()
+    result = {
+        "benchmark": "pool_latency", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "quick": args.quick, "local": local, "handoff": handoffs,
+    }
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"pool_latency-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as file:
+        json.dump(result, file, indent=2)
+    print(render(result))
+    print(f"\nfull results: {out}")
+    return 0
+
+
+def render(result) -> str:
+    local, handoff = result["local"], result["handoff"]
+    lines = [f"control round trip (ping): p50 {local['ping']['p50_us']:.0f} µs, p99 {local['ping']['p99_us']:.0f} µs",
+             "",
+             f"{'size':>8} {'get p50':>9} {'get p99':>9} {'put p50':>10} {'redis SET+GET p50':>18}",]
+    for key, row in local.items():
+        if not key.startswith("size_"):
+            continue
+        size = row["size"]
+        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        redis_us = row["redis_set"]["p50_us"] + row["redis_get"]["p50_us"]
+        lines.append(f"{label:>8} {row['get']['p50_us']:>7.0f}µs {row['get']['p99_us']:>7.0f}µs "
+                     f"{row['put']['p50_us'] / 1e3:>8.2f}ms {redis_us / 1e3:>16.2f}ms")
+    lines += ["", f"{'hand-off (2 processes)':<24}{'pool zero-copy':>15}{'pool put':>11}{'Redis bytes':>13}"
+              f"{'vs zero-copy':>14}{'vs put':>8}"]
+    for size in HANDOFF_SIZES:
+        z, p, r = (handoff[f"{m}_{size}"]["median_ms"] for m in ("zero-copy", "put", "redis"))
+        lines.append(f"{str(size >> 20) + ' MiB':<24}{z:>12.3f} ms{p:>8.2f} ms{r:>10.1f} ms{r / z:>13.0f}×{r / p:>7.0f}×")
+    worst_get = max(row["get"]["p50_us"] for k, row in local.items() if k.startswith("size_"))
+    z64, r64 = handoff[f"zero-copy_{64 << 20}"]["median_ms"], handoff[f"redis_{64 << 20}"]["median_ms"]
+    lines += ["", f"target get p50 ≤ 150 µs at every size: worst {worst_get:.0f} µs → "
+                  f"{'met' if worst_get <= 150 else 'MISSED'}",
+              f"target 64 MiB hand-off ≥ 100× faster than Redis bytes: {r64 / z64:.0f}× → "
+              f"{'met' if r64 / z64 >= 100 else 'MISSED'}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Private services for the demo, the tests and the benchmarks: a ``redis-server`` on a free
+loopback port, and a ``faastube controller`` process on a socket of its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import redis
+
+from . import protocol
+from .client import Client
+from .config import Config
+from .errors import ControllerUnavailableError, FaasTubeError, RedisUnavailableError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRedis:
+    """``with LocalRedis() as r: r.url`` — started, ready, and stopped on exit."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port
+        self.process: subprocess.Popen | None = None
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> "LocalRedis":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisUnavailableError(
+                "redis-server is not installed: `apt-get install redis-server` (Debian/Ubuntu), "
+                "or set FAASTUBE_REDIS to a running Redis")
+        self.port = self.port or free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="faastube-redis-")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self._dir.name, "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.RedisError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RedisUnavailableError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.01)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> "LocalRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class LocalController:
+    """``with LocalController(redis_url) as c: c.socket`` — a controller process, ready to
+    serve, stopped with SIGTERM on exit. ``settings`` are ``faastube controller`` flags
+    (``slab_size="64MiB"`` → ``--slab-size 64MiB``); None leaves a flag out."""
+
+    def __init__(self, redis_url: str, socket_path: str | None = None, node: str | None = None,
+                 log_path: str | None = None, **settings):
+        self._dir = None if socket_path else tempfile.mkdtemp(prefix="faastube-controller-")
+        self.socket = socket_path or os.path.join(self._dir, "controller.sock")
+        self.redis_url = redis_url
+        self.node = node or f"local-{os.getpid()}-{id(self):x}"
+        self.log_path = log_path or os.path.join(os.path.dirname(self.socket), "controller.log")
+        self.settings = settings
+        self.extra_env: dict = {}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict:
+        """The environment that points a function process at this controller."""
+        return {**os.environ, "FAASTUBE_SOCKET": self.socket, "FAASTUBE_REDIS": self.redis_url,
+                "FAASTUBE_NODE": self.node, "PYTHONUNBUFFERED": "1", **self.extra_env}
+
+    def start(self, timeout_s: float = 15.0) -> "LocalController":
+        args = [sys.executable, "-m", "faastube.cli", "controller", "--socket", self.socket,
+                "--redis", self.redis_url, "--node", self.node]
+        for key, value in self.settings.items():
+            if value is not None:
+                args += [f"--{key.replace('_', '-')}", str(value)]
+        os.makedirs(os.path.dirname(self.socket), exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise FaasTubeError(f"the controller exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                self.request(protocol.Ping())
+                return self
+            except ControllerUnavailableError:
+                if time.monotonic() > deadline:
+                    self.stop(signal.SIGKILL)
+                    raise
+                time.sleep(0.01)
+
+    def request(self, request) -> dict:
+        """One request on an anonymous connection (status, ping)."""
+        client = Client(Config.from_env(socket=self.socket), anonymous=True)
+        try:
+            return client.request(request)
+        finally:
+            client.close()
+
+    def status(self) -> dict:
+        return self.request(protocol.Status())
+
+    def stop(self, sig=signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        """Stop the controller; returns its exit code (killed if it outlives ``timeout_s``)."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        return self.process.returncode
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as log:
+                return log.read()
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "LocalController":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,135 @@
+"""The `faastube` command: controller, status, demo — run as real processes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from faastube import errors, protocol
+from faastube.config import DEFAULT_SOCKET, Config, parse_size
+
+from .conftest import ControllerProcess
+
+
+def faastube_cli(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "faastube.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, ft):
+    ft.put(np.zeros(1_000_000, np.uint8))
+    other = controller.client("team-b")
+    try:
+        target, object_id, _ = other.create((10,), np.dtype("float64"), track=False)
+        del target                                  # pending: created, not sealed
+        result = faastube_cli("status", "--socket", controller.socket)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith(f"node {controller.node}  epoch ")
+        assert lines[1].startswith("pool host: 2 slabs of 4.0 MiB, reserved 8.0 MiB, used ")
+        assert lines[2].split() == ["namespace", "slabs", "reserved", "used", "objects", "pending",
+                                    "sealed", "bytes", "leases", "freeing", "clients"]
+        rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[3:])}
+        #                 slabs reserved     used         objects pending sealed bytes        leases freeing clients
+        assert rows["test"][1:] == ["1", "4.0 MiB", "976.8 KiB", "1", "0", "1", "976.6 KiB", "0", "0", "1"]
+        assert rows["team-b"][1:] == ["1", "4.0 MiB", "256 B", "1", "1", "0", "80 B", "1", "0", "1"]
+        as_json = json.loads(faastube_cli("status", "--socket", controller.socket, "--json").stdout)
+        assert as_json["namespaces"]["test"]["object_bytes"] == 1_000_000
+        assert as_json["pools"][0]["slabs"] == 2
+        other.seal(object_id, drop_writer=True)
+    finally:
+        other.close()
+
+
+def test_status_without_a_controller_says_how_to_start_one(tmp_path):
+    result = faastube_cli("status", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert f"no controller at {tmp_path / 'none.sock'}" in result.stderr
+    assert "start `faastube controller`" in result.stderr
+
+
+def test_a_second_controller_on_the_same_socket_is_refused(controller):
+    result = faastube_cli("controller", "--socket", controller.socket, "--redis", controller.redis_url)
+    assert result.returncode == 1
+    assert f"another controller is already serving {controller.socket}" in result.stderr
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path, redis_server):
+    ctl = ControllerProcess(tmp_path, redis_server.url)
+    os.makedirs(os.path.dirname(ctl.socket))
+    open(ctl.socket, "w").close()                 # left behind by a controller that died
+    ctl.start()
+    assert ctl.stop() == 0
+    assert not os.path.exists(ctl.socket)         # removed on a clean stop
+
+
+def test_controller_reads_its_settings_from_the_environment(tmp_path, redis_server):
+    ctl = ControllerProcess(tmp_path, redis_server.url, slab_size=None, pool_limit=None,
+                            idle_release=None)
+    ctl.extra_env = {"FAASTUBE_SLAB_SIZE": "2MiB", "FAASTUBE_POOL_LIMIT": "10MiB"}
+    ctl.start()
+    try:
+        pool = ctl.status()["pools"][0]
+        assert pool["slab_size"] == 2 << 20 and pool["limit"] == 10 << 20
+    finally:
+        assert ctl.stop() == 0
+
+
+def test_config_defaults_and_errors():
+    config = Config.from_env({})
+    assert config.socket == DEFAULT_SOCKET == "/run/faastube/controller.sock"
+    assert Config.from_env({"__OW_NAMESPACE": "guest"}).namespace == "guest"
+    assert Config.from_env({"FAASTUBE_NAMESPACE": "x", "__OW_NAMESPACE": "guest"}).namespace == "x"
+    assert parse_size("64MiB") == 64 << 20 and parse_size("1.5k") == 1536 and parse_size("10") == 10
+    with pytest.raises(errors.InvalidArgumentError, match="cannot read '12 parsecs' as a size"):
+        parse_size("12 parsecs")
+    with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_SLAB_SIZE='big' is not valid"):
+        Config.from_env({"FAASTUBE_SLAB_SIZE": "big"})
+
+
+@pytest.fixture
+def secrets_file(tmp_path):
+    path = tmp_path / "secrets.json"
+    path.write_text(json.dumps({"locked": "s3cret"}))
+    return path
+
+
+def test_namespaces_with_a_secret_need_it(tmp_path, redis_server, secrets_file):
+    ctl = ControllerProcess(tmp_path, redis_server.url, secrets_file=str(secrets_file)).start()
+    try:
+        for secret, text in ((None, "namespace 'locked' needs its secret: set FAASTUBE_SECRET"),
+                             ("wrong", "wrong secret for namespace 'locked'")):
+            client = ctl.client("locked", secret=secret)
+            with pytest.raises(errors.NamespaceError, match=text):
+                client.create((1,), np.dtype("uint8"))
+            client.close()
+        good = ctl.client("locked", secret="s3cret")
+        target, object_id, _ = good.create((3,), np.dtype("uint8"), track=False)
+        del target
+        good.seal(object_id, drop_writer=True)
+        good.close()
+        open_ns = ctl.client("open")                  # namespaces not in the file stay open
+        open_ns.request(protocol.Ping())
+        open_ns.close()
+    finally:
+        assert ctl.stop() == 0
+
+
+def test_the_demo_runs_both_modes_and_cleans_up(redis_server):
+    result = faastube_cli("demo", "--size-mb", "8", "--runs", "2",
+                          env={"FAASTUBE_REDIS": redis_server.url}, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "median of 2" in out and "FaaSTube pool" in out and "Redis bytes" in out
+    for row in ("decode → preprocess", "preprocess → reduce", "end to end"):
+        line = next(l for l in out.splitlines() if l.startswith(row))
+        pool_ms, redis_ms = [float(x) for x in line.replace("ms", "").split()[-3:-1]]
+        assert pool_ms > 0 and redis_ms > 0
+    assert "outputs identical in both modes: yes" in out
+    leftovers = subprocess.run(["pgrep", "-f", "faastube.cli controller --socket /tmp/faastube-demo"],
+                               capture_output=True, text=True)
+    assert leftovers.stdout == ""
