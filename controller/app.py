@@ -19,7 +19,7 @@ from .server import ControllerServer, bind_unix_socket
 log = logging.getLogger("faastube.controller")
 
 HOUSEKEEPING_INTERVAL_S = 0.1     # TTL precision and idle-slab checks
-HEARTBEAT_EVERY = 10              # housekeeping ticks per Redis heartbeat (1 s)
+HEARTBEAT_EVERY = 5               # housekeeping ticks per Redis heartbeat (0.5 s)
 
 
 class Controller:
@@ -59,7 +59,8 @@ class Controller:
         """Free everything; the directory learns that this node's objects are lost."""
         self._stop.set()
         self.table.shutdown()
-        self.directory.heartbeat(self.config.socket)      # flush queued tombstones
+        if not self.directory.flush(timeout_s=5.0):
+            log.warning("could not write every queued change to Redis before stopping")
         try:
             self.directory.mark_node_objects_lost(only_other_epochs=False)
         except Exception as exc:

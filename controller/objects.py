@@ -212,17 +212,8 @@ class ObjectTable:
             if record.creator is not session:
                 raise InvalidStateError(f"object {object_id} can only be sealed by the process "
                                         f"that created it")
-        try:
-            self.directory.publish(record)
-        except Exception:
-            with self.lock:
-                if record.unlinked is None:
-                    self._unlink(record, "aborted")
-            raise
-        with self.lock:
-            if record.unlinked is not None:
-                raise gone_error(object_id, record.unlinked)
             record.state = "sealed"
+            self.directory.publish(record)      # queued: Note [The local table answers first]
             session.pending.discard(object_id)
             if drop_writer:
                 for lease in list(session.leases.values()):
