@@ -14,7 +14,8 @@ def _controller(args) -> int:
     from controller import run_controller
     config = Config.from_env(socket=args.socket, redis=args.redis, node=args.node,
                              slab_size=args.slab_size, pool_limit=args.pool_limit,
-                             idle_release_s=args.idle_release, secrets_file=args.secrets_file,
+                             idle_release_s=args.idle_release, tombstone_ttl_s=args.tombstone_ttl,
+                             secrets_file=args.secrets_file,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -71,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help=f"Unix socket to serve (FAASTUBE_SOCKET; default {DEFAULT_SOCKET})")
     p.add_argument("--redis", help="Redis URL for metadata (FAASTUBE_REDIS; default redis://127.0.0.1:6379/0)")
     p.add_argument("--node", help="this node's name in the directory (FAASTUBE_NODE; default hostname)")
-    p.add_argument("--slab-size", type=parse_size, help="bytes per host slab, e.g. 64MiB (FAASTUBE_SLAB_SIZE)")
+    p.add_argument("--slab-size", type=parse_size, help="bytes per host slab (FAASTUBE_SLAB_SIZE; default 64MiB)")
     p.add_argument("--pool-limit", type=parse_size,
                    help="most bytes the host pool may hold, e.g. 8GiB (FAASTUBE_POOL_LIMIT; default 1/4 of RAM)")
     p.add_argument("--idle-release", type=float, metavar="SECONDS",
                    help="release a slab after it stayed empty this long (FAASTUBE_IDLE_RELEASE_S; default 30)")
+    p.add_argument("--tombstone-ttl", type=int, metavar="SECONDS",
+                   help="how long Redis remembers why an object is gone (FAASTUBE_TOMBSTONE_TTL_S; default 3600)")
     p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
     p.set_defaults(func=_controller)
