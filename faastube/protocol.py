@@ -34,9 +34,14 @@ _HEADER = struct.Struct(">I")
 MAX_NAME = 256               # namespaces, scopes, object ids
 
 
+# One Packer for the process: packb() builds a new one per call. Packer.pack runs in C
+# without releasing the GIL, so threads can share it.
+_packer = msgpack.Packer(use_bin_type=True)
+
+
 def pack(message: dict) -> bytes:
     """One frame: length prefix + msgpack body."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body = _packer.pack(message)
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
     return _HEADER.pack(len(body)) + body

@@ -10,7 +10,6 @@ import gc
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -56,17 +55,6 @@ class ControllerProcess(LocalController):
 
     def leases(self) -> int:
         return sum(ns["leases"] for ns in self.status()["namespaces"].values())
-
-    def stop(self, sig=signal.SIGTERM, timeout_s=15) -> int:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                pytest.fail(f"controller did not stop within {timeout_s} s of {sig!r}:\n{self.log()}")
-        return super().stop(sig, timeout_s)
 
     def client(self, namespace="test", **settings) -> Client:
         return Client(Config.from_env(socket=self.socket, redis=self.redis_url,
