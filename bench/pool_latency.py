@@ -66,25 +66,32 @@ def repeats(size, quick):
 def bench_local(redis_url, quick):
     client = faastube.client()
     rows = {"ping": percentiles(timed(lambda: client.request(protocol.Ping()), 500 if quick else 5000))}
+    arrays = {size: np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8) for size in SIZES}
+    refs = {size: faastube.put(data) for size, data in arrays.items()}
+    for ref in refs.values():
+        faastube.get(ref)                                     # map every slab once
+    # Gets cost the same at every size (zero copy), so interleave the sizes in rounds:
+    # drift in the machine's speed then hits every size alike.
+    gets = {size: [] for size in SIZES}
+    for _round in range(5 if quick else 20):
+        for size, ref in refs.items():
+            gets[size] += timed(lambda: faastube.get(ref), 100)
     board = redis.Redis.from_url(redis_url)
-    for size in SIZES:
-        data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
-        ref = faastube.put(data)
-        faastube.get(ref)                                     # map the slab once
-        n = repeats(size, quick)
-        gets = percentiles(timed(lambda: faastube.get(ref), max(n, 200)))
+    for size, data in arrays.items():
+        n = min(repeats(size, quick), 50)
         puts = []
-        for _ in range(min(n, 50 if size >= 64 << 20 else n)):
+        for _ in range(n):
             start = time.perf_counter_ns()
             other = faastube.put(data)
             puts.append(time.perf_counter_ns() - start)
             faastube.delete(other)
         key = f"bench:{size}"
-        sets = timed(lambda: board.set(key, data.tobytes()), min(n, 20 if size >= 16 << 20 else n))
-        redis_gets = timed(lambda: np.frombuffer(board.get(key), np.uint8), min(n, 20 if size >= 16 << 20 else n))
+        redis_n = min(n, 20 if size >= 16 << 20 else n)
+        sets = timed(lambda: board.set(key, data.tobytes()), redis_n)
+        redis_gets = timed(lambda: np.frombuffer(board.get(key), np.uint8), redis_n)
         board.delete(key)
-        faastube.delete(ref)
-        rows[f"size_{size}"] = {"size": size, "get": gets, "put": percentiles(puts),
+        faastube.delete(refs[size])
+        rows[f"size_{size}"] = {"size": size, "get": percentiles(gets[size]), "put": percentiles(puts),
                                 "redis_set": percentiles(sets), "redis_get": percentiles(redis_gets)}
     return rows
 
