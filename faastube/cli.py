@@ -1,4 +1,4 @@
-"""``faastube``: one command, with subcommands (``controller``, ``status``, ``demo``)."""
+"""``faastube``: one command, with subcommands (``controller``, ``status``, ``shim``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def render_status(status: dict) -> str:
     return "\n".join(lines)
 
 
+def _shim(args) -> int:
+    from shim.serve import run_shim
+    run_shim(args.port)
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     return run_demo(size_mb=args.size_mb, runs=args.runs)
@@ -87,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="the controller's socket (FAASTUBE_SOCKET)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("shim", help="the action runtime: OpenWhisk /init + /run on $PORT (default 8080)")
+    p.add_argument("--port", type=int, help="port to serve (default $PORT, else 8080)")
+    p.set_defaults(func=_shim)
 
     p = sub.add_parser("demo", help="a 3-stage pipeline through the pool and through Redis bytes")
     p.add_argument("--size-mb", type=int, default=48, help="array size per hand-off in MB (default 48)")

@@ -7,6 +7,8 @@ these never connects, so plain functions work without a controller.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import threading
 
 import numpy as np
@@ -19,6 +21,25 @@ from .refs import check_dtype, make_ref, parse_ref
 
 _client: Client | None = None
 _client_lock = threading.Lock()
+_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar("faastube_scope", default=None)
+
+
+@contextlib.contextmanager
+def activation(scope: str | None):
+    """Within this block, objects put or created without a ``scope`` get ``scope``; if the
+    block raises, the scope is closed (what the failed activation allocated is freed)."""
+    token = _scope.set(scope)
+    try:
+        yield
+    except BaseException:
+        if scope and _client is not None:
+            try:
+                close_scope(scope)
+            except Exception:
+                pass          # the controller may be the reason we failed
+        raise
+    finally:
+        _scope.reset(token)
 
 
 def client() -> Client:
@@ -68,7 +89,8 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     dtype = check_dtype(array.dtype)
     _check_lifetime(consumers, ttl)
     conn = client()
-    target, object_id, _lease = conn.create(array.shape, dtype, consumers, ttl, scope, track=False)
+    target, object_id, _lease = conn.create(array.shape, dtype, consumers, ttl,
+                                            scope or _scope.get(), track=False)
     np.copyto(target, array, casting="no")
     del target   # Note [Leases pin memory]: drop the writer's view before its lease ends
     conn.seal(object_id, drop_writer=True)
@@ -88,7 +110,8 @@ def empty(shape, dtype="float32", consumers: int | None = None, ttl: float | Non
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"shape must not have negative dimensions, got {shape}")
     _check_lifetime(consumers, ttl)
-    array, _object_id, _lease = client().create(shape, check_dtype(dtype), consumers, ttl, scope)
+    array, _object_id, _lease = client().create(shape, check_dtype(dtype), consumers, ttl,
+                                                scope or _scope.get())
     return array
 
 

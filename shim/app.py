@@ -1,0 +1,167 @@
+"""The OpenWhisk action runtime protocol (``POST /init``, ``POST /run``), byte for byte as the
+stock Python runtime (Go ActionLoop proxy + Python launcher) answers it. The statuses and
+texts come from ../shared/reference/platform-contracts.md; handlers check each step in order
+and return early through :func:`error_response`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+
+from flask import Flask, Response, request
+
+from .executor import ActionExited, ActionPool, ActionProcess
+from .extractor import BuildError, DecodeError, extract
+from .launcher import IMPORT_FAILED_EXIT
+
+SENTINEL = b"XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX\n"
+BUILD_FAILED = "The action failed to generate or locate a binary. See logs for details."
+CANNOT_START = "Cannot start action. Check logs for details."
+NOT_A_DICT = "The action did not return a dictionary or array."
+
+
+def go_json(value) -> bytes:
+    """JSON as Go's encoding/json writes it: compact, UTF-8, with <, >, & escaped."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    for raw, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(raw, escaped)
+    return text.encode("utf-8")
+
+
+def error_response(status: int, message: str) -> Response:
+    return Response(go_json({"error": message}) + b"\n", status=status, mimetype="application/json")
+
+
+def json_response(body: bytes, status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="application/json")
+
+
+class Runtime:
+    """The one action this container runs, and how many activations may run at once."""
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+        self.pool: ActionPool | None = None
+        self.initialized = False
+        self.gone = False                   # the action process exited: no action any more
+        self._init_lock = threading.Lock()
+        self._log_lock = threading.Lock()
+
+    def log_sentinels(self) -> None:
+        with self._log_lock:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+                stream.buffer.write(SENTINEL)
+                stream.flush()
+
+    def log_both(self, text: str) -> None:
+        with self._log_lock:
+            for stream in (sys.stdout, sys.stderr):
+                stream.write(text + "\n")
+                stream.flush()
+
+
+def action_environment(init_env: dict) -> dict:
+    """The container's environment (PATH, LD_LIBRARY_PATH, CUDA_*, NVIDIA_*, FAASTUBE_* …)
+    plus the init env. Unlike the stock proxy, nothing of the container's is dropped."""
+    env = dict(os.environ)
+    env.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in init_env.items()})
+    shim_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (shim_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def register_openwhisk(app: Flask, runtime: Runtime) -> None:
+    @app.post("/init")
+    def init():
+        try:
+            body = json.loads(request.get_data())
+        except ValueError as exc:
+            return error_response(400, f"Error unmarshaling request: {exc}")
+        with runtime._init_lock:
+            if runtime.initialized:
+                text = "Cannot initialize the action more than once."
+                runtime.log_both(text)
+                return error_response(403, text)
+            response = initialize(runtime, body)
+            if response.status_code != 200:
+                runtime.log_sentinels()
+            return response
+
+    @app.post("/run")
+    def run():
+        body = request.get_data()
+        try:
+            args = json.loads(body)
+        except ValueError as exc:
+            return error_response(400, f"Error unmarshaling request: {exc}")
+        if runtime.pool is None or runtime.gone:
+            return error_response(500, "no action defined yet")
+        if not isinstance(args, dict):
+            args = {}
+        args.setdefault("value", {})
+        process = runtime.pool.acquire()
+        try:
+            reply = process.interact(json.dumps(args, ensure_ascii=False).encode("utf-8"))
+        except ActionExited:
+            runtime.gone = True           # the stock proxy drops the action: later runs get 500
+            runtime.log_sentinels()
+            return error_response(400, "command exited")
+        runtime.pool.release(process)
+        runtime.log_sentinels()
+        try:
+            result = json.loads(reply)
+        except ValueError:
+            result = None
+        if not isinstance(result, (dict, list)):
+            return error_response(502, NOT_A_DICT)
+        return json_response(reply)
+
+
+def initialize(runtime: Runtime, body) -> Response:
+    value = body.get("value") if isinstance(body, dict) else None
+    value = value if isinstance(value, dict) else {}
+    code = value.get("code")
+    if not code or not isinstance(code, str):
+        return error_response(403, "Missing main/no code to execute.")
+    main = value.get("main") or "main"
+    init_env = value.get("env") if isinstance(value.get("env"), dict) else {}
+    try:
+        folder = extract(code, bool(value.get("binary")))
+    except DecodeError as exc:
+        return error_response(400, f"cannot decode the request: {exc}")
+    except BuildError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return error_response(502, BUILD_FAILED)
+    try:
+        with open(os.path.join(folder, "__main__.py"), "rb") as file:
+            compile(file.read(), "__main__.py", "exec")
+    except (SyntaxError, ValueError):
+        traceback.print_exc(limit=0, file=sys.stderr)
+        sys.stderr.flush()
+        return error_response(502, BUILD_FAILED)
+    env = action_environment(init_env)
+    process = ActionProcess(folder, main, env)
+    try:
+        process.wait_ready()
+    except ActionExited as exc:
+        if exc.returncode != IMPORT_FAILED_EXIT:
+            print("Command exited abruptly during initialization.", file=sys.stderr, flush=True)
+        return error_response(502, CANNOT_START)
+    runtime.pool = ActionPool(process, folder, main, env, runtime.concurrency)
+    runtime.initialized = True
+    return json_response(b'{"ok":true}\n')
+
+
+def create_app(concurrency: int = 1) -> Flask:
+    """The runtime's Flask app. ``concurrency`` > 1 runs that many activations at once."""
+    app = Flask("faastube-shim")
+    runtime = Runtime(concurrency)
+    app.extensions["faastube_runtime"] = runtime
+    register_openwhisk(app, runtime)
+    return app

@@ -1,0 +1,103 @@
+"""The action process: ``python -m shim.launcher REQUEST_FD REPLY_FD MAIN``, run in the action's
+folder. It imports the action once, then answers one JSON line per activation.
+
+Protocol (one type of message each way, one line each):
+- at start, after importing the action: ``{"ok": true}`` on REPLY_FD, or exit non-zero with
+  the reason on stderr;
+- request: the /run body (``{"value": …, "activation_id": …, …}``) on REQUEST_FD; every key
+  but ``value`` becomes ``__OW_<KEY>`` in the environment for the call;
+- reply: the result as ``json.dumps(result, ensure_ascii=False)``, as the stock Python
+  launcher writes it (the shim passes these bytes through unchanged). An exception becomes
+  ``{"error": str(exception)}`` with the traceback on stderr.
+
+stdout and stderr are flushed before each reply, so the shim's activation sentinels always
+come after the action's own output. Arrays in a result are put into the FaaSTube pool and
+replaced by refs (faastube.results).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import traceback
+
+IMPORT_FAILED_EXIT = 86     # "the import failed" (not the action's own sys.exit at import)
+
+
+def activate_virtualenv(folder: str) -> None:
+    venv = os.path.join(folder, "virtualenv")
+    if not os.path.isdir(venv):
+        return
+    activate = os.path.join(venv, "bin", "activate_this.py")
+    if not os.path.exists(activate):
+        sys.stderr.write("Invalid virtualenv. Zip file does not include /virtualenv/bin/activate_this.py\n")
+        sys.exit(IMPORT_FAILED_EXIT)
+    with open(activate) as file:
+        exec(compile(file.read(), activate, "exec"), {"__file__": activate})
+
+
+def load_main(folder: str, name: str):
+    spec = importlib.util.spec_from_file_location("main__", os.path.join(folder, "__main__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["main__"] = module
+    spec.loader.exec_module(module)
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ImportError(f"cannot import name '{name}' from 'main__': the action defines no "
+                          f"function {name!r}")
+    return function
+
+
+def serve(main, requests, replies) -> None:
+    from faastube.results import publish_arrays
+    from faastube.sdk import activation
+    for line in requests:
+        args = json.loads(line)
+        value = args.pop("value", {}) if isinstance(args, dict) else {}
+        saved = {}
+        for key, item in (args.items() if isinstance(args, dict) else ()):
+            variable = f"__OW_{key.upper()}"
+            saved[variable] = os.environ.get(variable)
+            os.environ[variable] = item if isinstance(item, str) else json.dumps(item)
+        try:
+            with activation(os.environ.get("__OW_ACTIVATION_ID") or None):
+                result = publish_arrays(main(value))
+        except Exception as exc:
+            print(traceback.format_exc(), file=sys.stderr)
+            result = {"error": str(exc)}
+        finally:
+            for variable, old in saved.items():
+                if old is None:
+                    os.environ.pop(variable, None)
+                else:
+                    os.environ[variable] = old
+        reply = json.dumps(result, ensure_ascii=False).encode("utf-8")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        replies.write(reply + b"\n")
+        replies.flush()
+
+
+def main(argv) -> None:
+    request_fd, reply_fd, name = int(argv[0]), int(argv[1]), argv[2]
+    folder = os.getcwd()
+    sys.path.insert(0, folder)
+    activate_virtualenv(folder)
+    try:
+        function = load_main(folder, name)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        sys.exit(IMPORT_FAILED_EXIT)
+    replies = os.fdopen(reply_fd, "wb")
+    replies.write(b'{"ok": true}\n')
+    replies.flush()
+    serve(function, os.fdopen(request_fd, "rb"), replies)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

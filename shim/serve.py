@@ -1,0 +1,53 @@
+"""``faastube shim``: the Flask app under gunicorn, on ``$PORT`` (default 8080).
+
+One gunicorn worker (the action is initialised once per container, so all requests must
+reach the same process) with threads: activations run concurrently in separate action
+processes when ``__OW_ALLOW_CONCURRENT=true`` or in Knative mode, one at a time otherwise.
+gunicorn logs only warnings: stdout and stderr belong to the action's logs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gunicorn.app.base import BaseApplication
+
+from .app import create_app
+
+DEFAULT_CONCURRENCY = 8
+
+
+def concurrency_from_env(environ=os.environ) -> int:
+    if environ.get("__OW_ALLOW_CONCURRENT", "").lower() != "true":
+        return 1
+    return max(1, int(environ.get("FAASTUBE_CONCURRENCY", DEFAULT_CONCURRENCY)))
+
+
+class ShimServer(BaseApplication):
+    def __init__(self, port: int, concurrency: int):
+        self.port = port
+        self.concurrency = concurrency
+        super().__init__()
+
+    def load_config(self):
+        settings = {
+            "bind": f"0.0.0.0:{self.port}",
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": self.concurrency + 4,     # room for health checks beside activations
+            "timeout": 0,                        # the platform enforces the action's limit
+            "graceful_timeout": 300,             # SIGTERM: finish in-flight activations
+            "keepalive": 75,
+            "loglevel": "warning",
+            "accesslog": None,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return create_app(self.concurrency)
+
+
+def run_shim(port: int | None = None) -> None:
+    port = port or int(os.environ.get("PORT", "8080"))
+    ShimServer(port, concurrency_from_env()).run()

@@ -1,0 +1,304 @@
+"""The OpenWhisk runtime protocol, over real HTTP against `faastube shim` run as a process.
+
+Expected statuses and bodies are the stock Python runtime's (platform-contracts.md).
+"""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+
+import pytest
+
+from faastube.local import free_port
+
+from .conftest import wait_for
+
+SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
+BUILD_FAILED = b'{"error":"The action failed to generate or locate a binary. See logs for details."}\n'
+CANNOT_START = b'{"error":"Cannot start action. Check logs for details."}\n'
+
+
+class Shim:
+    """`faastube shim` on a free port; logs to files; every response must carry Content-Length."""
+
+    def __init__(self, tmp_path, env=None):
+        self.port = free_port()
+        self.out_path, self.err_path = tmp_path / "shim.out", tmp_path / "shim.err"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "faastube.cli", "shim"],
+            stdout=open(self.out_path, "wb"), stderr=open(self.err_path, "wb"),
+            env={**os.environ, "PORT": str(self.port), "PYTHONUNBUFFERED": "1", **(env or {})})
+        import http.client
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        wait_for(self._ready, timeout=20, message="the shim to listen")
+
+    def _ready(self):
+        import socket
+        if self.process.poll() is not None:
+            pytest.fail(f"shim exited: {self.err_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def post(self, path, body) -> tuple[int, bytes]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.connection.request("POST", path, data, {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        payload = response.read()
+        assert response.getheader("Content-Length") == str(len(payload)), "no Content-Length"
+        if payload:
+            assert response.getheader("Content-Type") == "application/json"
+        return response.status, payload
+
+    def init(self, code, main="main", binary=False, env=None):
+        return self.post("/init", {"value": {"name": "action", "main": main, "code": code,
+                                             "binary": binary, "env": env}})
+
+    def run(self, value=None, **keys):
+        body = dict(keys)
+        if value is not None:
+            body["value"] = value
+        return self.post("/run", body)
+
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def stop(self):
+        self.connection.close()
+        self.process.terminate()
+        self.process.wait(20)
+
+
+@pytest.fixture
+def shim(tmp_path):
+    started = []
+
+    def start(**env):
+        folder = tmp_path / f"shim{len(started)}"
+        folder.mkdir()
+        server = Shim(folder, env)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
+def source(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def zipped(files: dict) -> str:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+ECHO = source("""
+    def main(args):
+        print("hello stdout", args.get("n"))
+        import sys
+        print("hello stderr", file=sys.stderr)
+        return args
+""")
+
+
+def test_run_before_init(shim):
+    assert shim().run({}) == (500, b'{"error":"no action defined yet"}\n')
+
+
+def test_init_then_run_and_the_logs(shim):
+    s = shim()
+    assert s.init(ECHO) == (200, b'{"ok":true}\n')
+    assert SENTINEL not in s.stdout() + s.stderr()           # a successful init writes none
+    status, body = s.run({"n": 1, "s": "❄ ☃ ❄"})
+    assert status == 200 and body == json.dumps({"n": 1, "s": "❄ ☃ ❄"}, ensure_ascii=False).encode()
+    s.run({"n": 2})
+    assert s.stdout() == f"hello stdout 1\n{SENTINEL}\nhello stdout 2\n{SENTINEL}\n"
+    assert s.stderr() == f"hello stderr\n{SENTINEL}\nhello stderr\n{SENTINEL}\n"
+
+
+def test_second_init_is_refused_and_logged_without_sentinels(shim):
+    s = shim()
+    s.init(ECHO)
+    assert s.init(ECHO) == (403, b'{"error":"Cannot initialize the action more than once."}\n')
+    assert s.stdout() == s.stderr() == "Cannot initialize the action more than once.\n"
+
+
+def test_init_body_not_json(shim):
+    status, body = shim().post("/init", b"{nope")
+    assert status == 400 and body.startswith(b'{"error":"Error unmarshaling request: ')
+
+
+@pytest.mark.parametrize("payload", [{}, {"value": {}}, {"value": {"code": "", "main": "main"}}])
+def test_init_without_code(shim, payload):
+    assert shim().post("/init", payload) == (403, b'{"error":"Missing main/no code to execute."}\n')
+
+
+def test_init_bad_base64(shim):
+    status, body = shim().init("!!!not base64!!!", binary=True)
+    assert status == 400 and body.startswith(b'{"error":"cannot decode the request: ')
+
+
+def test_zip_without_main_py(shim):
+    s = shim()
+    assert s.init(zipped({"other.py": "x = 1"}), binary=True) == (502, BUILD_FAILED)
+    assert "Zip file does not include" in s.stderr()
+    assert s.stdout().endswith(SENTINEL + "\n") and s.stderr().endswith(SENTINEL + "\n")
+
+
+def test_code_that_does_not_compile(shim):
+    s = shim()
+    assert s.init("def main(args) return {}") == (502, BUILD_FAILED)
+    assert "SyntaxError" in s.stderr() and s.stderr().endswith(SENTINEL + "\n")
+
+
+def test_import_that_fails(shim):
+    s = shim()
+    assert s.init("import iamnotsupported\ndef main(args):\n    return {}\n") == (502, CANNOT_START)
+    assert "Traceback" in s.stderr() and "iamnotsupported" in s.stderr()
+    assert s.stdout().endswith(SENTINEL + "\n") and s.stderr().endswith(SENTINEL + "\n")
+    assert s.run({}) == (500, b'{"error":"no action defined yet"}\n')
+
+
+def test_exit_at_import(shim):
+    s = shim()
+    assert s.init("import sys\nsys.exit(1)\n") == (502, CANNOT_START)
+    assert "Command exited abruptly during initialization." in s.stderr()
+
+
+def test_missing_main_function(shim):
+    s = shim()
+    assert s.init("def handler(args):\n    return {}\n") == (502, CANNOT_START)
+    assert "no function 'main'" in s.stderr()
+
+
+def test_zip_with_data_files_custom_main_and_init_env(shim):
+    s = shim()
+    code = zipped({
+        "__main__.py": source("""
+            import os
+            AT_IMPORT = os.environ.get("GREETING")
+            def entry(args):
+                with open("data/words.txt") as f:
+                    return {"words": f.read().split(), "greeting": AT_IMPORT, "cwd_file": os.path.exists("data")}
+        """),
+        "data/words.txt": "alpha beta",
+    })
+    assert s.init(code, main="entry", binary=True, env={"GREETING": "hi"}) == (200, b'{"ok":true}\n')
+    status, body = s.run({})
+    assert status == 200
+    assert json.loads(body) == {"words": ["alpha", "beta"], "greeting": "hi", "cwd_file": True}
+
+
+def test_tar_gz_archive(shim):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        data = b"def main(args):\n    return {'from': 'tar'}\n"
+        info = tarfile.TarInfo("__main__.py")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    s = shim()
+    assert s.init(base64.b64encode(buffer.getvalue()).decode(), binary=True)[0] == 200
+    assert s.run({}) == (200, b'{"from": "tar"}')
+
+
+def test_zip_with_a_virtualenv_is_activated(shim):
+    activate = source("""
+        import os, sys
+        site = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib", "site")
+        sys.path.insert(0, site)
+    """)
+    code = zipped({
+        "__main__.py": "import venvonly\ndef main(args):\n    return {'from': venvonly.WHERE}\n",
+        "virtualenv/bin/activate_this.py": activate,
+        "virtualenv/lib/site/venvonly.py": "WHERE = 'virtualenv'\n",
+    })
+    s = shim()
+    assert s.init(code, binary=True) == (200, b'{"ok":true}\n')
+    assert s.run({}) == (200, b'{"from": "virtualenv"}')
+
+
+def test_run_results_and_errors(shim):
+    s = shim()
+    s.init(source("""
+        import sys
+        def main(args):
+            kind = args.get("kind")
+            if kind == "list":
+                return [1, "two", None]
+            if kind == "error":
+                return {"error": "sorry"}
+            if kind == "raise":
+                raise ValueError("bad input")
+            if kind == "string":
+                return "not a dict"
+            if kind == "none":
+                return None
+            return {"args": args}
+    """))
+    assert s.run() == (200, b'{"args": {}}')                              # value missing → {}
+    assert s.run({"kind": "list"}) == (200, b'[1, "two", null]')
+    assert s.run({"kind": "error"}) == (200, b'{"error": "sorry"}')
+    assert s.run({"kind": "raise"}) == (200, b'{"error": "bad input"}')
+    assert "Traceback" in s.stderr() and "ValueError: bad input" in s.stderr()
+    assert s.run({"kind": "string"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
+    assert s.run({"kind": "none"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
+    assert s.stdout().count(SENTINEL) == 6 and s.stderr().count(SENTINEL) == 6
+
+
+def test_sys_exit_during_run_then_no_action(shim):
+    s = shim()
+    s.init("import sys\ndef main(args):\n    sys.exit(1)\n")
+    assert s.run({}) == (400, b'{"error":"command exited"}\n')
+    assert s.run({}) == (500, b'{"error":"no action defined yet"}\n')
+    assert s.stdout().count(SENTINEL) == 1 and s.stderr().count(SENTINEL) == 1
+
+
+def test_ow_environment_per_activation(shim):
+    s = shim(__OW_API_HOST="https://whisk.example")
+    s.init(source("""
+        import os
+        def main(args):
+            return {k: v for k, v in os.environ.items() if k.startswith("__OW_")}
+    """))
+    status, body = s.run({}, namespace="guest", action_name="/guest/echo", activation_id="a1",
+                         deadline="1732700000000", api_key="key")
+    assert json.loads(body) == {"__OW_NAMESPACE": "guest", "__OW_ACTION_NAME": "/guest/echo",
+                                "__OW_ACTIVATION_ID": "a1", "__OW_DEADLINE": "1732700000000",
+                                "__OW_API_KEY": "key", "__OW_API_HOST": "https://whisk.example"}
+    status, body = s.run({}, activation_id="a2")
+    assert json.loads(body) == {"__OW_ACTIVATION_ID": "a2", "__OW_API_HOST": "https://whisk.example"}
+
+
+def test_container_environment_reaches_the_action(shim):
+    s = shim(LD_LIBRARY_PATH="/usr/local/cuda/lib64", CUDA_VISIBLE_DEVICES="0",
+             NVIDIA_VISIBLE_DEVICES="all")
+    s.init("import os\ndef main(args):\n    return {k: os.environ.get(k) for k in args['keys']}\n")
+    keys = ["PATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"]
+    status, body = s.run({"keys": keys})
+    got = json.loads(body)
+    assert got["PATH"] == os.environ["PATH"] and got["LD_LIBRARY_PATH"] == "/usr/local/cuda/lib64"
+    assert got["CUDA_VISIBLE_DEVICES"] == "0" and got["NVIDIA_VISIBLE_DEVICES"] == "all"
+
+
+def test_a_1mb_unicode_payload_roundtrips_exactly(shim):
+    s = shim()
+    s.init("def main(args):\n    return args\n")
+    text = ("❄ ☃ ❄" * 209713)[:1_048_561]
+    status, body = s.run({"payload": text})
+    assert status == 200 and json.loads(body)["payload"] == text
+    assert body == json.dumps({"payload": text}, ensure_ascii=False).encode()
