@@ -52,12 +52,23 @@ class Runtime:
         self._init_lock = threading.Lock()
         self._log_lock = threading.Lock()
 
-    def log_sentinels(self) -> None:
+    def log_sentinels(self, process: ActionProcess | None = None) -> None:
+        """End an activation's logs; with captured logs, write its output block first."""
+        blocks = process.take_logs() if process is not None and process.logs else (b"", b"")
         with self._log_lock:
-            for stream in (sys.stdout, sys.stderr):
+            for stream, block in zip((sys.stdout, sys.stderr), blocks):
                 stream.flush()
-                stream.buffer.write(SENTINEL)
+                stream.buffer.write(block + SENTINEL)
                 stream.flush()
+
+    def log_startup(self, process: ActionProcess) -> None:
+        """Pass on what an action process printed while importing (no sentinel)."""
+        if process.logs:
+            blocks = process.take_logs()
+            with self._log_lock:
+                for stream, block in zip((sys.stdout, sys.stderr), blocks):
+                    stream.buffer.write(block)
+                    stream.flush()
 
     def log_both(self, text: str) -> None:
         with self._log_lock:
@@ -110,10 +121,10 @@ def register_openwhisk(app: Flask, runtime: Runtime) -> None:
             reply = process.interact(json.dumps(args, ensure_ascii=False).encode("utf-8"))
         except ActionExited:
             runtime.gone = True           # the stock proxy drops the action: later runs get 500
-            runtime.log_sentinels()
+            runtime.log_sentinels(process)
             return error_response(400, "command exited")
+        runtime.log_sentinels(process)
         runtime.pool.release(process)
-        runtime.log_sentinels()
         try:
             result = json.loads(reply)
         except ValueError:
@@ -146,14 +157,17 @@ def initialize(runtime: Runtime, body) -> Response:
         sys.stderr.flush()
         return error_response(502, BUILD_FAILED)
     env = action_environment(init_env)
-    process = ActionProcess(folder, main, env)
+    process = ActionProcess(folder, main, env, capture=runtime.concurrency > 1)
     try:
         process.wait_ready()
     except ActionExited as exc:
+        runtime.log_startup(process)
         if exc.returncode != IMPORT_FAILED_EXIT:
             print("Command exited abruptly during initialization.", file=sys.stderr, flush=True)
         return error_response(502, CANNOT_START)
-    runtime.pool = ActionPool(process, folder, main, env, runtime.concurrency)
+    runtime.log_startup(process)
+    runtime.pool = ActionPool(process, folder, main, env, runtime.concurrency,
+                              on_start=runtime.log_startup)
     runtime.initialized = True
     return json_response(b'{"ok":true}\n')
 

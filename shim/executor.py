@@ -7,6 +7,8 @@ process exited.
 from __future__ import annotations
 
 import os
+import queue
+import secrets
 import subprocess
 import sys
 import threading
@@ -21,18 +23,33 @@ class ActionExited(Exception):
 
 
 class ActionProcess:
-    def __init__(self, folder: str, main: str, env: dict):
+    """One action process. With ``capture``, its stdout and stderr come back through pipes
+    cut into one block per activation (Note [Logs per activation])."""
+
+    def __init__(self, folder: str, main: str, env: dict, capture: bool = False):
         request_read, self._request_write = os.pipe()
         self._reply_read, reply_write = os.pipe()
+        marker = f"\x1e\x1efaastube-end-{secrets.token_hex(8)}\x1e\x1e"
+        output = subprocess.PIPE if capture else None
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "shim.launcher", str(request_read), str(reply_write), main],
-                cwd=folder, env=env, stdin=subprocess.DEVNULL, pass_fds=(request_read, reply_write))
+                cwd=folder, env={**env, "FAASTUBE_LOG_MARKER": marker} if capture else env,
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                pass_fds=(request_read, reply_write))
         finally:
             os.close(request_read)
             os.close(reply_write)
         self._requests = os.fdopen(self._request_write, "wb")
         self._replies = os.fdopen(self._reply_read, "rb")
+        self.logs = None
+        if capture:
+            self.logs = (LogSplitter(self.process.stdout, marker.encode()),
+                         LogSplitter(self.process.stderr, marker.encode()))
+
+    def take_logs(self) -> tuple[bytes, bytes]:
+        """The output of the activation (or start-up) that just ended: (stdout, stderr)."""
+        return self.logs[0].take(), self.logs[1].take()
 
     def wait_ready(self) -> None:
         """Block until the action is imported; ActionExited if the process died instead."""
@@ -69,6 +86,37 @@ class ActionProcess:
             self.process.wait()
 
 
+class LogSplitter:
+    """Note [Logs per activation]: with several action processes running at once, their
+    output must not interleave inside an activation's logs. The launcher writes a private
+    marker after flushing, before each reply; a reader thread cuts the stream at each marker
+    into one block per activation, and the shim writes each block with its sentinel whole.
+    At EOF (the process died) what is left is the last block."""
+
+    def __init__(self, stream, marker: bytes):
+        self._blocks: queue.Queue[bytes] = queue.Queue()
+        self._marker = marker
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        pending = b""
+        while True:
+            chunk = stream.read1(1 << 16)
+            if not chunk:
+                self._blocks.put(pending)
+                return
+            pending += chunk
+            while (at := pending.find(self._marker)) >= 0:
+                self._blocks.put(pending[:at])
+                pending = pending[at + len(self._marker):]
+
+    def take(self, timeout: float = 10.0) -> bytes:
+        try:
+            return self._blocks.get(timeout=timeout)
+        except queue.Empty:
+            return b""
+
+
 class ActionPool:
     """Up to ``size`` action processes of one action; each serves one activation at a time.
 
@@ -76,8 +124,10 @@ class ActionPool:
     start on demand, each importing the action again.
     """
 
-    def __init__(self, first: ActionProcess, folder: str, main: str, env: dict, size: int):
+    def __init__(self, first: ActionProcess, folder: str, main: str, env: dict, size: int,
+                 on_start=lambda process: None):
         self._folder, self._main, self._env, self.size = folder, main, env, size
+        self._on_start = on_start         # told of each process started later (its start-up logs)
         self._idle = [first]
         self._all = [first]
         self._available = threading.Condition()
@@ -92,8 +142,11 @@ class ActionPool:
             else:
                 return self._idle.pop()
         try:
-            process = ActionProcess(self._folder, self._main, self._env)
-            process.wait_ready()
+            process = ActionProcess(self._folder, self._main, self._env, capture=self.size > 1)
+            try:
+                process.wait_ready()
+            finally:
+                self._on_start(process)
         except BaseException:
             with self._available:
                 self._all.remove(None)

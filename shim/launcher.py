@@ -24,6 +24,15 @@ import sys
 import traceback
 
 IMPORT_FAILED_EXIT = 86     # "the import failed" (not the action's own sys.exit at import)
+LOG_MARKER = os.environ.get("FAASTUBE_LOG_MARKER", "")   # set when the shim captures logs
+
+
+def end_of_logs() -> None:
+    """Flush the action's output; with captured logs, mark where this activation's ends."""
+    for stream in (sys.stdout, sys.stderr):
+        if LOG_MARKER:
+            stream.write(LOG_MARKER)
+        stream.flush()
 
 
 def activate_virtualenv(folder: str) -> None:
@@ -74,8 +83,7 @@ def serve(main, requests, replies) -> None:
                 else:
                     os.environ[variable] = old
         reply = json.dumps(result, ensure_ascii=False).encode("utf-8")
-        sys.stdout.flush()
-        sys.stderr.flush()
+        end_of_logs()
         replies.write(reply + b"\n")
         replies.flush()
 
@@ -94,6 +102,7 @@ def main(argv) -> None:
         sys.stderr.flush()
         sys.exit(IMPORT_FAILED_EXIT)
     replies = os.fdopen(reply_fd, "wb")
+    end_of_logs()
     replies.write(b'{"ok": true}\n')
     replies.flush()
     serve(function, os.fdopen(request_fd, "rb"), replies)

@@ -80,14 +80,17 @@ class Shim:
         self.process.wait(20)
 
 
-@pytest.fixture
-def shim(tmp_path):
+@pytest.fixture(params=["serial", "concurrent"])
+def shim(tmp_path, request):
+    """Start shims; every protocol test runs with activations serialised (the stock
+    behaviour) and with __OW_ALLOW_CONCURRENT=true (a pool of action processes)."""
     started = []
+    mode = {"__OW_ALLOW_CONCURRENT": "true", "FAASTUBE_CONCURRENCY": "4"} if request.param == "concurrent" else {}
 
     def start(**env):
         folder = tmp_path / f"shim{len(started)}"
         folder.mkdir()
-        server = Shim(folder, env)
+        server = Shim(folder, {**mode, **env})
         started.append(server)
         return server
     yield start
@@ -273,7 +276,8 @@ def test_ow_environment_per_activation(shim):
     s.init(source("""
         import os
         def main(args):
-            return {k: v for k, v in os.environ.items() if k.startswith("__OW_")}
+            return {k: v for k, v in os.environ.items()
+                    if k.startswith("__OW_") and k != "__OW_ALLOW_CONCURRENT"}
     """))
     status, body = s.run({}, namespace="guest", action_name="/guest/echo", activation_id="a1",
                          deadline="1732700000000", api_key="key")
@@ -302,3 +306,73 @@ def test_a_1mb_unicode_payload_roundtrips_exactly(shim):
     status, body = s.run({"payload": text})
     assert status == 200 and json.loads(body)["payload"] == text
     assert body == json.dumps({"payload": text}, ensure_ascii=False).encode()
+
+
+SLEEPER = source("""
+    import os, time
+    def main(args):
+        started = time.monotonic()
+        for i in range(3):
+            print(f"activation {os.environ['__OW_ACTIVATION_ID']} line {i}", flush=True)
+            time.sleep(args["sleep"] / 3)
+        return {"id": os.environ["__OW_ACTIVATION_ID"], "n": args["n"], "pid": os.getpid(),
+                "started": started, "ended": time.monotonic()}
+""")
+
+
+def run_in_parallel(server_port, count, sleep):
+    """`count` keep-alive clients, one /run each, all at once."""
+    import concurrent.futures
+    import http.client
+
+    def one(n):
+        conn = http.client.HTTPConnection("127.0.0.1", server_port, timeout=60)
+        conn.request("POST", "/run", json.dumps({"value": {"n": n, "sleep": sleep}, "activation_id": f"act-{n}"}))
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        return response.status, json.loads(body)
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def overlapping(results) -> int:
+    """The most activations that were running at the same moment."""
+    events = sorted([(r["started"], 1) for r in results] + [(r["ended"], -1) for r in results])
+    running = peak = 0
+    for _time, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_concurrent_activations_run_at_once_each_with_its_own_result_and_logs(tmp_path):
+    server = Shim(tmp_path, {"__OW_ALLOW_CONCURRENT": "true", "FAASTUBE_CONCURRENCY": "4"})
+    try:
+        server.init(SLEEPER)
+        run_in_parallel(server.port, 4, 0.05)               # start the pool's processes
+        results = run_in_parallel(server.port, 4, 0.6)
+        assert all(status == 200 for status, _ in results)
+        assert [(r["id"], r["n"]) for _, r in results] == [(f"act-{n}", n) for n in range(4)]
+        assert overlapping([r for _, r in results]) >= 2
+        assert len({r["pid"] for _, r in results}) >= 2
+        # Each activation's lines form one block that ends with the sentinel.
+        blocks = server.stdout().split(SENTINEL + "\n")
+        assert blocks[-1] == "" and len(blocks) == 9
+        for block in blocks[:-1]:
+            ids = {line.split()[1] for line in block.splitlines()}
+            assert len(ids) == 1 and len(block.splitlines()) == 3
+    finally:
+        server.stop()
+
+
+def test_without_concurrency_activations_run_one_at_a_time(tmp_path):
+    server = Shim(tmp_path)
+    try:
+        server.init(SLEEPER)
+        results = run_in_parallel(server.port, 3, 0.3)
+        assert [r["n"] for _, r in results] == [0, 1, 2]
+        assert overlapping([r for _, r in results]) == 1
+        assert len({r["pid"] for _, r in results}) == 1
+    finally:
+        server.stop()
