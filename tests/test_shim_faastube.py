@@ -1,0 +1,98 @@
+"""FaaSTube inside actions: a 3-action sequence driven as the OpenWhisk invoker drives it
+(init once per container, run per activation, each result becomes the next value), passing
+arrays by ref through a real controller and Redis."""
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import wait_for
+from .test_shim_openwhisk import Shim, source
+
+PREPROCESS = source("""
+    import numpy as np
+    def main(args):
+        rng = np.random.default_rng(args["seed"])
+        frames = rng.integers(0, 255, (4, 256, 256, 3), dtype=np.uint8)
+        return {"frames": frames, "seed": args["seed"]}          # the runtime puts the array
+""")
+INFER = source("""
+    import faastube, numpy as np
+    def main(args):
+        frames = faastube.get(args["frames"])                      # zero-copy view
+        out = faastube.empty((frames.shape[0], 8), "float32")      # zero-copy output
+        out[...] = frames.reshape(frames.shape[0], 8, -1).mean(axis=2)
+        return {"scores": faastube.seal(out), "seed": args["seed"]}
+""")
+POSTPROCESS = source("""
+    import faastube
+    def main(args):
+        scores = faastube.get(args["scores"])
+        return {"best": scores.argmax(axis=1).tolist(), "total": float(scores.sum()),
+                "shape": list(scores.shape)}
+""")
+FAILING = source("""
+    import faastube
+    def main(args):
+        out = faastube.empty(1 << 20, "uint8")
+        out[:] = 1
+        faastube.seal(out)
+        raise RuntimeError("model crashed")
+""")
+
+
+@pytest.fixture
+def action(tmp_path, controller):
+    started = []
+
+    def start(code):
+        folder = tmp_path / f"action{len(started)}"
+        folder.mkdir()
+        server = Shim(folder, {"FAASTUBE_SOCKET": controller.socket, "FAASTUBE_REDIS": controller.redis_url})
+        assert server.init(code) == (200, b'{"ok":true}\n')
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
+def expected(seed):
+    frames = np.random.default_rng(seed).integers(0, 255, (4, 256, 256, 3), dtype=np.uint8)
+    scores = frames.reshape(4, 8, -1).mean(axis=2).astype(np.float32)
+    return {"best": scores.argmax(axis=1).tolist(), "total": float(scores.sum()), "shape": [4, 8]}
+
+
+def test_a_sequence_passes_arrays_by_ref_and_only_refs_cross_http(action, controller):
+    chain = [action(PREPROCESS), action(INFER), action(POSTPROCESS)]
+    for seed in (1, 2, 3):
+        value = {"seed": seed}
+        crossed = []
+        for n, server in enumerate(chain):
+            status, body = server.run(value, namespace="guest", activation_id=f"run{seed}-{n}")
+            assert status == 200, body
+            crossed.append(len(body))
+            value = json.loads(body)
+        assert value["best"] == expected(seed)["best"] and value["shape"] == [4, 8]
+        assert value["total"] == pytest.approx(expected(seed)["total"], rel=1e-6)
+        assert max(crossed) < 400, f"HTTP bodies of {crossed} bytes: more than refs crossed"
+    namespaces = controller.status()["namespaces"]
+    assert namespaces["guest"]["sealed"] == 6                    # 3 runs × (frames, scores)
+
+
+def test_a_failed_activation_frees_what_it_allocated(action, controller):
+    server = action(FAILING)
+    status, body = server.run({}, namespace="guest", activation_id="failing-1")
+    assert status == 200 and body == b'{"error": "model crashed"}'
+    wait_for(lambda: controller.status()["namespaces"].get("guest", {}).get("objects") == 0,
+             message="the failed activation's objects to be freed")
+
+
+def test_plain_actions_work_without_a_controller(tmp_path):
+    server = Shim(tmp_path, {"FAASTUBE_SOCKET": str(tmp_path / "no-controller.sock")})
+    try:
+        server.init("import faastube\ndef main(args):\n    return {'ok': True}\n")
+        assert server.run({}) == (200, b'{"ok": true}')
+    finally:
+        server.stop()
