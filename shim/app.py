@@ -44,11 +44,13 @@ def json_response(body: bytes, status: int = 200) -> Response:
 class Runtime:
     """The one action this container runs, and how many activations may run at once."""
 
-    def __init__(self, concurrency: int):
+    def __init__(self, concurrency: int, sentinel: bytes = SENTINEL):
         self.concurrency = concurrency
+        self.sentinel = sentinel            # OpenWhisk cuts logs per activation; Knative not
         self.pool: ActionPool | None = None
         self.initialized = False
         self.gone = False                   # the action process exited: no action any more
+        self.load_error: str | None = None  # Knative: why the function did not load
         self._init_lock = threading.Lock()
         self._log_lock = threading.Lock()
 
@@ -58,7 +60,7 @@ class Runtime:
         with self._log_lock:
             for stream, block in zip((sys.stdout, sys.stderr), blocks):
                 stream.flush()
-                stream.buffer.write(block + SENTINEL)
+                stream.buffer.write(block + self.sentinel)
                 stream.flush()
 
     def log_startup(self, process: ActionProcess) -> None:
@@ -172,10 +174,16 @@ def initialize(runtime: Runtime, body) -> Response:
     return json_response(b'{"ok":true}\n')
 
 
-def create_app(concurrency: int = 1) -> Flask:
-    """The runtime's Flask app. ``concurrency`` > 1 runs that many activations at once."""
+def create_app(concurrency: int = 1, knative: bool = False, function: str | None = None) -> Flask:
+    """The runtime's Flask app: the OpenWhisk protocol, or the Knative contract with the
+    function loaded now. ``concurrency`` > 1 runs that many activations at once."""
     app = Flask("faastube-shim")
-    runtime = Runtime(concurrency)
+    runtime = Runtime(concurrency, sentinel=b"" if knative else SENTINEL)
     app.extensions["faastube_runtime"] = runtime
-    register_openwhisk(app, runtime)
+    if knative:
+        from .knative import load_function, register_knative
+        register_knative(app, runtime)
+        load_function(runtime, function)
+    else:
+        register_openwhisk(app, runtime)
     return app

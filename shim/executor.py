@@ -26,14 +26,15 @@ class ActionProcess:
     """One action process. With ``capture``, its stdout and stderr come back through pipes
     cut into one block per activation (Note [Logs per activation])."""
 
-    def __init__(self, folder: str, main: str, env: dict, capture: bool = False):
+    def __init__(self, folder: str, main: str, env: dict, capture: bool = False,
+                 entry: str = "__main__.py"):
         request_read, self._request_write = os.pipe()
         self._reply_read, reply_write = os.pipe()
         marker = f"\x1e\x1efaastube-end-{secrets.token_hex(8)}\x1e\x1e"
         output = subprocess.PIPE if capture else None
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "shim.launcher", str(request_read), str(reply_write), main],
+                [sys.executable, "-m", "shim.launcher", str(request_read), str(reply_write), main, entry],
                 cwd=folder, env={**env, "FAASTUBE_LOG_MARKER": marker} if capture else env,
                 stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                 pass_fds=(request_read, reply_write))
@@ -125,8 +126,9 @@ class ActionPool:
     """
 
     def __init__(self, first: ActionProcess, folder: str, main: str, env: dict, size: int,
-                 on_start=lambda process: None):
+                 on_start=lambda process: None, entry: str = "__main__.py"):
         self._folder, self._main, self._env, self.size = folder, main, env, size
+        self._entry = entry
         self._on_start = on_start         # told of each process started later (its start-up logs)
         self._idle = [first]
         self._all = [first]
@@ -142,7 +144,8 @@ class ActionPool:
             else:
                 return self._idle.pop()
         try:
-            process = ActionProcess(self._folder, self._main, self._env, capture=self.size > 1)
+            process = ActionProcess(self._folder, self._main, self._env, capture=self.size > 1,
+                                    entry=self._entry)
             try:
                 process.wait_ready()
             finally:

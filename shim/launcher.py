@@ -1,5 +1,6 @@
-"""The action process: ``python -m shim.launcher REQUEST_FD REPLY_FD MAIN``, run in the action's
-folder. It imports the action once, then answers one JSON line per activation.
+"""The action process: ``python -m shim.launcher REQUEST_FD REPLY_FD MAIN [FILE]``, run in the
+action's folder. It imports the action (FILE, default ``__main__.py``) once, then answers one
+JSON line per activation.
 
 Protocol (one type of message each way, one line each):
 - at start, after importing the action: ``{"ok": true}`` on REPLY_FD, or exit non-zero with
@@ -47,8 +48,8 @@ def activate_virtualenv(folder: str) -> None:
         exec(compile(file.read(), activate, "exec"), {"__file__": activate})
 
 
-def load_main(folder: str, name: str):
-    spec = importlib.util.spec_from_file_location("main__", os.path.join(folder, "__main__.py"))
+def load_main(folder: str, name: str, entry: str = "__main__.py"):
+    spec = importlib.util.spec_from_file_location("main__", os.path.join(folder, entry))
     module = importlib.util.module_from_spec(spec)
     sys.modules["main__"] = module
     spec.loader.exec_module(module)
@@ -90,11 +91,12 @@ def serve(main, requests, replies) -> None:
 
 def main(argv) -> None:
     request_fd, reply_fd, name = int(argv[0]), int(argv[1]), argv[2]
+    entry = argv[3] if len(argv) > 3 else "__main__.py"
     folder = os.getcwd()
     sys.path.insert(0, folder)
     activate_virtualenv(folder)
     try:
-        function = load_main(folder, name)
+        function = load_main(folder, name, entry)
     except SystemExit:
         raise
     except BaseException:

@@ -13,12 +13,13 @@ import os
 from gunicorn.app.base import BaseApplication
 
 from .app import create_app
+from .knative import DEFAULT_FUNCTION, knative_mode
 
 DEFAULT_CONCURRENCY = 8
 
 
 def concurrency_from_env(environ=os.environ) -> int:
-    if environ.get("__OW_ALLOW_CONCURRENT", "").lower() != "true":
+    if environ.get("__OW_ALLOW_CONCURRENT", "").lower() != "true" and not knative_mode(environ):
         return 1
     return max(1, int(environ.get("FAASTUBE_CONCURRENCY", DEFAULT_CONCURRENCY)))
 
@@ -45,7 +46,8 @@ class ShimServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        return create_app(self.concurrency)
+        return create_app(self.concurrency, knative=knative_mode(),
+                          function=os.environ.get("FAASTUBE_FUNCTION", DEFAULT_FUNCTION))
 
 
 def run_shim(port: int | None = None) -> None:
