@@ -3,6 +3,7 @@
 arrays by ref through a real controller and Redis."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,28 +11,10 @@ import pytest
 from .conftest import wait_for
 from .test_shim_openwhisk import Shim, source
 
-PREPROCESS = source("""
-    import numpy as np
-    def main(args):
-        rng = np.random.default_rng(args["seed"])
-        frames = rng.integers(0, 255, (4, 256, 256, 3), dtype=np.uint8)
-        return {"frames": frames, "seed": args["seed"]}          # the runtime puts the array
-""")
-INFER = source("""
-    import faastube, numpy as np
-    def main(args):
-        frames = faastube.get(args["frames"])                      # zero-copy view
-        out = faastube.empty((frames.shape[0], 8), "float32")      # zero-copy output
-        out[...] = frames.reshape(frames.shape[0], 8, -1).mean(axis=2)
-        return {"scores": faastube.seal(out), "seed": args["seed"]}
-""")
-POSTPROCESS = source("""
-    import faastube
-    def main(args):
-        scores = faastube.get(args["scores"])
-        return {"best": scores.argmax(axis=1).tolist(), "total": float(scores.sum()),
-                "shape": list(scores.shape)}
-""")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "sequence"
+PREPROCESS, INFER, POSTPROCESS = ((EXAMPLES / f"{name}.py").read_text()
+                                  for name in ("preprocess", "infer", "postprocess"))
+
 FAILING = source("""
     import faastube
     def main(args):
