@@ -1,4 +1,4 @@
-"""``faastube``: one command, with subcommands (``controller``, ``status``, ``shim``, ``demo``)."""
+"""``faastube``: one command, with subcommands (``controller``, ``status``, ``shim``, ``conformance``, ``demo``)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,11 @@ def _shim(args) -> int:
     return 0
 
 
+def _conformance(args) -> int:
+    from .conformance import run_conformance
+    return run_conformance(args.url, args.stdout, args.stderr, args.timeout)
+
+
 def _demo(args) -> int:
     from .demo import run_demo
     return run_demo(size_mb=args.size_mb, runs=args.runs)
@@ -97,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shim", help="the action runtime: OpenWhisk /init + /run on $PORT (default 8080)")
     p.add_argument("--port", type=int, help="port to serve (default $PORT, else 8080)")
     p.set_defaults(func=_shim)
+
+    p = sub.add_parser("conformance", help="check a runtime endpoint against the stock OpenWhisk "
+                                           "Python runtime's behaviour")
+    p.add_argument("url", help="a fresh (uninitialised) runtime, e.g. http://127.0.0.1:8080")
+    p.add_argument("--stdout", help="the runtime's stdout log file (for the sentinel checks)")
+    p.add_argument("--stderr", help="the runtime's stderr log file (for the sentinel checks)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.set_defaults(func=_conformance)
 
     p = sub.add_parser("demo", help="a 3-stage pipeline through the pool and through Redis bytes")
     p.add_argument("--size-mb", type=int, default=48, help="array size per hand-off in MB (default 48)")

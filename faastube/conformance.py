@@ -1,0 +1,149 @@
+"""``faastube conformance URL``: the stock OpenWhisk Python runtime's behaviours as black-box
+checks against any runtime endpoint (ours, or a stock one), over HTTP.
+
+The endpoint must be a fresh, uninitialised runtime container: the checks run in an order
+that leaves it in a known state (failed inits first, then one init, runs, and the action's
+exit last). Sentinel checks read the runtime's logs (``--stdout``/``--stderr`` files);
+without them those checks are skipped, and the output says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import sys
+import time
+import urllib.parse
+import zipfile
+
+SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
+
+TEST_ACTION = '''
+import os, sys
+def main(args):
+    kind = args.get("kind")
+    if kind == "list":
+        return [1, 2]
+    if kind == "error":
+        return {"error": "sorry"}
+    if kind == "raise":
+        raise ValueError("conformance exception")
+    if kind == "string":
+        return "not a dict"
+    if kind == "env":
+        return {k: v for k, v in os.environ.items() if k.startswith("__OW_") and k not in ("__OW_API_HOST", "__OW_ALLOW_CONCURRENT")}
+    if kind == "exit":
+        sys.exit(1)
+    print("conformance stdout")
+    print("conformance stderr", file=sys.stderr)
+    return args
+'''
+
+
+class Endpoint:
+    def __init__(self, url: str, timeout: float):
+        parts = urllib.parse.urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        self.prefix = parts.path.rstrip("/")
+
+    def post(self, path: str, body) -> tuple[int, bytes, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.connection.request("POST", self.prefix + path, data, {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        payload = response.read()
+        return response.status, payload, {k.lower(): v for k, v in response.getheaders()}
+
+
+def _zip(files: dict) -> str:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _init(code, binary=False, main="main"):
+    return {"value": {"name": "conformance", "main": main, "code": code, "binary": binary, "env": {}}}
+
+
+def _error(text: str) -> bytes:
+    return json.dumps({"error": text}, separators=(",", ":")).encode() + b"\n"
+
+
+def checks():
+    """(name, request path, body, expected status, body check) in the order they must run."""
+    exact = lambda expected: (lambda body: body == expected)
+    prefix = lambda start: (lambda body: body.startswith(start))
+    text = "❄ ☃ ❄" * 200_000
+    return [
+        ("run before init", "/run", {"value": {}}, 500, exact(_error("no action defined yet"))),
+        ("init body not JSON", "/init", b"{not json", 400, prefix(b'{"error":"Error unmarshaling request: ')),
+        ("init without code", "/init", {"value": {}}, 403, exact(_error("Missing main/no code to execute."))),
+        ("init bad base64", "/init", _init("!!!", binary=True), 400, prefix(b'{"error":"cannot decode the request: ')),
+        ("zip without __main__.py", "/init", _init(_zip({"a.py": "x = 1"}), binary=True), 502,
+         exact(_error("The action failed to generate or locate a binary. See logs for details."))),
+        ("code that does not compile", "/init", _init("def main(args) return"), 502,
+         exact(_error("The action failed to generate or locate a binary. See logs for details."))),
+        ("import that fails", "/init", _init("import iamnotsupported\ndef main(a):\n    return a\n"), 502,
+         exact(_error("Cannot start action. Check logs for details."))),
+        ("init", "/init", _init(TEST_ACTION), 200, lambda body: json.loads(body) == {"ok": True}),
+        ("second init", "/init", _init(TEST_ACTION), 403,
+         exact(_error("Cannot initialize the action more than once."))),
+        ("run without value", "/run", {}, 200, lambda body: json.loads(body) == {}),
+        ("dict result", "/run", {"value": {"a": 1}}, 200, lambda body: json.loads(body) == {"a": 1}),
+        ("list result", "/run", {"value": {"kind": "list"}}, 200, lambda body: json.loads(body) == [1, 2]),
+        ("error passthrough", "/run", {"value": {"kind": "error"}}, 200,
+         lambda body: json.loads(body) == {"error": "sorry"}),
+        ("exception", "/run", {"value": {"kind": "raise"}}, 200,
+         lambda body: json.loads(body) == {"error": "conformance exception"}),
+        ("non-dict result", "/run", {"value": {"kind": "string"}}, 502,
+         exact(_error("The action did not return a dictionary or array."))),
+        ("__OW_ environment", "/run", {"value": {"kind": "env"}, "namespace": "ns", "action_name": "/ns/a",
+                                       "activation_id": "id1", "transaction_id": "t1",
+                                       "deadline": "1700000000000"}, 200,
+         lambda body: json.loads(body) == {"__OW_NAMESPACE": "ns", "__OW_ACTION_NAME": "/ns/a",
+                                           "__OW_ACTIVATION_ID": "id1", "__OW_TRANSACTION_ID": "t1",
+                                           "__OW_DEADLINE": "1700000000000"}),
+        ("1 MB unicode round trip", "/run", {"value": {"text": text[:1_048_561]}}, 200,
+         lambda body: json.loads(body) == {"text": text[:1_048_561]}),
+        ("action exits during run", "/run", {"value": {"kind": "exit"}}, 400, exact(_error("command exited"))),
+        ("run after the action exited", "/run", {"value": {}}, 500, exact(_error("no action defined yet"))),
+    ]
+
+
+def run_conformance(url: str, stdout_log=None, stderr_log=None, timeout: float = 60.0,
+                    out=sys.stdout) -> int:
+    endpoint = Endpoint(url, timeout)
+    failures = 0
+
+    def report(name, ok, detail=""):
+        nonlocal failures
+        failures += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {name}{'  — ' + detail if detail and not ok else ''}", file=out)
+
+    for name, path, body, status, check in checks():
+        try:
+            got_status, got_body, headers = endpoint.post(path, body)
+        except OSError as exc:
+            report(name, False, f"no answer from {url}: {exc}")
+            continue
+        ok = got_status == status and check(got_body) and headers.get("content-length") == str(len(got_body))
+        report(name, ok, f"got {got_status} {got_body[:160]!r}, Content-Length "
+                         f"{headers.get('content-length')}; expected {status}")
+    if stdout_log and stderr_log:
+        time.sleep(0.2)                   # let the runtime's log writes land
+        logs = [open(p, encoding="utf-8", errors="replace").read() for p in (stdout_log, stderr_log)]
+        report("sentinel after every run, on stdout and stderr",
+               all(log.count(SENTINEL) >= 10 for log in logs), f"counts {[l.count(SENTINEL) for l in logs]}")
+        report("action output comes before its sentinel",
+               f"conformance stdout\n{SENTINEL}" in logs[0] and f"conformance stderr\n{SENTINEL}" in logs[1])
+        report("a traceback on stderr for an exception", "ValueError: conformance exception" in logs[1])
+        report("second init logged on stdout and stderr",
+               all("Cannot initialize the action more than once." in log for log in logs))
+    else:
+        print("SKIP  log checks (sentinels, output order, tracebacks): pass --stdout and --stderr "
+              "with the runtime's log files", file=out)
+    print(f"{'all checks passed' if not failures else f'{failures} checks failed'} against {url}", file=out)
+    return 1 if failures else 0
