@@ -63,6 +63,20 @@ class Runtime:
                 stream.buffer.write(block + self.sentinel)
                 stream.flush()
 
+    def call(self, args: dict) -> bytes:
+        """Run one activation on a free action process; its reply line. Raises ActionExited
+        if the process died, and the action is then gone (as on the stock proxy)."""
+        process = self.pool.acquire()
+        try:
+            reply = process.interact(json.dumps(args, ensure_ascii=False).encode("utf-8"))
+        except ActionExited:
+            self.gone = True
+            self.log_sentinels(process)
+            raise
+        self.log_sentinels(process)
+        self.pool.release(process)
+        return reply
+
     def log_startup(self, process: ActionProcess) -> None:
         """Pass on what an action process printed while importing (no sentinel)."""
         if process.logs:
@@ -118,15 +132,10 @@ def register_openwhisk(app: Flask, runtime: Runtime) -> None:
         if not isinstance(args, dict):
             args = {}
         args.setdefault("value", {})
-        process = runtime.pool.acquire()
         try:
-            reply = process.interact(json.dumps(args, ensure_ascii=False).encode("utf-8"))
+            reply = runtime.call(args)
         except ActionExited:
-            runtime.gone = True           # the stock proxy drops the action: later runs get 500
-            runtime.log_sentinels(process)
-            return error_response(400, "command exited")
-        runtime.log_sentinels(process)
-        runtime.pool.release(process)
+            return error_response(400, "command exited")   # later runs: no action defined yet
         try:
             result = json.loads(reply)
         except ValueError:

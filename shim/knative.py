@@ -97,15 +97,10 @@ def register_knative(app: Flask, runtime) -> None:
         args = {"value": data, "activation_id": event_id,
                 "namespace": os.environ.get("POD_NAMESPACE", ""),
                 "action_name": os.environ.get("K_SERVICE", "")}
-        process = runtime.pool.acquire()
         try:
-            reply = process.interact(json.dumps(args, ensure_ascii=False).encode("utf-8"))
+            reply = runtime.call(args)
         except ActionExited:
-            runtime.gone = True
-            runtime.log_sentinels(process)
             return _json({"error": "the function process exited"}, 500)
-        runtime.log_sentinels(process)
-        runtime.pool.release(process)
         if not is_event:
             return Response(reply, mimetype="application/json")
         service = os.environ.get("K_SERVICE", "function")
