@@ -33,6 +33,12 @@ def go_json(value) -> bytes:
     return text.encode("utf-8")
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def error_response(status: int, message: str) -> Response:
     return Response(go_json({"error": message}) + b"\n", status=status, mimetype="application/json")
 
@@ -59,16 +65,17 @@ class Runtime:
         blocks = process.take_logs() if process is not None and process.logs else (b"", b"")
         with self._log_lock:
             for stream, block in zip((sys.stdout, sys.stderr), blocks):
-                stream.flush()
-                stream.buffer.write(block + self.sentinel)
-                stream.flush()
+                stream.flush()                    # anything the server printed goes first
+                _write_all(stream.fileno(), block + self.sentinel)
 
-    def call(self, args: dict) -> bytes:
-        """Run one activation on a free action process; its reply line. Raises ActionExited
-        if the process died, and the action is then gone (as on the stock proxy)."""
+    def call(self, args: dict | bytes) -> bytes:
+        """Run one activation on a free action process (``args``: the request as a dict, or
+        as one line of JSON); its reply line. Raises ActionExited if the process died, and
+        the action is then gone (as on the stock proxy)."""
+        line = args if isinstance(args, bytes) else json.dumps(args, ensure_ascii=False).encode("utf-8")
         process = self.pool.acquire()
         try:
-            reply = process.interact(json.dumps(args, ensure_ascii=False).encode("utf-8"))
+            reply = process.interact(line)
         except ActionExited:
             self.gone = True
             self.log_sentinels(process)
@@ -129,18 +136,17 @@ def register_openwhisk(app: Flask, runtime: Runtime) -> None:
             return error_response(400, f"Error unmarshaling request: {exc}")
         if runtime.pool is None or runtime.gone:
             return error_response(500, "no action defined yet")
-        if not isinstance(args, dict):
-            args = {}
-        args.setdefault("value", {})
+        if isinstance(args, dict):
+            # The body goes to the action as it came, on one line (as the Go proxy sends it).
+            request_line = body.replace(b"\r", b"").replace(b"\n", b"")
+        else:
+            request_line = b"{}"                  # not an object: main({}), like the launcher
         try:
-            reply = runtime.call(args)
+            reply = runtime.call(request_line)
         except ActionExited:
             return error_response(400, "command exited")   # later runs: no action defined yet
-        try:
-            result = json.loads(reply)
-        except ValueError:
-            result = None
-        if not isinstance(result, (dict, list)):
+        # The launcher wrote the reply with json.dumps: a dict starts with "{", a list with "[".
+        if reply[:1] not in (b"{", b"["):
             return error_response(502, NOT_A_DICT)
         return json_response(reply)
 
