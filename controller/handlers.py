@@ -14,8 +14,6 @@ from faastube.refs import check_dtype
 
 from .objects import Grant, ObjectTable, Session
 
-MAX_GET_TIMEOUT_S = 3600.0
-
 
 def load_secrets(path: str | None) -> dict[str, str]:
     """``{namespace: secret}`` from a JSON file; namespaces listed there must present it."""
@@ -96,7 +94,7 @@ class Handlers:
         return {}, []
 
     def get(self, session: Session, request: protocol.Get, may_wait: bool = False):
-        grant = self.table.get(session, request.id, min(request.timeout, MAX_GET_TIMEOUT_S), may_wait)
+        grant = self.table.get(session, request.id, request.timeout, may_wait)   # ≤ 3600 s: protocol.Get
         return self._grant_reply(grant)
 
     def delete(self, session: Session, request: protocol.Delete):

@@ -1,7 +1,8 @@
 """Action processes: the user's code runs apart from the HTTP server, so ``sys.exit``, a
 crash or a hung import cannot take the server down. The server talks to each one over two
 private pipes (shim/launcher.py has the protocol); a reply read that ends in EOF means the
-process exited.
+process exited, and a launcher that reads EOF on its request pipe (the server is gone)
+exits.
 """
 
 from __future__ import annotations
@@ -68,23 +69,6 @@ class ActionProcess:
         if not reply.endswith(b"\n"):
             raise ActionExited(self.process.wait())
         return reply[:-1]
-
-    @property
-    def exited(self) -> bool:
-        return self.process.poll() is not None
-
-    def stop(self) -> None:
-        """Close its pipes (the launcher exits at EOF); kill it if it does not go."""
-        for stream in (self._requests, self._replies):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        try:
-            self.process.wait(2)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 class LogSplitter:
@@ -163,9 +147,3 @@ class ActionPool:
         with self._available:
             self._idle.append(process)
             self._available.notify()
-
-    def stop(self) -> None:
-        with self._available:
-            processes = [p for p in self._all if p is not None]
-        for process in processes:
-            process.stop()
