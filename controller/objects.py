@@ -154,7 +154,7 @@ class ObjectTable:
         self._scopes: dict[tuple[str, str], set[str]] = {}
         self._expiries: list[tuple[float, str]] = []
         self._lease_ids = itertools.count(1)
-        pool._on_retire = self._slab_retired
+        pool.on_retire = self._slab_retired
 
     # -- sessions -------------------------------------------------------------------------
 

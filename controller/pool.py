@@ -31,7 +31,7 @@ class Pool:
     def __init__(self, device: str, slab_size: int, limit: int, idle_release_s: float,
                  slab_factory=MemfdSlab, on_retire=lambda slab: None):
         self.device = device
-        self._on_retire = on_retire     # told of every retired slab, so holders can unmap it
+        self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
         self.slab_size = align_up(slab_size, PAGE)
         self.limit = limit
         self.idle_release_s = idle_release_s
@@ -103,7 +103,7 @@ class Pool:
         self.reserved -= slab.size
         self.slabs_retired += 1
         slab.close()
-        self._on_retire(slab)
+        self.on_retire(slab)
 
     def stats(self) -> dict:
         used = sum(s.allocator.used for s in self.slabs.values())

@@ -57,16 +57,20 @@ class Runtime:
         self.initialized = False
         self.gone = False                   # the action process exited: no action any more
         self.load_error: str | None = None  # Knative: why the function did not load
-        self._init_lock = threading.Lock()
+        self.init_lock = threading.Lock()      # /init runs once, never twice at a time
         self._log_lock = threading.Lock()
+
+    def write_logs(self, out: bytes, err: bytes) -> None:
+        """Write to stdout and stderr, each whole, after anything the server printed there."""
+        with self._log_lock:
+            for stream, data in ((sys.stdout, out), (sys.stderr, err)):
+                stream.flush()
+                _write_all(stream.fileno(), data)
 
     def log_sentinels(self, process: ActionProcess | None = None) -> None:
         """End an activation's logs; with captured logs, write its output block first."""
-        blocks = process.take_logs() if process is not None and process.logs else (b"", b"")
-        with self._log_lock:
-            for stream, block in zip((sys.stdout, sys.stderr), blocks):
-                stream.flush()                    # anything the server printed goes first
-                _write_all(stream.fileno(), block + self.sentinel)
+        out, err = process.take_logs() if process is not None and process.logs else (b"", b"")
+        self.write_logs(out + self.sentinel, err + self.sentinel)
 
     def call(self, args: dict | bytes) -> bytes:
         """Run one activation on a free action process (``args``: the request as a dict, or
@@ -87,17 +91,11 @@ class Runtime:
     def log_startup(self, process: ActionProcess) -> None:
         """Pass on what an action process printed while importing (no sentinel)."""
         if process.logs:
-            blocks = process.take_logs()
-            with self._log_lock:
-                for stream, block in zip((sys.stdout, sys.stderr), blocks):
-                    stream.buffer.write(block)
-                    stream.flush()
+            self.write_logs(*process.take_logs())
 
     def log_both(self, text: str) -> None:
-        with self._log_lock:
-            for stream in (sys.stdout, sys.stderr):
-                stream.write(text + "\n")
-                stream.flush()
+        line = (text + "\n").encode("utf-8")
+        self.write_logs(line, line)
 
 
 def action_environment(init_env: dict) -> dict:
@@ -117,7 +115,7 @@ def register_openwhisk(app: Flask, runtime: Runtime) -> None:
             body = json.loads(request.get_data())
         except ValueError as exc:
             return error_response(400, f"Error unmarshaling request: {exc}")
-        with runtime._init_lock:
+        with runtime.init_lock:
             if runtime.initialized:
                 text = "Cannot initialize the action more than once."
                 runtime.log_both(text)
