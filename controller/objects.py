@@ -89,6 +89,7 @@ class Session:
         self.slabs_sent: dict[int, bool] = {}     # slab id → a writable descriptor was sent
         self.leases: dict[int, Lease] = {}
         self.pending: set[str] = set()            # objects created here, not sealed yet
+        self.waiting_gets = 0                     # gets of this session waiting for a seal
         self.retired: list[int] = []              # retired slabs to tell the client about
         self.closed = False
         self.pidfd = open_pidfd(pid)
@@ -233,9 +234,13 @@ class ObjectTable:
                 if record.state == "pending" and timeout > 0:
                     if not may_wait:
                         raise WouldWait()
-                    self.changed.wait_for(
-                        lambda: record.state != "pending" or record.unlinked or session.closed,
-                        timeout=timeout)
+                    session.waiting_gets += 1
+                    try:
+                        self.changed.wait_for(
+                            lambda: record.state != "pending" or record.unlinked or session.closed,
+                            timeout=timeout)
+                    finally:
+                        session.waiting_gets -= 1
                 if session.closed:
                     raise InvalidStateError("the connection closed while waiting")
                 if record.unlinked is not None:
@@ -406,7 +411,8 @@ class ObjectTable:
             def entry(ns):
                 return namespaces.setdefault(ns, {
                     "slabs": 0, "reserved": 0, "used": 0, "objects": 0, "pending": 0,
-                    "sealed": 0, "freeing": 0, "object_bytes": 0, "leases": 0, "clients": 0})
+                    "sealed": 0, "freeing": 0, "object_bytes": 0, "leases": 0, "clients": 0,
+                    "waiting_gets": 0})
 
             for slab in self.pool.slabs.values():
                 e = entry(slab.namespace)
@@ -422,6 +428,7 @@ class ObjectTable:
                 if other.namespace is not None:
                     e = entry(other.namespace)
                     e["clients"] += other.id in self.sessions
+                    e["waiting_gets"] += other.waiting_gets
                     e["leases"] += len(other.leases)
                     e["freeing"] += sum(1 for lease in other.leases.values()
                                         if lease.record.unlinked is not None)

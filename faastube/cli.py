@@ -44,12 +44,12 @@ def render_status(status: dict) -> str:
             f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
             f"limit {format_size(pool['limit'])}")
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
-              "bytes", "leases", "freeing", "clients")
+              "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]
     for ns, e in sorted(status["namespaces"].items()):
         rows.append((ns, e["slabs"], format_size(e["reserved"]), format_size(e["used"]),
                      e["objects"], e["pending"], e["sealed"], format_size(e["object_bytes"]),
-                     e["leases"], e["freeing"], e["clients"]))
+                     e["leases"], e["freeing"], e.get("waiting_gets", 0), e["clients"]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(str(v).rjust(w) if i else str(v).ljust(w)

@@ -39,8 +39,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def error_body(message: str) -> bytes:
+    return go_json({"error": message}) + b"\n"
+
+
 def error_response(status: int, message: str) -> Response:
-    return Response(go_json({"error": message}) + b"\n", status=status, mimetype="application/json")
+    return json_response(error_body(message), status)
 
 
 def json_response(body: bytes, status: int = 200) -> Response:
@@ -127,26 +131,36 @@ def register_openwhisk(app: Flask, runtime: Runtime) -> None:
 
     @app.post("/run")
     def run():
-        body = request.get_data()
-        try:
-            args = json.loads(body)
-        except ValueError as exc:
-            return error_response(400, f"Error unmarshaling request: {exc}")
-        if runtime.pool is None or runtime.gone:
-            return error_response(500, "no action defined yet")
-        if isinstance(args, dict):
-            # The body goes to the action as it came, on one line (as the Go proxy sends it).
-            request_line = body.replace(b"\r", b"").replace(b"\n", b"")
-        else:
-            request_line = b"{}"                  # not an object: main({}), like the launcher
-        try:
-            reply = runtime.call(request_line)
-        except ActionExited:
-            return error_response(400, "command exited")   # later runs: no action defined yet
-        # The launcher wrote the reply with json.dumps: a dict starts with "{", a list with "[".
-        if reply[:1] not in (b"{", b"["):
-            return error_response(502, NOT_A_DICT)
-        return json_response(reply)
+        status, payload = run_activation(runtime, request.get_data())
+        return json_response(payload, status)
+
+    # The shim's gunicorn worker answers POST /run with run_activation directly, without a
+    # WSGI environ or a Flask request (shim/worker.py): /run is the hot path.
+    app.extensions["faastube_direct_routes"] = {
+        ("POST", b"/run"): lambda body: run_activation(runtime, body)}
+
+
+def run_activation(runtime: Runtime, body: bytes) -> tuple[int, bytes]:
+    """``POST /run``: the status and JSON body, as the stock proxy answers them."""
+    try:
+        args = json.loads(body)
+    except ValueError as exc:
+        return 400, error_body(f"Error unmarshaling request: {exc}")
+    if runtime.pool is None or runtime.gone:
+        return 500, error_body("no action defined yet")
+    if isinstance(args, dict):
+        # The body goes to the action as it came, on one line (as the Go proxy sends it).
+        request_line = body.replace(b"\r", b"").replace(b"\n", b"")
+    else:
+        request_line = b"{}"                  # not an object: main({}), like the launcher
+    try:
+        reply = runtime.call(request_line)
+    except ActionExited:
+        return 400, error_body("command exited")   # later runs: no action defined yet
+    # The launcher wrote the reply with json.dumps: a dict starts with "{", a list with "[".
+    if reply[:1] not in (b"{", b"["):
+        return 502, error_body(NOT_A_DICT)
+    return 200, reply
 
 
 def initialize(runtime: Runtime, body) -> Response:

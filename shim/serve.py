@@ -1,8 +1,9 @@
 """``faastube shim``: the Flask app under gunicorn, on ``$PORT`` (default 8080).
 
 One gunicorn worker (the action is initialised once per container, so all requests must
-reach the same process) with threads: activations run concurrently in separate action
-processes when ``__OW_ALLOW_CONCURRENT=true`` or in Knative mode, one at a time otherwise.
+reach the same process) of the shim's own class (shim/worker.py: a thread per connection):
+activations run concurrently in separate action processes when
+``__OW_ALLOW_CONCURRENT=true`` or in Knative mode, one at a time otherwise.
 gunicorn logs only warnings: stdout and stderr belong to the action's logs.
 """
 
@@ -34,8 +35,7 @@ class ShimServer(BaseApplication):
         settings = {
             "bind": f"0.0.0.0:{self.port}",
             "workers": 1,
-            "worker_class": "gthread",
-            "threads": self.concurrency + 4,     # room for health checks beside activations
+            "worker_class": "shim.worker.ShimWorker",
             "timeout": 0,                        # the platform enforces the action's limit
             "graceful_timeout": 300,             # SIGTERM: finish in-flight activations
             "keepalive": 75,

@@ -32,11 +32,11 @@ def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, f
         assert lines[0].startswith(f"node {controller.node}  epoch ")
         assert lines[1].startswith("pool host: 2 slabs of 4.0 MiB, reserved 8.0 MiB, used ")
         assert lines[2].split() == ["namespace", "slabs", "reserved", "used", "objects", "pending",
-                                    "sealed", "bytes", "leases", "freeing", "clients"]
+                                    "sealed", "bytes", "leases", "freeing", "waiting", "clients"]
         rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[3:])}
-        #                 slabs reserved     used         objects pending sealed bytes        leases freeing clients
-        assert rows["test"][1:] == ["1", "4.0 MiB", "976.8 KiB", "1", "0", "1", "976.6 KiB", "0", "0", "1"]
-        assert rows["team-b"][1:] == ["1", "4.0 MiB", "256 B", "1", "1", "0", "80 B", "1", "0", "1"]
+        #                 slabs reserved     used         objects pending sealed bytes        leases freeing waiting clients
+        assert rows["test"][1:] == ["1", "4.0 MiB", "976.8 KiB", "1", "0", "1", "976.6 KiB", "0", "0", "0", "1"]
+        assert rows["team-b"][1:] == ["1", "4.0 MiB", "256 B", "1", "1", "0", "80 B", "1", "0", "0", "1"]
         as_json = json.loads(faastube_cli("status", "--socket", controller.socket, "--json").stdout)
         assert as_json["namespaces"]["test"]["object_bytes"] == 1_000_000
         assert as_json["pools"][0]["slabs"] == 2

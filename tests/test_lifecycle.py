@@ -89,7 +89,7 @@ def test_seal_twice_and_seal_foreign_arrays_are_refused(ft):
         ft.seal([1, 2])
 
 
-def test_get_of_a_pending_object_waits_for_the_seal(ft):
+def test_get_of_a_pending_object_waits_for_the_seal(ft, controller):
     out = ft.empty(1000, "int32")
     ref = ft.ref_of(out)
     result = {}
@@ -101,12 +101,13 @@ def test_get_of_a_pending_object_waits_for_the_seal(ft):
 
     thread = threading.Thread(target=consumer)
     thread.start()
-    wait_for(lambda: thread.is_alive(), message="consumer to start")
-    time.sleep(0.2)          # the consumer must really be waiting before the seal
+    wait_for(lambda: controller.status()["namespaces"]["test"]["waiting_gets"] == 1,
+             message="the consumer to wait in the controller")
     out[:] = 2
     ft.seal(out)
     thread.join(10)
-    assert result["sum"] == 2000 and result["waited"] >= 0.2
+    assert result["sum"] == 2000
+    assert controller.status()["namespaces"]["test"]["waiting_gets"] == 0
 
 
 def test_get_of_a_pending_object_times_out_clearly(ft):

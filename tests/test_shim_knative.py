@@ -21,6 +21,8 @@ from .test_shim_openwhisk import Shim, source
 FUNCTION = source("""
     import os, time
     def main(args):
+        if isinstance(args, dict) and args.get("started"):
+            open(args["started"], "w").close()      # tells the test main() is running
         if isinstance(args, dict) and args.get("sleep"):
             time.sleep(args["sleep"])
         print("invoked with", args)
@@ -105,16 +107,15 @@ def test_not_ready_when_the_function_is_missing(tmp_path):
         server.stop()
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits(knative):
+def test_sigterm_finishes_in_flight_requests_then_exits(knative, tmp_path):
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(r=knative.post_json({"sleep": 1.5})))
+    args = {"sleep": 1.5, "started": str(tmp_path / "started")}
+    thread = threading.Thread(target=lambda: outcome.update(r=knative.post_json(args)))
     thread.start()
-    wait_for(lambda: "invoked" in knative.log.read_text() or thread.is_alive(), message="request started")
-    import time
-    time.sleep(0.5)                            # the request is inside main()
+    wait_for((tmp_path / "started").exists, message="the request to be inside main()")
     knative.process.send_signal(signal.SIGTERM)
     thread.join(30)
-    assert outcome["r"][0] == 200 and json.loads(outcome["r"][2])["echo"] == {"sleep": 1.5}
+    assert outcome["r"][0] == 200 and json.loads(outcome["r"][2])["echo"] == args
     assert knative.process.wait(30) == 0
 
 
