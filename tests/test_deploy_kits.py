@@ -112,3 +112,5 @@ def test_invoker_settings_give_containers_the_gpu_and_the_socket():
     assert all(key.startswith("CONFIG_whisk_") for key in settings)
     assert settings["CONFIG_whisk_containerFactory_containerArgs_extraArgs_gpus_0"] == "all"
     assert settings["CONFIG_whisk_containerFactory_containerArgs_extraArgs_volume_0"] == "/run/faastube:/run/faastube"
+    env = [v for k, v in settings.items() if k.startswith("CONFIG_whisk_containerFactory_containerArgs_extraArgs_env_")]
+    assert "__OW_ALLOW_CONCURRENT=true" in env and settings["CONFIG_whisk_containerPool_akkaClient"] == "true"
