@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import signal
 import threading
 
+from faastube import cuda
 from faastube.config import Config, format_size
+from faastube.cuda import HOST
 
 from .directory import Directory, redact
 from .handlers import Handlers, load_secrets
 from .objects import ObjectTable
 from .pool import Pool
 from .server import ControllerServer, bind_unix_socket
+from .slabs import CudaSlab, MemfdSlab
+from .transfer import TransferEngine
 
 log = logging.getLogger("faastube.controller")
 
@@ -28,9 +33,14 @@ class Controller:
         self.epoch = secrets.token_hex(6)
         namespace_secrets = load_secrets(config.secrets_file)
         self.directory = Directory(config.redis, config.node, self.epoch, config.tombstone_ttl_s)
-        self.pool = Pool("host", config.slab_size, config.pool_limit, config.idle_release_s)
-        self.table = ObjectTable(self.pool, self.directory)
-        self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets)
+        self.gpus = find_gpus(config)
+        pin = bool(self.gpus)       # host slabs are pinned once when there are GPUs to copy to
+        self.pools = [Pool(HOST, config.slab_size, config.pool_limit, config.idle_release_s,
+                           slab_factory=functools.partial(MemfdSlab, pin=pin))]
+        self.pools += [gpu_pool(config, devices, ordinal) for devices, ordinal in self.gpus]
+        self.table = ObjectTable(self.pools, self.directory)
+        self.transfers = TransferEngine() if self.gpus else None
+        self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers)
         self.server: ControllerServer | None = None
         self._stop = threading.Event()
         self._swept_old_epochs = False
@@ -38,10 +48,11 @@ class Controller:
     def run(self) -> None:
         listener = bind_unix_socket(self.config.socket, self.config.socket_mode)
         self.server = ControllerServer(listener, self.table, self.handlers)
-        log.info("faastube controller serving %s (node %s, epoch %s, host pool limit %s in %s "
-                 "slabs, redis %s)", self.config.socket, self.config.node, self.epoch,
-                 format_size(self.config.pool_limit), format_size(self.config.slab_size),
-                 redact(self.config.redis))
+        log.info("faastube controller serving %s (node %s, epoch %s, redis %s)", self.config.socket,
+                 self.config.node, self.epoch, redact(self.config.redis))
+        for pool in self.pools:
+            log.info("pool %s: limit %s in %s slabs", pool.name, format_size(pool.limit),
+                     format_size(pool.slab_size))
         self._sweep_old_epochs()
         keeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         keeper.start()
@@ -95,6 +106,31 @@ class Controller:
             except Exception:
                 log.exception("housekeeping failed")
             tick += 1
+
+
+def find_gpus(config: Config) -> list:
+    """[(devices, ordinal)] of the GPUs to pool: every GPU this process sees, unless
+    ``--gpus none`` or CUDA is unusable here (then the host tier alone, said in the log)."""
+    if config.gpus == "none":
+        return []
+    try:
+        devices = cuda.devices()
+    except cuda.CudaError as exc:
+        log.info("no GPU pools: %s", exc)
+        return []
+    return [(devices, ordinal) for ordinal in range(len(devices.uuids))]
+
+
+def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
+    total = devices.total_memory(ordinal)
+    limit = config.gpu_pool_limit
+    limit = int(total * limit) if isinstance(limit, float) else int(limit)
+    uuid = devices.uuids[ordinal]
+    return Pool(uuid, config.gpu_slab_size, limit, config.idle_release_s,
+                slab_factory=functools.partial(CudaSlab, ordinal=ordinal, uuid=uuid),
+                alignment=devices.granularity(ordinal),
+                name=f"GPU {ordinal} {devices.name(ordinal)} {uuid}",
+                limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT")
 
 
 def run_controller(config: Config) -> None:

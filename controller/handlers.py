@@ -7,12 +7,14 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import os
 
 from faastube import protocol
 from faastube.errors import InvalidArgumentError, InvalidStateError, NamespaceError
 from faastube.refs import check_dtype
 
 from .objects import Grant, ObjectTable, Session
+from .transfer import TransferEngine
 
 
 def load_secrets(path: str | None) -> dict[str, str]:
@@ -32,8 +34,10 @@ def load_secrets(path: str | None) -> dict[str, str]:
 
 
 class Handlers:
-    def __init__(self, table: ObjectTable, node: str, epoch: str, namespace_secrets: dict[str, str]):
+    def __init__(self, table: ObjectTable, node: str, epoch: str, namespace_secrets: dict[str, str],
+                 transfers: TransferEngine | None = None):
         self.table = table
+        self.transfers = transfers
         self.node = node
         self.epoch = epoch
         self.secrets = namespace_secrets
@@ -86,7 +90,7 @@ class Handlers:
             raise InvalidArgumentError(f"nbytes {request.nbytes} does not match shape "
                                        f"{list(request.shape)} of {dtype} ({expected} bytes)")
         grant = self.table.create(session, request.shape, request.dtype, request.nbytes,
-                                  request.consumers, request.ttl, request.scope)
+                                  request.consumers, request.ttl, request.scope, request.device)
         return self._grant_reply(grant)
 
     def seal(self, session: Session, request: protocol.Seal):
@@ -94,7 +98,19 @@ class Handlers:
         return {}, []
 
     def get(self, session: Session, request: protocol.Get, may_wait: bool = False):
-        grant = self.table.get(session, request.id, request.timeout, may_wait)   # ≤ 3600 s: protocol.Get
+        grant = self.table.get(session, request.id, request.timeout, may_wait,   # ≤ 3600 s: protocol.Get
+                               request.device, request.prefer)
+        if grant.copy is not None:
+            # Note [Copies for another device]: the lease already pins both regions.
+            try:
+                self.transfers.move(grant.copy.src, grant.copy.dst)
+            except BaseException:
+                self.table.copied(grant.lease)
+                self.table.abandon(session, grant)
+                for fd, _info in grant.fds:
+                    os.close(fd)
+                raise
+            self.table.copied(grant.lease)
         return self._grant_reply(grant)
 
     def delete(self, session: Session, request: protocol.Delete):
@@ -118,8 +134,9 @@ class Handlers:
     @staticmethod
     def _grant_reply(grant: Grant):
         record = grant.record
-        reply = {"id": record.id, "lease": grant.lease.id, "slab": record.region.slab.id,
-                 "offset": record.region.offset, "nbytes": record.region.nbytes,
+        region = grant.lease.region
+        reply = {"id": record.id, "lease": grant.lease.id, "slab": region.slab.id,
+                 "device": region.slab.device, "offset": region.offset, "nbytes": region.nbytes,
                  "dtype": record.dtype, "shape": list(record.shape),
                  "fds": [info for _fd, info in grant.fds]}
         return reply, grant.fds

@@ -34,7 +34,8 @@ import secrets
 import threading
 import time
 
-from faastube.errors import (InvalidStateError, NamespaceError, ObjectDeletedError,
+from faastube.cuda import HOST
+from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceError, ObjectDeletedError,
                              ObjectExpiredError, ObjectLostError, ObjectNotFoundError,
                              FaasTubeTimeoutError, UnknownObjectError)
 
@@ -68,6 +69,23 @@ class Lease:
     record: ObjectRecord
     writer: bool
     counted: bool = False
+    # Note [Copies for another device]: a get on another device than the object's leases a
+    # copy (the replica) made for it; the replica is freed when the lease ends, or, if the
+    # lease ends while the copy still runs, when the copy finishes.
+    replica: Region | None = None
+    copying: bool = False
+    ended: bool = False
+
+    @property
+    def region(self) -> Region:
+        return self.replica or self.record.region
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """Bytes to move before a grant is answered (done by the transfer engine, unlocked)."""
+    src: Region
+    dst: Region
 
 
 class WouldWait(Exception):
@@ -122,7 +140,8 @@ class Grant:
     """What a create or get hands to the client: the object, its lease, slab descriptors."""
     record: ObjectRecord
     lease: Lease
-    fds: list            # [(dup'ed fd, {"slab", "size", "writable"})], closed by the server
+    fds: list            # [(dup'ed fd, {"slab", "size", "writable", "device"})], closed by the server
+    copy: Copy | None = None
 
 
 _GONE = {
@@ -143,10 +162,10 @@ def gone_error(object_id: str, reason: str) -> ObjectNotFoundError:
 
 
 class ObjectTable:
-    def __init__(self, pool: Pool, directory):
+    def __init__(self, pools: list[Pool], directory):
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
-        self.pool = pool
+        self.pools = {pool.device: pool for pool in pools}     # "host" and each GPU's UUID
         self.directory = directory
         self.objects: dict[str, ObjectRecord] = {}
         self.sessions: dict[int, Session] = {}
@@ -155,7 +174,8 @@ class ObjectTable:
         self._scopes: dict[tuple[str, str], set[str]] = {}
         self._expiries: list[tuple[float, str]] = []
         self._lease_ids = itertools.count(1)
-        pool.on_retire = self._slab_retired
+        for pool in pools:
+            pool.on_retire = self._slab_retired
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -186,10 +206,20 @@ class ObjectTable:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def create(self, session: Session, shape, dtype: str, nbytes: int, consumers, ttl, scope) -> Grant:
+    def pool_for(self, device: str) -> Pool:
+        pool = self.pools.get(device)
+        if pool is None:
+            raise InvalidArgumentError(
+                f"device {device!r} is not one of this node's pools: {', '.join(self.pools)}"
+                + ("" if len(self.pools) > 1 else " (the controller found no GPU, or runs with "
+                                                   "--gpus none)"))
+        return pool
+
+    def create(self, session: Session, shape, dtype: str, nbytes: int, consumers, ttl, scope,
+               device: str = HOST) -> Grant:
         self.directory.require()      # fail before the caller writes, not at seal
         with self.lock:
-            region = self.pool.allocate(session.namespace, nbytes)
+            region = self.pool_for(device).allocate(session.namespace, nbytes)
             now = time.monotonic()
             record = ObjectRecord(
                 id=secrets.token_hex(16), namespace=session.namespace, region=region,
@@ -223,9 +253,13 @@ class ObjectTable:
             self.changed.notify_all()
         return record
 
-    def get(self, session: Session, object_id: str, timeout: float, may_wait: bool = True) -> Grant:
+    def get(self, session: Session, object_id: str, timeout: float, may_wait: bool = True,
+            device: str | None = None, prefer: str | None = None) -> Grant:
         """Lease a sealed object; for a pending one wait up to ``timeout`` if ``may_wait``,
-        else raise WouldWait."""
+        else raise WouldWait. ``device``: where the caller wants it (default: where it is,
+        except that an object on a GPU goes to ``prefer``, the caller's own GPU, or to the
+        host for a caller without one); elsewhere means a copy (Note [Copies for another
+        device])."""
         self.directory.require()
         with self.lock:
             record = self.objects.get(object_id)
@@ -249,12 +283,36 @@ class ObjectTable:
                     raise FaasTubeTimeoutError(
                         f"object {object_id} was not sealed within {timeout:g} s: its producer "
                         f"is still writing it (or forgot to seal it); pass a longer timeout")
-                return self._grant(session, record, writer=False)
+                where = record.region.slab.device
+                target = device or (where if where == HOST else prefer or HOST)
+                if target == where:
+                    return self._grant(session, record, writer=False)
+                replica = self.pool_for(target).allocate(session.namespace, record.region.nbytes)
+                grant = self._grant(session, record, writer=False, replica=replica)
+                grant.lease.copying = True
+                return dataclasses.replace(grant, copy=Copy(record.region, replica))
             forgotten = self._forgotten.get(object_id)
         if forgotten is not None:
             self._check_namespace(session, forgotten[0], object_id)
             raise gone_error(object_id, forgotten[1])
         raise self._resolve_elsewhere(session, object_id)
+
+    def copied(self, lease: Lease) -> None:
+        """The copy for ``lease`` has finished (or failed): free its replica if the lease
+        ended meanwhile."""
+        with self.lock:
+            lease.copying = False
+            if lease.ended and lease.replica is not None:
+                self._free(lease.replica)
+
+    def abandon(self, session: Session, grant: Grant) -> None:
+        """Undo a grant the client never received (it failed after the table made it): end
+        its lease without consuming, forget the descriptors it would have carried."""
+        with self.lock:
+            for _fd, info in grant.fds:
+                session.slabs_sent.pop(info["slab"], None)
+            if grant.lease.id in session.leases:
+                self._end_lease(session, grant.lease)
 
     def release(self, session: Session, releases) -> None:
         """Note [Consumers] and Note [Leases pin memory]."""
@@ -263,8 +321,9 @@ class ObjectTable:
                 lease = session.leases.get(lease_id)
                 if lease is None:
                     continue        # already ended, or not this session's: nothing to do
-                self._consume(lease)
-                if kind == "drop":
+                if kind != "abandon":
+                    self._consume(lease)
+                if kind != "consume":
                     self._end_lease(session, lease)
 
     def delete(self, session: Session, object_id: str) -> None:
@@ -290,13 +349,15 @@ class ObjectTable:
             for session in [s for s in self._orphans if s.exited()]:
                 self._orphans.remove(session)
                 self._end_session_leases(session)
-            self.pool.retire_idle(now)
+            for pool in self.pools.values():
+                pool.retire_idle(now)
 
     def shutdown(self) -> None:
         with self.lock:
             for record in list(self.objects.values()):
                 self._unlink(record, "lost")
-            self.pool.close()
+            for pool in self.pools.values():
+                pool.close()
 
     # -- internals (lock held) ------------------------------------------------------------
 
@@ -317,16 +378,17 @@ class ObjectTable:
             raise NamespaceError(f"object {object_id} belongs to another namespace than "
                                  f"{session.namespace!r}")
 
-    def _grant(self, session: Session, record: ObjectRecord, writer: bool) -> Grant:
-        lease = Lease(next(self._lease_ids), record, writer)
+    def _grant(self, session: Session, record: ObjectRecord, writer: bool,
+               replica: Region | None = None) -> Grant:
+        lease = Lease(next(self._lease_ids), record, writer, replica=replica)
         session.leases[lease.id] = lease
         record.leases += 1
         fds = []
-        slab = record.region.slab
+        slab = lease.region.slab
         sent_writable = session.slabs_sent.get(slab.id)
         if sent_writable is None or (writer and not sent_writable):
             fds.append((os.dup(slab.fd(writer)), {"slab": slab.id, "size": slab.size,
-                                                  "writable": writer}))
+                                                  "writable": writer, "device": slab.device}))
             session.slabs_sent[slab.id] = writer or bool(sent_writable)
         return Grant(record, lease, fds)
 
@@ -341,10 +403,16 @@ class ObjectTable:
 
     def _end_lease(self, session: Session, lease: Lease) -> None:
         del session.leases[lease.id]
+        lease.ended = True
+        if lease.replica is not None and not lease.copying:
+            self._free(lease.replica)
         record = lease.record
         record.leases -= 1
         if record.unlinked is not None and record.leases == 0:
-            self.pool.free(record.region)
+            self._free(record.region)
+
+    def _free(self, region: Region) -> None:
+        self.pools[region.slab.device].free(region)
 
     def _unlink(self, record: ObjectRecord, reason: str, scope_index: bool = True) -> None:
         """Take an object out of the table; its memory follows when its leases end."""
@@ -365,7 +433,7 @@ class ObjectTable:
         if record.state == "sealed":      # pending objects never reached Redis
             self.directory.forget(record.id, reason)
         if record.leases == 0:
-            self.pool.free(record.region)
+            self._free(record.region)
         self.changed.notify_all()
 
     def _slab_retired(self, slab) -> None:
@@ -414,11 +482,12 @@ class ObjectTable:
                     "sealed": 0, "freeing": 0, "object_bytes": 0, "leases": 0, "clients": 0,
                     "waiting_gets": 0})
 
-            for slab in self.pool.slabs.values():
-                e = entry(slab.namespace)
-                e["slabs"] += 1
-                e["reserved"] += slab.size
-                e["used"] += slab.allocator.used
+            for pool in self.pools.values():
+                for slab in pool.slabs.values():
+                    e = entry(slab.namespace)
+                    e["slabs"] += 1
+                    e["reserved"] += slab.size
+                    e["used"] += slab.allocator.used
             for record in self.objects.values():
                 e = entry(record.namespace)
                 e["objects"] += 1
@@ -434,9 +503,9 @@ class ObjectTable:
                                         if lease.record.unlinked is not None)
             if not session.admin:
                 namespaces = {ns: v for ns, v in namespaces.items() if ns == session.namespace}
-            pool = self.pool.stats()
+            pools = [pool.stats() for pool in self.pools.values()]
             if not session.admin:
-                pool = {k: pool[k] for k in ("device", "limit", "slab_size")}
-            return {"pools": [pool], "namespaces": namespaces,
+                pools = [{k: pool[k] for k in ("device", "name", "limit", "slab_size")} for pool in pools]
+            return {"pools": pools, "namespaces": namespaces,
                     "clients": len(self.sessions) if session.admin else None}
 

@@ -1,4 +1,5 @@
-"""An elastic pool of slabs for one device (here the host tier), shared by all namespaces.
+"""An elastic pool of slabs for one device (the host tier, or one GPU), shared by all
+namespaces.
 
 The pool grows a slab at a time on demand, up to its byte limit, and retires slabs that have
 been empty for ``idle_release_s``. Under pressure it retires empty slabs of any namespace at
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from faastube.config import format_size
+from faastube.cuda import CudaError
 from faastube.errors import PoolExhaustedError
 
 from .allocator import align_up
@@ -29,10 +31,14 @@ class Region:
 
 class Pool:
     def __init__(self, device: str, slab_size: int, limit: int, idle_release_s: float,
-                 slab_factory=MemfdSlab, on_retire=lambda slab: None):
-        self.device = device
+                 slab_factory=MemfdSlab, on_retire=lambda slab: None, alignment: int = PAGE,
+                 name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT"):
+        self.device = device            # "host" or a GPU's UUID
+        self.name = name or device      # for people: "host", "GPU 0 (NVIDIA H100 …)"
         self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
-        self.slab_size = align_up(slab_size, PAGE)
+        self.limit_setting = limit_setting
+        self.alignment = alignment      # slab sizes are multiples of it (GPU: VMM granularity)
+        self.slab_size = align_up(slab_size, alignment)
         self.limit = limit
         self.idle_release_s = idle_release_s
         self._slab_factory = slab_factory
@@ -78,21 +84,21 @@ class Pool:
         return slabs
 
     def _grow(self, namespace: str, nbytes: int) -> MemfdSlab:
-        size = max(self.slab_size, align_up(nbytes, PAGE))
+        size = max(self.slab_size, align_up(nbytes, self.alignment))
         if self.reserved + size > self.limit:
             # Elastic: empty slabs of any namespace go first, whatever their idle time.
             self.retire_idle(idle_s=0.0)
         if self.reserved + size > self.limit:
             raise PoolExhaustedError(
-                f"the {self.device} pool cannot hold {format_size(nbytes)} for namespace "
+                f"the {self.name} pool cannot hold {format_size(nbytes)} for namespace "
                 f"{namespace!r}: {format_size(self.reserved)} of its {format_size(self.limit)} "
                 f"limit is in slabs in use; delete objects you no longer need, give them a ttl "
-                f"or consumers, or raise the limit (--pool-limit / FAASTUBE_POOL_LIMIT)")
+                f"or consumers, or raise the limit ({self.limit_setting})")
         try:
             slab = self._slab_factory(namespace, size)
-        except OSError as exc:
+        except (OSError, CudaError) as exc:
             raise PoolExhaustedError(
-                f"the {self.device} pool could not create a {format_size(size)} slab: {exc}") from None
+                f"the {self.name} pool could not create a {format_size(size)} slab: {exc}") from None
         self.slabs[slab.id] = slab
         self.reserved += size
         self.slabs_created += 1
@@ -107,6 +113,6 @@ class Pool:
 
     def stats(self) -> dict:
         used = sum(s.allocator.used for s in self.slabs.values())
-        return {"device": self.device, "limit": self.limit, "slab_size": self.slab_size,
+        return {"device": self.device, "name": self.name, "limit": self.limit, "slab_size": self.slab_size,
                 "slabs": len(self.slabs), "reserved": self.reserved, "used": used,
                 "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired}

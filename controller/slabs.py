@@ -1,4 +1,6 @@
-"""Slab backends. The host tier's slabs are memfd segments.
+"""Slab backends: the host tier's slabs are memfd segments (pinned in place when the node
+has GPUs), a GPU's slabs are CUDA VMM allocations exported as file descriptors
+(faastube/cuda.py, Note [Why VMM file descriptors]).
 
 A slab is what gets shared with a function process: its file descriptor crosses the socket
 once per process (SCM_RIGHTS) and the process maps it and keeps the mapping.
@@ -16,9 +18,13 @@ controller's descriptors; the kernel frees the memory when the last mapping goes
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import mmap
 import os
 import time
+
+from faastube import cuda
 
 from .allocator import RangeAllocator
 
@@ -29,9 +35,9 @@ _slab_ids = itertools.count(1)
 class MemfdSlab:
     """A memfd segment, its two descriptors and the allocator of the regions inside it."""
 
-    device = "host"
+    device = cuda.HOST
 
-    def __init__(self, namespace: str, size: int, populate: bool = True):
+    def __init__(self, namespace: str, size: int, populate: bool = True, pin: bool = False):
         self.id = next(_slab_ids)
         self.namespace = namespace
         self.size = size
@@ -50,6 +56,19 @@ class MemfdSlab:
         self.allocator = RangeAllocator(size)
         self.empty_since: float | None = time.monotonic()
         self.retired = False
+        # With GPUs, the controller maps the slab and pins it once (cuMemHostRegister), so
+        # host↔GPU copies run at PCIe speed straight from it, with no staging copy.
+        self.address = 0
+        self._map = None
+        if pin:
+            try:
+                self._map = mmap.mmap(self.fd_rw, size, flags=mmap.MAP_SHARED)
+                self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+                cuda.register_host(self.address, size)
+            except BaseException:
+                self.address = 0
+                self.close()
+                raise
 
     def fd(self, writable: bool) -> int:
         return self.fd_rw if writable else self.fd_ro
@@ -58,5 +77,41 @@ class MemfdSlab:
         """Drop the controller's descriptors; mappings in other processes stay valid."""
         if not self.retired:
             self.retired = True
+            if self.address:
+                cuda.unregister_host(self.address)
+            if self._map is not None:
+                try:
+                    self._map.close()
+                except BufferError:     # a ctypes view still points into it: let GC unmap
+                    pass
             os.close(self.fd_ro)
             os.close(self.fd_rw)
+
+
+class CudaSlab:
+    """A VMM allocation on one GPU: the controller's own mapping (for its copies), one
+    exported descriptor (readers map it read-only, Note [Why VMM file descriptors]), and the
+    allocator of the regions inside it."""
+
+    def __init__(self, namespace: str, size: int, ordinal: int, uuid: str):
+        self.id = next(_slab_ids)
+        self.namespace = namespace
+        self.size = size
+        self.device = uuid
+        self.ordinal = ordinal
+        self.mapping, self._fd = cuda.VmmMapping.create(size, ordinal)
+        self.address = self.mapping.address
+        self.allocator = RangeAllocator(size)
+        self.empty_since: float | None = time.monotonic()
+        self.retired = False
+
+    def fd(self, writable: bool) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Drop the controller's mapping and descriptor; the driver keeps the memory for
+        every process that still maps it."""
+        if not self.retired:
+            self.retired = True
+            self.mapping.close()
+            os.close(self._fd)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .config import DEFAULT_SOCKET, Config, format_size, parse_size
+from .config import DEFAULT_SOCKET, Config, format_size, parse_gpus, parse_share, parse_size
 from .errors import FaasTubeError
 
 
@@ -15,7 +15,8 @@ def _controller(args) -> int:
     config = Config.from_env(socket=args.socket, redis=args.redis, node=args.node,
                              slab_size=args.slab_size, pool_limit=args.pool_limit,
                              idle_release_s=args.idle_release, tombstone_ttl_s=args.tombstone_ttl,
-                             secrets_file=args.secrets_file,
+                             secrets_file=args.secrets_file, gpus=args.gpus,
+                             gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -40,7 +41,7 @@ def render_status(status: dict) -> str:
     lines = [f"node {status['node']}  epoch {status['epoch']}  clients {status.get('clients')}"]
     for pool in status["pools"]:
         lines.append(
-            f"pool {pool['device']}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
+            f"pool {pool.get('name', pool['device'])}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
             f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
             f"limit {format_size(pool['limit'])}")
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release a slab after it stayed empty this long (FAASTUBE_IDLE_RELEASE_S; default 30)")
     p.add_argument("--tombstone-ttl", type=int, metavar="SECONDS",
                    help="how long Redis remembers why an object is gone (FAASTUBE_TOMBSTONE_TTL_S; default 3600)")
+    p.add_argument("--gpus", type=parse_gpus, help="'auto': a pool on every GPU the controller sees; "
+                   "'none': host tier only (FAASTUBE_GPUS; default auto)")
+    p.add_argument("--gpu-slab-size", type=parse_size, help="bytes per GPU slab (FAASTUBE_GPU_SLAB_SIZE; default 256MiB)")
+    p.add_argument("--gpu-pool-limit", type=parse_share,
+                   help="most bytes each GPU pool may hold: a size, or a share of the GPU's memory "
+                        "such as 50%% (FAASTUBE_GPU_POOL_LIMIT; default 50%%)")
     p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
     p.set_defaults(func=_controller)

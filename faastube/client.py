@@ -7,6 +7,14 @@ descriptor allows it (Note [Read-only descriptors] in controller/slabs.py). Late
 one round trip plus pointer arithmetic. Mappings of retired slabs are dropped from the cache;
 views still using one keep it alive, and the kernel unmaps it with the last view.
 
+Note [GPU views]: a GPU slab's descriptor is imported and mapped once per process too
+(faastube/cuda.py), read-only for readers. A GPU object becomes a CuPy array over the mapping
+(``cupy.cuda.UnownedMemory``) whose owner is a small holder object: every view, slice, and
+DLPack export (``torch.from_dlpack``) of the array keeps the holder alive, so its finalizer
+ends the lease exactly when the last of them is gone; the holder keeps the mapping alive,
+so a slab the controller retires stays mapped while a view uses it. Arrays are found again
+(seal, release) by their device address.
+
 Note [A finished process has consumed]: at a normal exit the client counts every array it
 still holds from ``get`` as consumed (Note [Consumers] in controller/objects.py); a process
 that dies of an unhandled exception or a signal consumes nothing, so a retry can get it.
@@ -35,6 +43,7 @@ import numpy as np
 
 from . import protocol
 from .config import Config
+from . import cuda
 from .errors import (ControllerUnavailableError, FaasTubeError, InvalidStateError,
                      NotAnArrayError, from_wire)
 from .refs import dtype_name
@@ -65,6 +74,46 @@ class SlabMapping:
             os.close(fd)
 
 
+class GpuSlabMapping:
+    """A GPU slab mapped into this process (Note [GPU views]): read-only, and read-write too
+    if the controller sent a writer's descriptor."""
+
+    def __init__(self, size: int, device: str):
+        self.size = size
+        self.device = device
+        self.readable: cuda.VmmMapping | None = None
+        self.writable: cuda.VmmMapping | None = None
+
+    def attach(self, fd: int, writable: bool) -> None:
+        if writable:
+            if self.writable is None:
+                self.writable = cuda.VmmMapping.import_fd(fd, self.size, self.device, writable=True)
+                return
+        elif self.readable is None:
+            self.readable = cuda.VmmMapping.import_fd(fd, self.size, self.device, writable=False)
+            return
+        os.close(fd)
+
+
+class _GpuLease:
+    """The owner of a GPU object's memory in this process (Note [GPU views])."""
+    __slots__ = ("mapping", "__weakref__")
+
+    def __init__(self, mapping):
+        self.mapping = mapping
+
+
+def cuda_address(array) -> int | None:
+    """The device address of a CuPy array or a CUDA torch tensor (anything with
+    ``__cuda_array_interface__``), else None."""
+    if isinstance(array, np.ndarray) or not hasattr(type(array), "__cuda_array_interface__"):
+        return None
+    try:
+        return int(array.__cuda_array_interface__["data"][0])
+    except Exception:           # a CPU torch tensor, or one that requires grad
+        return None
+
+
 class Client:
     """A connection to the controller, shared by every thread of the process.
 
@@ -85,6 +134,7 @@ class Client:
         self._slabs: dict[int, SlabMapping] = {}
         self._writers: dict[int, tuple[str, int]] = {}   # id(flat array) → (object id, lease)
         self._readers: dict[int, int] = {}               # id(flat array) → lease
+        self._gpu_views: dict[int, tuple] = {}           # lease → (object id, start, end, writable, GPU)
         self._releases: collections.deque = collections.deque()
         self._release_wanted = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -152,6 +202,8 @@ class Client:
         self._releases.clear()
         self._writers.clear()
         self._readers.clear()
+        self._gpu_views.clear()
+        self._slabs.clear()             # CUDA mappings do not survive fork
         self._flusher = None
 
     def close(self) -> None:
@@ -229,7 +281,18 @@ class Client:
             return
         count = len(reply.get("fds", ()))
         for info, fd in zip(reply.get("fds", ()), reader.take_fds(count)):
-            self._slabs.setdefault(info["slab"], SlabMapping(info["size"])).attach(fd, info["writable"])
+            device = info.get("device", cuda.HOST)
+            mapping = self._slabs.get(info["slab"])
+            if mapping is None:
+                mapping = self._slabs[info["slab"]] = (
+                    SlabMapping(info["size"]) if device == cuda.HOST else GpuSlabMapping(info["size"], device))
+            try:
+                mapping.attach(fd, info["writable"])
+            except FaasTubeError as exc:      # e.g. the GPU is not visible to this process
+                if "lease" in reply:
+                    self._releases.append((reply["lease"], "abandon"))
+                reply = {"seq": reply.get("seq"), "ok": False, "error": type(exc).__name__,
+                         "message": str(exc)}
         for slab_id in reply.get("retired", ()):
             self._slabs.pop(slab_id, None)
         with self._state:
@@ -237,7 +300,7 @@ class Client:
             if seq in self._abandoned:
                 self._abandoned.discard(seq)
                 if reply.get("ok") and "lease" in reply:
-                    self._releases.append((reply["lease"], "drop"))
+                    self._releases.append((reply["lease"], "abandon"))
             else:
                 self._replies[seq] = reply
 
@@ -255,36 +318,80 @@ class Client:
     # -- objects --------------------------------------------------------------------------
 
     def create(self, shape, dtype: np.dtype, consumers=None, ttl=None, scope=None,
-               track: bool = True) -> tuple[np.ndarray, str, int]:
-        """A writable array for a new pending object: (array, object id, writer lease).
+               track: bool = True, device: str = cuda.HOST):
+        """A writable array for a new pending object: (array, object id, writer lease) —
+        numpy on the host tier, CuPy on a GPU (``device``: a GPU's UUID).
 
         With ``track`` the writer's lease ends when the array is collected and ``seal(array)``
         works; without it the caller seals with ``drop_writer=True`` and drops the array.
         """
         shape = tuple(int(d) for d in shape)
         reply = self.request(protocol.Create(shape, dtype_name(dtype),
-                                             math.prod(shape) * dtype.itemsize, consumers, ttl, scope))
+                                             math.prod(shape) * dtype.itemsize, consumers, ttl, scope,
+                                             device))
+        if reply.get("device", cuda.HOST) != cuda.HOST:
+            return self._gpu_view(reply, True, track).reshape(shape), reply["id"], reply["lease"]
         flat = self._view(reply, writable=True)
         if track:
             self._writers[id(flat)] = (reply["id"], reply["lease"])
             weakref.finalize(flat, self._writer_gone, id(flat), reply["lease"]).atexit = False
         return flat.reshape(shape), reply["id"], reply["lease"]
 
+    def _gpu_view(self, reply: dict, writable: bool, track: bool = True):
+        """A CuPy array over a GPU object (Note [GPU views])."""
+        import cupy
+        slab = self._slabs[reply["slab"]]
+        mapping = slab.writable if writable else slab.readable
+        start = mapping.address + reply["offset"]
+        holder = _GpuLease(mapping)
+        memory = cupy.cuda.UnownedMemory(start, max(reply["nbytes"], 1), holder, device_id=mapping.ordinal)
+        dtype = np.dtype(reply["dtype"])
+        array = cupy.ndarray((math.prod(reply["shape"]),), dtype=dtype,
+                             memptr=cupy.cuda.MemoryPointer(memory, 0))
+        if track:
+            lease = reply["lease"]
+            self._gpu_views[lease] = (reply["id"], start, start + reply["nbytes"], writable,
+                                      reply["device"])
+            weakref.finalize(holder, self._gpu_view_gone, lease).atexit = False
+            if not writable and not self._readers:
+                _watch_exit(self)
+        return array
+
+    def _gpu_view_gone(self, lease: int) -> None:
+        if self._gpu_views.pop(lease, None) is not None:
+            self._lease_gone(lease)
+
+    def _gpu_lookup(self, array, writable: bool) -> tuple[int, str, str] | None:
+        """(lease, object id, GPU) of the tracked GPU object ``array`` (or a view) lies in."""
+        address = cuda_address(array)
+        if address is None:
+            return None
+        for lease, (object_id, start, end, is_writer, device) in list(self._gpu_views.items()):
+            if is_writer == writable and start <= address < max(end, start + 1):
+                return lease, object_id, device
+        return None
+
     def seal(self, object_id: str, drop_writer: bool = False) -> None:
         self.request(protocol.Seal(object_id, drop_writer))
 
-    def writer_of(self, array) -> tuple[np.ndarray, str]:
-        """The flat base and object id of an array returned by ``create`` (or a view of it)."""
+    def writer_of(self, array) -> tuple[np.ndarray | None, str, str]:
+        """(flat base, object id, device) of an array returned by ``create`` (or a view of
+        it); a GPU array has no flat base here (None)."""
+        found = self._gpu_lookup(array, writable=True)
+        if found is not None:
+            return None, found[1], found[2]
         flat = self._tracked(array, self._writers)
         if flat is None:
             raise InvalidStateError("this array was not returned by faastube.empty in this process "
                                     "(or it was sealed already): only pool-backed arrays can be sealed")
-        return flat, self._writers[id(flat)][0]
+        return flat, self._writers[id(flat)][0], cuda.HOST
 
     @staticmethod
     def _tracked(array, table: dict) -> np.ndarray | None:
         """The flat base of a tracked array: the array itself or its base (numpy collapses
         view chains to the first array that is not a view of another array)."""
+        if cuda_address(array) is not None:
+            return None
         if not isinstance(array, np.ndarray):
             raise NotAnArrayError(f"expected an array from faastube, got {type(array).__name__}")
         for candidate in (array, array.base):
@@ -292,8 +399,13 @@ class Client:
                 return candidate
         return None
 
-    def get(self, object_id: str, timeout: float) -> np.ndarray:
-        reply = self.request(protocol.Get(object_id, timeout), wait_s=timeout)
+    def get(self, object_id: str, timeout: float, device: str | None = None,
+            prefer: str | None = None):
+        """A read-only view: numpy for a host object, CuPy for a GPU one (protocol.Get says
+        where the object comes to)."""
+        reply = self.request(protocol.Get(object_id, timeout, device, prefer), wait_s=timeout)
+        if reply.get("device", cuda.HOST) != cuda.HOST:
+            return self._gpu_view(reply, writable=False).reshape(tuple(reply["shape"]))
         flat = self._view(reply, writable=False)
         if not self._readers:
             _watch_exit(self)
@@ -311,10 +423,15 @@ class Client:
         """Count a got array as consumed now (Note [Consumers] in controller/objects.py).
 
         Its memory stays pinned until the array is collected, so the view stays valid."""
-        flat = self._tracked(array, self._readers)
-        if flat is None:
-            raise InvalidStateError("this array was not returned by faastube.get in this process")
-        self._releases.append((self._readers[id(flat)], "consume"))
+        found = self._gpu_lookup(array, writable=False)
+        if found is not None:
+            lease = found[0]
+        else:
+            flat = self._tracked(array, self._readers)
+            if flat is None:
+                raise InvalidStateError("this array was not returned by faastube.get in this process")
+            lease = self._readers[id(flat)]
+        self._releases.append((lease, "consume"))
         self.request(protocol.Release())
 
     # -- garbage collection (Note [Releases ride along]) ----------------------------------
@@ -380,9 +497,11 @@ def _consume_at_exit() -> None:
     if _failed:
         return
     for client in list(_exit_clients):
-        if (client._readers or client._releases) and client._sock is not None \
+        if (client._readers or client._gpu_views or client._releases) and client._sock is not None \
                 and os.getpid() == client._pid:
             client._releases.extend((lease, "consume") for lease in list(client._readers.values()))
+            client._releases.extend((lease, "consume") for lease, view in list(client._gpu_views.items())
+                                    if not view[3])
             try:
                 client.request(protocol.Release())
             except FaasTubeError:

@@ -31,6 +31,27 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def parse_gpus(text: str) -> str:
+    if text not in ("auto", "none"):
+        raise ValueError("write 'auto' (every GPU the controller sees) or 'none'")
+    return text
+
+
+def parse_share(text: str) -> float:
+    """``0.5`` or ``50%`` (a share of each GPU's memory) or a size such as ``40GiB``."""
+    text = text.strip()
+    if text.endswith("%"):
+        value = float(text[:-1]) / 100
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            return parse_size(text)
+    if value <= 0 or (text.endswith("%") and value > 1):
+        raise ValueError("write a share in (0, 1], a percentage up to 100%, or a size such as 40GiB")
+    return value if value <= 1 else int(value)       # above 1: a byte count
+
+
 def format_size(nbytes: int) -> str:
     """67108864 → ``"64.0 MiB"``."""
     value = float(nbytes)
@@ -67,6 +88,10 @@ class Config:
     pool_limit: int = dataclasses.field(default_factory=_default_pool_limit)  # FAASTUBE_POOL_LIMIT
     idle_release_s: float = 30.0            # FAASTUBE_IDLE_RELEASE_S: empty slab kept this long
     tombstone_ttl_s: int = 3600             # FAASTUBE_TOMBSTONE_TTL_S: deleted/lost ids remembered
+    # GPU tier (controller side): one pool per GPU, CUDA VMM slabs (faastube/cuda.py).
+    gpus: str = "auto"                      # FAASTUBE_GPUS: "auto" (every GPU it sees) or "none"
+    gpu_slab_size: int = 256 << 20          # FAASTUBE_GPU_SLAB_SIZE: bytes per GPU slab
+    gpu_pool_limit: float = 0.5             # FAASTUBE_GPU_POOL_LIMIT: bytes per GPU, or a fraction ≤ 1 of its memory
     secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
     # Client (SDK) side.
@@ -83,6 +108,9 @@ class Config:
         "pool_limit": ("FAASTUBE_POOL_LIMIT", parse_size),
         "idle_release_s": ("FAASTUBE_IDLE_RELEASE_S", float),
         "tombstone_ttl_s": ("FAASTUBE_TOMBSTONE_TTL_S", int),
+        "gpus": ("FAASTUBE_GPUS", parse_gpus),
+        "gpu_slab_size": ("FAASTUBE_GPU_SLAB_SIZE", parse_size),
+        "gpu_pool_limit": ("FAASTUBE_GPU_POOL_LIMIT", parse_share),
         "secrets_file": ("FAASTUBE_SECRETS_FILE", str),
         "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
         "namespace": ("FAASTUBE_NAMESPACE", str),

@@ -6,7 +6,7 @@ its reply is ``{"v": ..., "seq": <same>, "ok": true, ...}`` or ``{"ok": false, "
 <FaasTubeError subclass name>, "message": <text>}``. Slab file descriptors ride on a reply as
 ``SCM_RIGHTS`` ancillary data; the reply's ``"fds"`` list says which slab each one maps.
 
-Any request may carry ``"releases": [[lease, "consume"|"drop"], ...]`` so that leases ended
+Any request may carry ``"releases": [[lease, "consume"|"drop"|"abandon"], ...]`` so that leases ended
 by the garbage collector travel on the next request instead of costing a round trip each.
 
 Requests are frozen dataclasses (:data:`REQUESTS`); :func:`decode_request` validates a map
@@ -224,8 +224,9 @@ class Create:
     consumers: int | None = None
     ttl: float | None = None
     scope: str | None = None
+    device: str = "host"        # "host" or a GPU's UUID (Note [GPUs by UUID], faastube/cuda.py)
     _fields = {"shape": _shape, "dtype": _dtype, "nbytes": _nbytes, "consumers": _optional_count,
-               "ttl": _optional_positive, "scope": _optional_name}
+               "ttl": _optional_positive, "scope": _optional_name, "device": _name}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,11 +240,18 @@ class Seal:
 
 @dataclasses.dataclass(frozen=True)
 class Get:
-    """Lease a read-only view of an object, waiting up to ``timeout`` while it is pending."""
+    """Lease a read-only view of an object, waiting up to ``timeout`` while it is pending.
+
+    ``device``: where the caller wants it ("host" or a GPU's UUID); absent: where it is,
+    except that an object on a GPU comes to ``prefer`` (the caller's current GPU), or to
+    the host for a caller without a GPU."""
     op = "get"
     id: str
     timeout: float = 0.0
-    _fields = {"id": _name, "timeout": lambda v, f: _number(v, f, 0.0, 3600.0)}
+    device: str | None = None
+    prefer: str | None = None
+    _fields = {"id": _name, "timeout": lambda v, f: _number(v, f, 0.0, 3600.0),
+               "device": _optional_name, "prefer": _optional_name}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +292,9 @@ class Ping:
 
 
 REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, CloseScope, Status, Ping)}
-RELEASE_KINDS = ("consume", "drop")
+# consume: counts toward consumers, view kept; drop: the view is gone (consumed, lease ends);
+# abandon: the client never used the grant (lease ends, nothing consumed).
+RELEASE_KINDS = ("consume", "drop", "abandon")
 _ENVELOPE_KEYS = {"v", "seq", "op", "releases"}
 # Per request type, computed once: (field names in order, required ones, allowed keys).
 _LAYOUT = {
@@ -337,7 +347,7 @@ def _releases(value) -> tuple:
     for item in value:
         if (not isinstance(item, (list, tuple)) or len(item) != 2 or isinstance(item[0], bool)
                 or not isinstance(item[0], int) or item[1] not in RELEASE_KINDS):
-            raise ProtocolError("each release must be [lease id, 'consume' or 'drop']")
+            raise ProtocolError("each release must be [lease id, 'consume', 'drop' or 'abandon']")
         out.append((item[0], item[1]))
     return tuple(out)
 

@@ -4,7 +4,10 @@ A ref names an object; it never carries bytes and it is not a capability: the by
 reachable only through the controller socket, which checks the caller's namespace.
 
     {"__faastube_ref__": 1, "id": "5f0c…", "shape": [1080, 1920, 3], "dtype": "uint8",
-     "nbytes": 6220800}
+     "nbytes": 6220800, "device": "GPU-5d8e…"}
+
+``device`` ("host" or a GPU's UUID) says where the object was made; ``get`` uses it to
+decide whether the caller wants it on its own GPU. A ref without it means "host".
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ def dtype_name(dtype: np.dtype) -> str:
     return dtype.name if dtype.isnative or dtype.itemsize == 1 else dtype.str
 
 
-def make_ref(object_id: str, shape, dtype: np.dtype) -> dict:
+def make_ref(object_id: str, shape, dtype: np.dtype, device: str = "host") -> dict:
     shape = [int(d) for d in shape]
     return {REF_MARKER: REF_VERSION, "id": object_id, "shape": shape,
-            "dtype": dtype_name(dtype), "nbytes": math.prod(shape) * dtype.itemsize}
+            "dtype": dtype_name(dtype), "nbytes": math.prod(shape) * dtype.itemsize,
+            "device": device}
 
 
 def is_ref(value) -> bool:

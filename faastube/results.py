@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .client import cuda_address
+
 
 def publish_arrays(result, scope: str | None = None):
-    """``result`` with each numpy array replaced by ``faastube.put(array)``'s ref."""
-    if isinstance(result, np.ndarray):
+    """``result`` with each array (numpy, CuPy, CUDA torch tensor) replaced by
+    ``faastube.put(array)``'s ref."""
+    if isinstance(result, np.ndarray) or cuda_address(result) is not None:
         from .sdk import put
         return put(result, scope=scope)
     if isinstance(result, dict):

@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from . import protocol
-from .client import Client
+from . import cuda, protocol
+from .client import Client, cuda_address
 from .config import Config
 from .errors import InvalidArgumentError, NotAnArrayError
 from .refs import check_dtype, make_ref, parse_ref
@@ -77,30 +77,90 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
         scope: str | None = None) -> dict:
     """Store ``array`` in the pool and return its ref (a small JSON-serialisable dict).
 
-    The bytes are copied once into the pool; a non-contiguous array becomes contiguous in the
-    same copy. To avoid even that copy, build the result with :func:`empty` and :func:`seal`.
-    The object is freed after ``consumers`` gets have been released, after ``ttl`` seconds,
-    when ``scope`` is closed, or by :func:`delete`, whichever comes first.
+    A numpy array goes to the host tier; a CuPy array or CUDA torch tensor to the pool of
+    its own GPU, copied there device to device. The bytes are copied once; a non-contiguous
+    array becomes contiguous in the same copy. To avoid even that copy, build the result with
+    :func:`empty` and :func:`seal`. The object is freed after ``consumers`` gets have been
+    released, after ``ttl`` seconds, when ``scope`` is closed, or by :func:`delete`,
+    whichever comes first.
     """
+    _check_lifetime(consumers, ttl)
+    scope = scope or _scope.get()
+    if cuda_address(array) is not None:
+        return _put_gpu(array, consumers, ttl, scope)
     if not isinstance(array, np.ndarray):
         raise NotAnArrayError(
-            f"faastube.put needs a numpy array, got {type(array).__name__}; convert it with "
-            f"numpy.asarray(...) first")
+            f"faastube.put needs a numpy array, a CuPy array or a CUDA torch tensor, got "
+            f"{type(array).__name__}; convert it with numpy.asarray(...) first")
     dtype = check_dtype(array.dtype)
-    _check_lifetime(consumers, ttl)
     conn = client()
-    target, object_id, _lease = conn.create(array.shape, dtype, consumers, ttl,
-                                            scope or _scope.get(), track=False)
+    target, object_id, _lease = conn.create(array.shape, dtype, consumers, ttl, scope, track=False)
     np.copyto(target, array, casting="no")
     del target   # Note [Leases pin memory]: drop the writer's view before its lease ends
     conn.seal(object_id, drop_writer=True)
     return make_ref(object_id, array.shape, dtype)
 
 
+def _put_gpu(array, consumers, ttl, scope) -> dict:
+    import cupy
+    source = cupy.asarray(array)      # a view, no copy (a torch tensor through its interface)
+    dtype = check_dtype(source.dtype)
+    device = cuda.devices().uuids[source.device.id]
+    conn = client()
+    target, object_id, _lease = conn.create(source.shape, dtype, consumers, ttl, scope,
+                                            track=False, device=device)
+    with source.device:
+        cupy.copyto(target, source, casting="no")
+    cuda.synchronize(device)          # Note [Seal publishes finished writes]
+    del target
+    conn.seal(object_id, drop_writer=True)
+    return make_ref(object_id, source.shape, dtype, device)
+
+
+def device_of(device) -> str:
+    """``"host"`` or a GPU's UUID for a ``device`` argument: None, "cpu" or "host" → the host
+    tier; "cuda" → this process's current GPU (CuPy's); "cuda:N" or N → its GPU N; a UUID
+    ("GPU-…") as it is."""
+    if device is None or device in ("cpu", "host"):
+        return cuda.HOST
+    if isinstance(device, str) and device.startswith("GPU-"):
+        return device
+    if device == "cuda":
+        cuda.devices()                # says why not, where this process has no usable GPU
+        try:
+            import cupy
+        except ImportError:
+            raise cuda.CudaError("CuPy is not installed: pip install 'faastube[cuda]'") from None
+        ordinal = cupy.cuda.Device().id
+    elif isinstance(device, int) and not isinstance(device, bool):
+        ordinal = device
+    elif isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        ordinal = int(device[5:])
+    else:
+        raise InvalidArgumentError(f"device must be 'cpu', 'cuda', 'cuda:N', a GPU number or a "
+                                   f"GPU UUID, got {device!r}")
+    uuids = cuda.devices().uuids
+    if not 0 <= ordinal < len(uuids):
+        raise InvalidArgumentError(f"this process sees {len(uuids)} GPU(s); there is no GPU {ordinal}")
+    return uuids[ordinal]
+
+
+def _current_gpu() -> str | None:
+    """The UUID of this process's current GPU, or None where it has no usable GPU."""
+    if not cuda.available():
+        return None
+    try:
+        return device_of("cuda")
+    except cuda.CudaError:
+        return None
+
+
 def empty(shape, dtype="float32", consumers: int | None = None, ttl: float | None = None,
-          scope: str | None = None) -> np.ndarray:
+          scope: str | None = None, device=None):
     """A writable, uninitialised array backed by the pool: write the result into it, then
-    :func:`seal` it. No copy is made at any point (the zero-copy put)."""
+    :func:`seal` it. No copy is made at any point (the zero-copy put). ``device`` (see
+    :func:`device_of`): None for a numpy array on the host tier, "cuda" or "cuda:N" for a
+    CuPy array on that GPU (``torch.from_dlpack`` gives PyTorch the same memory)."""
     if isinstance(shape, int):
         shape = (shape,)
     try:
@@ -111,32 +171,50 @@ def empty(shape, dtype="float32", consumers: int | None = None, ttl: float | Non
         raise InvalidArgumentError(f"shape must not have negative dimensions, got {shape}")
     _check_lifetime(consumers, ttl)
     array, _object_id, _lease = client().create(shape, check_dtype(dtype), consumers, ttl,
-                                                scope or _scope.get())
+                                                scope or _scope.get(), device=device_of(device))
     return array
+
+
+def _dtype_of(array) -> np.dtype:
+    if isinstance(array, np.ndarray):
+        return array.dtype
+    import cupy
+    return cupy.asarray(array).dtype
 
 
 def ref_of(array) -> dict:
     """The ref of an array from :func:`empty`, before or after sealing.
 
     A consumer may ``get`` it before the producer seals: the get waits for the seal."""
-    flat, object_id = client().writer_of(array)
-    return make_ref(object_id, array.shape, flat.dtype)
+    _flat, object_id, device = client().writer_of(array)
+    return make_ref(object_id, array.shape, _dtype_of(array), device)
 
 
 def seal(array) -> dict:
     """Make an array from :func:`empty` immutable and visible to ``get``; returns its ref.
 
-    The array (and the views of it that go through it) turn read-only in this process."""
+    Note [Seal publishes finished writes]: for a GPU array, seal first waits for every
+    kernel and copy this process queued on that GPU, on any stream (CuPy's, PyTorch's), so a
+    consumer can never read a half-written tensor. A host array (and the views of it that go
+    through it) turns read-only in this process."""
     conn = client()
-    flat, object_id = conn.writer_of(array)
+    flat, object_id, device = conn.writer_of(array)
+    if device != cuda.HOST:
+        cuda.synchronize(device)
     conn.seal(object_id)
-    array.flags.writeable = False
-    flat.flags.writeable = False
-    return make_ref(object_id, array.shape, flat.dtype)
+    if flat is not None:
+        array.flags.writeable = False
+        flat.flags.writeable = False
+    return make_ref(object_id, array.shape, _dtype_of(array), device)
 
 
-def get(ref, timeout: float | None = None) -> np.ndarray:
+def get(ref, timeout: float | None = None, device=None):
     """A read-only, zero-copy view of the object ``ref`` names.
+
+    Where it comes (``device``, see :func:`device_of`): by default a host object as a numpy
+    array, a GPU object as a CuPy array on this process's current GPU (a process without a
+    GPU gets it as numpy). An object elsewhere than asked is copied there by the controller
+    (NVLink between GPUs, pinned PCIe to and from the host) and that copy is the view.
 
     Waits up to ``timeout`` seconds (default ``FAASTUBE_GET_TIMEOUT_S``) if the object is not
     sealed yet. The memory stays valid as long as the array, or any view of it, is alive.
@@ -147,7 +225,12 @@ def get(ref, timeout: float | None = None) -> np.ndarray:
         timeout = conn.config.get_timeout_s
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
         raise InvalidArgumentError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-    return conn.get(object_id, float(timeout))
+    target = prefer = None
+    if device is not None:
+        target = device_of(device)
+    elif ref.get("device", cuda.HOST) != cuda.HOST:
+        prefer = _current_gpu()
+    return conn.get(object_id, float(timeout), target, prefer)
 
 
 def release(array) -> None:

@@ -48,7 +48,10 @@ class ControllerProcess(LocalController):
     """A controller for one test: its own socket, node name and log under tmp_path."""
 
     def __init__(self, tmp_path: Path, redis_url: str, **settings):
-        settings = {"slab_size": "4MiB", "pool_limit": "256MiB", "idle_release": "30", **settings}
+        # GPU pools only where a test asks for them (tests/test_gpu.py): the rest of the suite
+        # checks the host tier alone, on any machine.
+        settings = {"slab_size": "4MiB", "pool_limit": "256MiB", "idle_release": "30",
+                    "gpus": "none", **settings}
         super().__init__(redis_url, socket_path=str(tmp_path / "ctl" / "controller.sock"),
                          node=f"test-node-{os.getpid()}-{next(_nodes)}",
                          log_path=str(tmp_path / "controller.log"), **settings)

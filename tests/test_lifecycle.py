@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from faastube import errors
+from faastube import errors, protocol, sdk
 from faastube.refs import REF_MARKER
 
 from .conftest import wait_for
@@ -191,7 +191,7 @@ def test_memory_is_not_reused_while_a_deleted_object_is_still_viewed(ft, control
 
 
 @pytest.mark.parametrize("value, error, text", [
-    ([1, 2, 3], errors.NotAnArrayError, "needs a numpy array, got list"),
+    ([1, 2, 3], errors.NotAnArrayError, "needs a numpy array, a CuPy array or a CUDA torch tensor, got list"),
     ("bytes", errors.NotAnArrayError, "got str"),
     (np.array(["a"]), errors.UnsupportedDtypeError, "dtype <U1 is not supported"),
     (np.array([object()]), errors.UnsupportedDtypeError, "dtype object is not supported"),
@@ -255,3 +255,29 @@ def test_operations_before_hello_are_refused(controller):
             anonymous.request(protocol.Get("x" * 32, 0))
     finally:
         anonymous.close()
+
+
+def test_gpu_devices_on_a_node_without_gpus_are_refused_clearly(ft, controller):
+    conn = sdk.client()
+    with pytest.raises(errors.InvalidArgumentError,
+                       match=r"device 'GPU-0000' is not one of this node's pools: host \(the "
+                             r"controller found no GPU, or runs with --gpus none\)"):
+        conn.create((4,), np.dtype("uint8"), device="GPU-0000")
+    ref = ft.put(np.arange(4))
+    with pytest.raises(errors.InvalidArgumentError, match="not one of this node's pools"):
+        ft.get(ref, device="GPU-0000")
+    with pytest.raises(errors.InvalidArgumentError, match="device must be 'cpu', 'cuda', 'cuda:N'"):
+        ft.empty(4, device="tpu")
+    assert ft.get(ref, device="cpu").tolist() == [0, 1, 2, 3]
+    assert controller.leases() <= 1           # the refused get left no lease behind
+
+
+def test_an_abandoned_lease_ends_without_consuming(ft, controller):
+    # What the SDK sends for a grant it could not use (a reply that came after its timeout).
+    ref = ft.put(np.arange(3), consumers=1)
+    conn = sdk.client()
+    reply = conn.request(protocol.Get(ref["id"]))
+    conn._releases.append((reply["lease"], "abandon"))
+    conn.request(protocol.Release())
+    assert controller.leases() == 0
+    assert ft.get(ref).tolist() == [0, 1, 2]      # not consumed: still there

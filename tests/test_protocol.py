@@ -95,7 +95,7 @@ def test_body_that_is_not_a_map_is_a_protocol_error():
     ({"v": 1, "seq": 1, "op": "create", "shape": [1], "dtype": "f4", "nbytes": 4, "consumers": 0},
      "field 'consumers' must be a positive integer or absent"),
     ({"v": 1, "seq": 1, "op": "ping", "releases": [[1, "keep"]]},
-     "each release must be [lease id, 'consume' or 'drop']"),
+     "each release must be [lease id, 'consume', 'drop' or 'abandon']"),
 ])
 def test_malformed_requests_are_refused_with_a_precise_message(message, error):
     with pytest.raises(ProtocolError, match=error.replace("[", r"\[").replace("(", r"\(")):

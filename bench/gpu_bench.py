@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""GPU data plane benchmark, all in one run on the GPU machine (scripts/gpu-check runs it):
+
+1. raw limits, measured now with CuPy: pinned host→GPU and GPU→host copies, peer copy
+   GPU0→GPU1 with peer access on, same-GPU device→device;
+2. get latency by size and path, in a consumer process other than the producer: same GPU
+   (zero copy), GPU0→GPU1 (a copy over NVLink), host→GPU and GPU→host (pinned PCIe); for the
+   copying paths also the bandwidth against the raw limit;
+3. a 64 MB hand-off between two processes on one GPU (put + get, from the producer's first
+   byte to the consumer's usable array) against the two baselines users have today: bytes
+   through Redis (GPU→host, SET, GET, host→GPU) and host shared memory with pageable copies.
+
+    python bench/gpu_bench.py [--quick] [--out results.json]
+
+Prints a table (last) and writes JSON. The consumer runs as ``--role consumer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+KB, MB, GB = 1 << 10, 1 << 20, 1 << 30
+TARGETS = {"same_gpu_p50_us": 100, "peer_share": 0.85, "h2d_share": 0.90,
+           "handoff_vs_redis": 500, "handoff_vs_shm": 100}
+
+
+# -- the consumer process ---------------------------------------------------------------
+
+def consumer() -> None:
+    """Answers one JSON command per stdin line with one JSON line."""
+    import cupy
+    import redis
+
+    import faastube
+    store = None
+    shm = None
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        if op == "get":
+            times, checksum = [], None
+            for i in range(command["n"]):
+                start = time.perf_counter()
+                view = faastube.get(command["ref"], device=command.get("device"))
+                times.append(time.perf_counter() - start)
+                if i == 0:
+                    checksum = int(view.sum(dtype=np.uint64)) if isinstance(view, np.ndarray) \
+                        else int(view.sum(dtype=cupy.uint64).get())
+                del view
+            print(json.dumps({"times": times, "checksum": checksum}), flush=True)
+        elif op == "handoff":
+            mode = command["mode"]
+            if mode == "faastube":
+                view = faastube.get(command["ref"])
+            elif mode == "redis":
+                store = store or redis.Redis.from_url(command["url"])
+                view = cupy.asarray(np.frombuffer(store.get(command["key"]), dtype=np.uint8))
+            else:                                  # host shared memory, pageable copy in
+                if shm is None:
+                    shm = np.memmap(command["path"], dtype=np.uint8, mode="r", shape=(command["size"],))
+                view = cupy.asarray(shm)
+            cupy.cuda.runtime.deviceSynchronize()
+            done = time.perf_counter()
+            checksum = int(view.sum(dtype=cupy.uint64).get())
+            del view
+            print(json.dumps({"done": done, "checksum": checksum}), flush=True)
+        elif op == "quit":
+            return
+
+
+class Consumer:
+    def __init__(self, env):
+        self.process = subprocess.Popen([sys.executable, __file__, "--role", "consumer"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, **command) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the consumer exited ({self.process.wait()})")
+        return json.loads(line)
+
+    def close(self):
+        try:
+            self.ask(op="quit")
+        except (RuntimeError, BrokenPipeError):
+            pass
+        self.process.wait(30)
+
+
+# -- raw limits ---------------------------------------------------------------------------
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of ``fn`` after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def raw_limits(size: int, gpus: int) -> dict:
+    import cupy
+    out = {}
+    with cupy.cuda.Device(0):
+        device = cupy.zeros(size, dtype=np.uint8)
+        pinned = np.frombuffer(cupy.cuda.alloc_pinned_memory(size), dtype=np.uint8, count=size)
+        pinned[:] = 1
+        stream = cupy.cuda.Stream(non_blocking=True)
+
+        def h2d():
+            device.set(pinned, stream=stream)
+            stream.synchronize()
+
+        def d2h():
+            device.get(out=pinned, stream=stream)
+            stream.synchronize()
+        other = cupy.empty_like(device)
+
+        def d2d():
+            other.data.copy_from_device_async(device.data, size, stream=stream)
+            stream.synchronize()
+        out["h2d_pinned_GBps"] = size / timed(h2d, 5) / 1e9
+        out["d2h_pinned_GBps"] = size / timed(d2h, 5) / 1e9
+        out["d2d_same_gpu_GBps"] = size / timed(d2d, 5) / 1e9
+    if gpus > 1:
+        cupy.cuda.runtime.setDevice(1)
+        try:
+            cupy.cuda.runtime.deviceEnablePeerAccess(0)
+        except cupy.cuda.runtime.CUDARuntimeError:
+            pass
+        with cupy.cuda.Device(1):
+            target = cupy.empty(size, dtype=np.uint8)
+            peer_stream = cupy.cuda.Stream(non_blocking=True)
+
+            def peer():
+                cupy.cuda.runtime.memcpyPeerAsync(target.data.ptr, 1, device.data.ptr, 0, size, peer_stream.ptr)
+                peer_stream.synchronize()
+            out["peer_GBps"] = size / timed(peer, 5) / 1e9
+        cupy.cuda.runtime.setDevice(0)
+    return out
+
+
+# -- get latency and bandwidth by size and path -------------------------------------------
+
+def gets(consumer: Consumer, sizes, gpus: int, quick: bool) -> list[dict]:
+    import cupy
+
+    import faastube
+    rows = []
+    for size in sizes:
+        n = 5 if size >= 256 * MB else 20 if size >= 16 * MB else 200
+        n = max(3, n // 4) if quick else n
+        host = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+        expected = int(host.sum(dtype=np.uint64))
+        with cupy.cuda.Device(0):
+            gpu_ref = faastube.put(cupy.asarray(host))
+        host_ref = faastube.put(host)
+        paths = [("same GPU (zero copy)", gpu_ref, None, None),
+                 ("host → GPU", host_ref, "cuda:0", "h2d_pinned_GBps"),
+                 ("GPU → host", gpu_ref, "cpu", "d2h_pinned_GBps")]
+        if gpus > 1:
+            paths.insert(1, ("GPU0 → GPU1 (NVLink)", gpu_ref, "cuda:1", "peer_GBps"))
+        for name, ref, device, limit in paths:
+            answer = consumer.ask(op="get", ref=ref, device=device, n=n)
+            times = sorted(answer["times"])
+            p50 = statistics.median(times)
+            rows.append({"path": name, "size": size, "n": n, "p50_us": p50 * 1e6,
+                         "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6,
+                         "GBps": size / p50 / 1e9 if limit else None, "limit_key": limit,
+                         "correct": answer["checksum"] == expected})
+        faastube.delete(gpu_ref)
+        faastube.delete(host_ref)
+    return rows
+
+
+# -- the 64 MB hand-off -------------------------------------------------------------------
+
+def handoffs(consumer: Consumer, redis_url: str, size: int, runs: int) -> dict:
+    import cupy
+    import redis
+
+    import faastube
+    store = redis.Redis.from_url(redis_url)
+    path = f"/dev/shm/faastube-bench-{os.getpid()}"
+    shm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+    shm[:] = 0                                       # a host-memory system keeps its buffer
+    data = cupy.asarray(np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8))
+    expected = int(data.sum(dtype=cupy.uint64).get())
+    results = {}
+    try:
+        for mode in ("faastube", "shm", "redis"):
+            samples, correct = [], True
+            for run in range(runs + 1):
+                cupy.cuda.runtime.deviceSynchronize()
+                start = time.perf_counter()
+                if mode == "faastube":
+                    command = {"ref": faastube.put(data)}
+                elif mode == "redis":
+                    store.set("bench", cupy.asnumpy(data).tobytes())
+                    command = {"url": redis_url, "key": "bench"}
+                else:
+                    data.get(out=shm)                    # GPU → host, pageable
+                    command = {"path": path, "size": size}
+                answer = consumer.ask(op="handoff", mode=mode, **command)
+                if run:                                  # the first run is the warm-up
+                    samples.append(answer["done"] - start)
+                correct &= answer["checksum"] == expected
+                if mode == "faastube":
+                    faastube.delete(command["ref"])
+            results[mode] = {"p50_ms": statistics.median(samples) * 1e3, "runs": runs, "correct": correct}
+    finally:
+        os.unlink(path)
+        store.delete("bench")
+    return results
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--role", choices=["consumer"])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument("--out", help="JSON results file (default bench/results/gpu_bench-<time>.json)")
+    args = parser.parse_args()
+    if args.role == "consumer":
+        consumer()
+        return 0
+
+    import cupy
+
+    import faastube
+    from faastube import cuda
+    from faastube.local import LocalController, LocalRedis
+
+    devices = cuda.devices()
+    gpus = len(devices.uuids)
+    sizes = [KB, MB, 64 * MB, GB] if args.quick else [KB, 64 * KB, MB, 16 * MB, 64 * MB, 256 * MB, GB]
+    print(f"{gpus} GPU(s): {', '.join(devices.name(i) for i in range(gpus))}", flush=True)
+    with LocalRedis() as store:
+        controller = LocalController(store.url, gpus="auto", slab_size="256MiB", pool_limit="8GiB",
+                                     gpu_slab_size="256MiB", gpu_pool_limit="16GiB").start(timeout_s=60)
+        consumer = None
+        try:
+            faastube.connect(socket=controller.socket, namespace="bench")
+            env = {**controller.env, "FAASTUBE_NAMESPACE": "bench"}
+            consumer = Consumer(env)
+            print("measuring raw copy limits …", flush=True)
+            limits = raw_limits(GB, gpus)
+            print("measuring gets by size and path …", flush=True)
+            rows = gets(consumer, sizes, gpus, args.quick)
+            print("measuring the 64 MB hand-off …", flush=True)
+            handoff = handoffs(consumer, store.url, 64 * MB, 3 if args.quick else 5)
+        finally:
+            if consumer is not None:
+                consumer.close()
+            faastube.sdk.client().close()
+            controller.stop()
+    for row in rows:
+        row["share_of_limit"] = row["GBps"] / limits[row["limit_key"]] if row["limit_key"] in limits else None
+
+    card = devices.name(0)
+    result = {"benchmark": "gpu_bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
+                          "cupy": cupy.__version__, "cpus": os.cpu_count()},
+              "raw_limits": limits, "gets": rows, "handoff_64MB": handoff, "targets": TARGETS}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"gpu_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as file:
+        json.dump(result, file, indent=2)
+
+    print(f"\n== table ({card} ×{gpus}, {result['date']})")
+    print("raw: " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
+    print(f"{'path':<24}{'size':>10}{'p50 µs':>12}{'p99 µs':>12}{'GB/s':>9}{'of raw':>8}  ok")
+    for row in rows:
+        size = f"{row['size'] // GB} GB" if row["size"] >= GB else f"{row['size'] // MB} MB" \
+            if row["size"] >= MB else f"{row['size'] // KB} KB"
+        gbps = f"{row['GBps']:.1f}" if row["GBps"] else "—"
+        share = f"{row['share_of_limit']:.0%}" if row["share_of_limit"] else "—"
+        print(f"{row['path']:<24}{size:>10}{row['p50_us']:>12.1f}{row['p99_us']:>12.1f}{gbps:>9}{share:>8}  "
+              f"{'yes' if row['correct'] else 'NO'}")
+    ours = handoff["faastube"]["p50_ms"]
+    print(f"64 MB hand-off p50: FaaSTube {ours:.3f} ms, host shm {handoff['shm']['p50_ms']:.1f} ms "
+          f"({handoff['shm']['p50_ms'] / ours:.0f}×), Redis {handoff['redis']['p50_ms']:.1f} ms "
+          f"({handoff['redis']['p50_ms'] / ours:.0f}×); correct: "
+          f"{all(h['correct'] for h in handoff.values())}")
+    print(f"JSON: {out}")
+    return 0 if all(r["correct"] for r in rows) and all(h["correct"] for h in handoff.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""CUDA through the driver API (``cuda.bindings.driver``), for both sides of the socket:
+GPUs by UUID, virtual-memory-management (VMM) slabs exported as file descriptors, their
+mappings, pinned registration of host slabs, and copies. Nothing here runs on the request
+path except :func:`copy` and pointer arithmetic.
+
+Note [GPUs by UUID]: the controller and a function may see different ``CUDA_VISIBLE_DEVICES``,
+so an ordinal means nothing across the socket. Every GPU is named by its UUID as nvidia-smi
+prints it (``GPU-xxxxxxxx-…``); each side maps UUIDs to its own ordinals.
+
+Note [Why VMM file descriptors]: a slab is ``cuMemCreate``'d with the POSIX file-descriptor
+handle type and exported once. The descriptor reaches a function only over the controller
+socket (SCM_RIGHTS), after the controller checked the caller's namespace, unlike a legacy
+IPC handle, which any process that learns its 64 bytes can open. The driver reference-counts
+the memory: a slab the controller releases stays valid in every process that still maps it
+(gpu-facts.md). Readers map with read-only access where the driver allows it.
+
+Import is cheap and safe without a GPU: :func:`available` says whether CUDA can be used.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .errors import FaasTubeError
+
+try:                                            # the optional 'cuda' extra
+    from cuda.bindings import driver as cu
+except ImportError:                             # pragma: no cover - CPU installs
+    cu = None
+
+HOST = "host"
+
+
+class CudaError(FaasTubeError):
+    """A CUDA driver call failed."""
+
+
+def _check(result):
+    """cuda.bindings returns (CUresult, *values): the values, or CudaError naming the call."""
+    err, *values = result
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _e, name = cu.cuGetErrorName(err)
+        _e, text = cu.cuGetErrorString(err)
+        raise CudaError(f"CUDA: {name.decode() if name else err}: {text.decode() if text else ''}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def format_uuid(raw: bytes) -> str:
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+class Devices:
+    """This process's view of its GPUs: ordinal ↔ UUID, primary contexts, granularity."""
+
+    def __init__(self):
+        _check(cu.cuInit(0))
+        count = _check(cu.cuDeviceGetCount())
+        self.handles = [_check(cu.cuDeviceGet(i)) for i in range(count)]
+        get_uuid = getattr(cu, "cuDeviceGetUuid_v2", None) or cu.cuDeviceGetUuid
+        self.uuids = [format_uuid(bytes(_check(get_uuid(d)).bytes)) for d in self.handles]
+        self.ordinals = {uuid: i for i, uuid in enumerate(self.uuids)}
+        self._contexts: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def context(self, ordinal: int):
+        """The device's primary context (the one CuPy and PyTorch use), made current."""
+        with self._lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                ctx = self._contexts[ordinal] = _check(cu.cuDevicePrimaryCtxRetain(self.handles[ordinal]))
+        _check(cu.cuCtxSetCurrent(ctx))
+        return ctx
+
+    def ordinal(self, uuid: str) -> int:
+        try:
+            return self.ordinals[uuid]
+        except KeyError:
+            raise CudaError(f"GPU {uuid} is not visible to this process (it sees "
+                            f"{', '.join(self.uuids) or 'no GPU'}; check CUDA_VISIBLE_DEVICES)") from None
+
+    def name(self, ordinal: int) -> str:
+        return _check(cu.cuDeviceGetName(256, self.handles[ordinal])).split(b"\0", 1)[0].decode()
+
+    def total_memory(self, ordinal: int) -> int:
+        return int(_check(cu.cuDeviceTotalMem(self.handles[ordinal])))
+
+    def can_access_peer(self, ordinal: int, peer: int) -> bool:
+        return ordinal == peer or bool(_check(cu.cuDeviceCanAccessPeer(self.handles[ordinal], self.handles[peer])))
+
+    def granularity(self, ordinal: int) -> int:
+        return int(_check(cu.cuMemGetAllocationGranularity(
+            _allocation_prop(ordinal), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)))
+
+
+_devices: Devices | None = None
+_devices_error: str | None = None
+_devices_lock = threading.Lock()
+_devices_pid = 0
+
+
+def devices() -> Devices:
+    """This process's GPUs (initialised once per process), or CudaError saying why not."""
+    global _devices, _devices_error, _devices_pid
+    if _devices_pid != os.getpid():            # CUDA state does not survive fork
+        _devices, _devices_error, _devices_pid = None, None, os.getpid()
+    if _devices is None and _devices_error is None:
+        with _devices_lock:
+            if _devices is None and _devices_error is None:
+                if cu is None:
+                    _devices_error = ("CUDA support is not installed: pip install 'faastube[cuda]' "
+                                      "(cuda-bindings, cupy)")
+                else:
+                    try:
+                        found = Devices()
+                        if not found.uuids:
+                            raise CudaError("no GPU is visible")
+                        _devices = found
+                    except CudaError as exc:
+                        _devices_error = str(exc)
+    if _devices is None:
+        raise CudaError(_devices_error)
+    return _devices
+
+
+def available() -> bool:
+    try:
+        devices()
+        return True
+    except CudaError:
+        return False
+
+
+def _allocation_prop(ordinal: int):
+    prop = cu.CUmemAllocationProp()
+    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = ordinal
+    prop.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    return prop
+
+
+def _access(ordinals, writable: bool):
+    descs = []
+    for ordinal in ordinals:
+        desc = cu.CUmemAccessDesc()
+        desc.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        desc.location.id = ordinal
+        desc.flags = (cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE if writable
+                      else cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READ)
+        descs.append(desc)
+    return descs
+
+
+class VmmMapping:
+    """A VMM allocation mapped into this process's address space.
+
+    The controller creates allocations (:meth:`create`) and maps them for every GPU that can
+    reach them, so its copies run peer to peer; a function imports a descriptor
+    (:meth:`import_fd`) and maps it for its own GPU only. :meth:`close` unmaps and drops this
+    process's reference; the memory lives on while another process maps it."""
+
+    def __init__(self, handle, size: int, ordinal: int, access_ordinals, writable: bool):
+        self.handle, self.size, self.ordinal = handle, size, ordinal
+        devs = devices()
+        devs.context(ordinal)
+        self.ptr = _check(cu.cuMemAddressReserve(size, 0, 0, 0))
+        try:
+            _check(cu.cuMemMap(self.ptr, size, 0, handle, 0))
+            try:
+                descs = _access(access_ordinals, writable)
+                try:
+                    _check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
+                    self.read_only = not writable
+                except CudaError:
+                    if writable:
+                        raise
+                    # Not every driver maps device memory read-only; readers then get a
+                    # read-write mapping and the SDK's read-only arrays are the guard.
+                    descs = _access(access_ordinals, True)
+                    _check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
+                    self.read_only = False
+            except BaseException:
+                cu.cuMemUnmap(self.ptr, size)
+                raise
+        except BaseException:
+            cu.cuMemAddressFree(self.ptr, size)
+            raise
+        self._closed = False
+
+    @property
+    def address(self) -> int:
+        return int(self.ptr)
+
+    @classmethod
+    def create(cls, size: int, ordinal: int) -> tuple["VmmMapping", int]:
+        """A new allocation on GPU ``ordinal``, mapped read-write for every GPU that can
+        reach it, and a file descriptor exporting it (the caller owns the descriptor)."""
+        devs = devices()
+        devs.context(ordinal)
+        handle = _check(cu.cuMemCreate(size, _allocation_prop(ordinal), 0))
+        try:
+            fd = int(_check(cu.cuMemExportToShareableHandle(
+                handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)))
+            peers = [p for p in range(len(devs.uuids)) if devs.can_access_peer(p, ordinal)]
+            try:
+                return cls(handle, size, ordinal, peers, writable=True), fd
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            cu.cuMemRelease(handle)
+            raise
+
+    @classmethod
+    def import_fd(cls, fd: int, size: int, uuid: str, writable: bool) -> "VmmMapping":
+        """Map an exported allocation for this process's GPU ``uuid``; closes ``fd``."""
+        devs = devices()
+        try:
+            ordinal = devs.ordinal(uuid)
+            devs.context(ordinal)
+            handle = _check(cu.cuMemImportFromShareableHandle(
+                fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR))
+        finally:
+            os.close(fd)
+        try:
+            return cls(handle, size, ordinal, [ordinal], writable)
+        except BaseException:
+            cu.cuMemRelease(handle)
+            raise
+
+    def close(self) -> None:
+        if not self._closed and cu is not None:
+            self._closed = True
+            devices().context(self.ordinal)
+            cu.cuMemUnmap(self.ptr, self.size)
+            cu.cuMemAddressFree(self.ptr, self.size)
+            cu.cuMemRelease(self.handle)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def register_host(address: int, size: int) -> None:
+    """Pin host memory in place (page-locked, visible to every GPU) for full-speed copies."""
+    devices().context(0)
+    _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE))
+
+
+def unregister_host(address: int) -> None:
+    if cu is not None:
+        cu.cuMemHostUnregister(address)
+
+
+class Streams:
+    """One non-blocking stream per GPU, created once, for the controller's copies."""
+
+    def __init__(self):
+        self._streams: dict[int, object] = {}
+        self._lock = threading.Lock()
+
+    def on(self, ordinal: int):
+        with self._lock:
+            stream = self._streams.get(ordinal)
+            if stream is None:
+                devices().context(ordinal)
+                stream = self._streams[ordinal] = _check(
+                    cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            return stream
+
+
+def copy(dst: int, src: int, nbytes: int, stream_ordinal: int, streams: Streams,
+         chunk: int = 0) -> None:
+    """Copy ``nbytes`` between any two addresses the driver knows (device memory of any
+    peer-mapped GPU, registered host memory), on ``stream_ordinal``'s stream; returns once
+    the bytes have arrived. ``chunk`` > 0 splits the copy (the transfer engine's unit)."""
+    devices().context(stream_ordinal)
+    stream = streams.on(stream_ordinal)
+    step = chunk or nbytes or 1
+    for offset in range(0, nbytes, step):
+        _check(cu.cuMemcpyAsync(dst + offset, src + offset, min(step, nbytes - offset), stream))
+    _check(cu.cuStreamSynchronize(stream))
+
+
+def synchronize(uuid: str) -> None:
+    """Wait for all work this process queued on GPU ``uuid``, on every stream: what a
+    producer must do before sealing (faastube.sdk.seal)."""
+    devs = devices()
+    devs.context(devs.ordinal(uuid))
+    _check(cu.cuCtxSynchronize())

@@ -1,0 +1,91 @@
+"""A GPU function process for tests: does one thing with the SDK on a GPU and reports it as
+a JSON line. Random data is made on the host from a seed (the same bytes as
+tests/workers/function.py makes), so checksums compare across CPU and GPU functions.
+
+    gpu_function.py put SIZE SEED HOW [DEVICE]   HOW: empty (empty+write+seal), cupy, torch
+    gpu_function.py get REF_JSON [DEVICE]        get; print sha256, array type, device
+    gpu_function.py torch-get REF_JSON           get, torch.from_dlpack; print sha256
+    gpu_function.py hold REF_JSON                get, print sha256, keep the view until stdin
+                                                 closes, then print sha256 again
+    gpu_function.py slow-seal SIZE ROUNDS        empty, queue ROUNDS increment kernels, seal at once
+    gpu_function.py pending SIZE                 empty on the GPU, never seal, wait for stdin
+"""
+
+import hashlib
+import json
+import sys
+
+import cupy
+import numpy as np
+
+import faastube
+
+
+def report(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def random_bytes(size, seed):
+    return np.random.default_rng(int(seed)).integers(0, 256, int(size), dtype=np.uint8)
+
+
+def sha(array) -> str:
+    host = array if isinstance(array, np.ndarray) else cupy.asnumpy(array)
+    return hashlib.sha256(np.ascontiguousarray(host)).hexdigest()
+
+
+def describe(view) -> dict:
+    on_gpu = isinstance(view, cupy.ndarray)
+    return {"sha": sha(view), "type": "cupy" if on_gpu else "numpy",
+            "gpu": view.device.id if on_gpu else None, "shape": list(view.shape)}
+
+
+def main(op, *args):
+    if op == "put":
+        size, seed, how = int(args[0]), args[1], args[2]
+        device = args[3] if len(args) > 3 else "cuda"
+        data = random_bytes(size, seed)
+        if how == "empty":
+            out = faastube.empty(size, "uint8", device=device)
+            with out.device:
+                out.set(data)
+            ref = faastube.seal(out)
+        elif how == "cupy":
+            with cupy.cuda.Device(int(device[5:]) if device.startswith("cuda:") else 0):
+                ref = faastube.put(cupy.asarray(data))
+        elif how == "torch":
+            import torch
+            ref = faastube.put(torch.from_numpy(data).to("cuda"))
+        else:
+            raise SystemExit(f"unknown way to put: {how}")
+        report(ref=ref, sha=hashlib.sha256(data).hexdigest())
+    elif op == "get":
+        device = args[1] if len(args) > 1 else None
+        report(**describe(faastube.get(json.loads(args[0]), device=device)))
+    elif op == "torch-get":
+        import torch
+        tensor = torch.from_dlpack(faastube.get(json.loads(args[0])))
+        report(sha=hashlib.sha256(tensor.cpu().numpy()).hexdigest(), device=str(tensor.device))
+    elif op == "hold":
+        view = faastube.get(json.loads(args[0]))
+        report(**describe(view))
+        sys.stdin.read()
+        report(sha_after=sha(view))
+    elif op == "slow-seal":
+        size, rounds = int(args[0]), int(args[1])
+        out = faastube.empty(size, "uint8", device="cuda")
+        out.fill(0)
+        for _ in range(rounds):          # queued, not waited for: seal must wait for them
+            out += 1
+        report(ref=faastube.seal(out), sha=hashlib.sha256(np.full(size, rounds % 256, np.uint8)).hexdigest())
+    elif op == "pending":
+        out = faastube.empty(int(args[0]), "uint8", device="cuda")
+        out[: out.size // 2] = 7
+        report(ref=faastube.ref_of(out))
+        sys.stdin.read()
+    else:
+        raise SystemExit(f"unknown op {op}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
