@@ -36,7 +36,7 @@ TARGETS = {"same_gpu_p50_us": 100, "peer_share": 0.85, "h2d_share": 0.90,
 
 # -- the consumer process ---------------------------------------------------------------
 
-def consumer() -> None:
+def serve_consumer() -> None:
     """Answers one JSON command per stdin line with one JSON line."""
     import cupy
     import redis
@@ -49,15 +49,21 @@ def consumer() -> None:
         op = command["op"]
         if op == "get":
             times, checksum = [], None
+            start = time.perf_counter()
+            del_first = faastube.get(command["ref"], device=command.get("device"))
+            first = time.perf_counter() - start      # maps the slab if this process has not yet
+            del del_first
             for i in range(command["n"]):
                 start = time.perf_counter()
                 view = faastube.get(command["ref"], device=command.get("device"))
                 times.append(time.perf_counter() - start)
-                if i == 0:
-                    checksum = int(view.sum(dtype=np.uint64)) if isinstance(view, np.ndarray) \
-                        else int(view.sum(dtype=cupy.uint64).get())
+                if i == 0 and isinstance(view, np.ndarray):
+                    checksum = int(view.sum(dtype=np.uint64))
+                elif i == 0:
+                    with view.device:
+                        checksum = int(view.sum(dtype=cupy.uint64).get())
                 del view
-            print(json.dumps({"times": times, "checksum": checksum}), flush=True)
+            print(json.dumps({"times": times, "first": first, "checksum": checksum}), flush=True)
         elif op == "handoff":
             mode = command["mode"]
             if mode == "faastube":
@@ -113,6 +119,8 @@ def timed(fn, repeat: int) -> float:
 
 
 def raw_limits(size: int, gpus: int) -> dict:
+    """GB/s of plain CuPy copies of ``size`` bytes (median of 5), the limits our paths are
+    measured against: the same size, the same run."""
     import cupy
     out = {}
     with cupy.cuda.Device(0):
@@ -150,20 +158,25 @@ def raw_limits(size: int, gpus: int) -> dict:
                 cupy.cuda.runtime.memcpyPeerAsync(target.data.ptr, 1, device.data.ptr, 0, size, peer_stream.ptr)
                 peer_stream.synchronize()
             out["peer_GBps"] = size / timed(peer, 5) / 1e9
+            del target
         cupy.cuda.runtime.setDevice(0)
+    del device, other, pinned
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
     return out
 
 
 # -- get latency and bandwidth by size and path -------------------------------------------
 
-def gets(consumer: Consumer, sizes, gpus: int, quick: bool) -> list[dict]:
+def gets(consumer: Consumer, controller, sizes, gpus: int, quick: bool) -> list[dict]:
     import cupy
 
     import faastube
     rows = []
     for size in sizes:
-        n = 5 if size >= 256 * MB else 20 if size >= 16 * MB else 200
-        n = max(3, n // 4) if quick else n
+        limits = raw_limits(size, gpus) if size >= MB else {}
+        copies = 10 if size >= 256 * MB else 40 if size >= 16 * MB else 200
+        copies = max(3, copies // 4) if quick else copies
         host = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
         expected = int(host.sum(dtype=np.uint64))
         with cupy.cuda.Device(0):
@@ -175,12 +188,23 @@ def gets(consumer: Consumer, sizes, gpus: int, quick: bool) -> list[dict]:
         if gpus > 1:
             paths.insert(1, ("GPU0 → GPU1 (NVLink)", gpu_ref, "cuda:1", "peer_GBps"))
         for name, ref, device, limit in paths:
+            n = copies if limit else 50 if quick else 200       # a zero-copy get is cheap at any size
+            before = controller.status().get("links", {})
             answer = consumer.ask(op="get", ref=ref, device=device, n=n)
+            after = controller.status().get("links", {})
+            moved = busy = 0.0
+            for link, stats in after.items():
+                moved += stats["bytes"] - before.get(link, {}).get("bytes", 0)
+                busy += stats["busy_s"] - before.get(link, {}).get("busy_s", 0.0)
             times = sorted(answer["times"])
             p50 = statistics.median(times)
+            gbps = size / p50 / 1e9 if limit else None
             rows.append({"path": name, "size": size, "n": n, "p50_us": p50 * 1e6,
                          "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6,
-                         "GBps": size / p50 / 1e9 if limit else None, "limit_key": limit,
+                         "first_us": answer["first"] * 1e6, "GBps": gbps,
+                         "engine_GBps": moved / busy / 1e9 if busy else None,
+                         "raw_GBps": limits.get(limit), "share_of_raw":
+                             gbps / limits[limit] if gbps and limit in limits else None,
                          "correct": answer["checksum"] == expected})
         faastube.delete(gpu_ref)
         faastube.delete(host_ref)
@@ -203,7 +227,7 @@ def handoffs(consumer: Consumer, redis_url: str, size: int, runs: int) -> dict:
     results = {}
     try:
         for mode in ("faastube", "shm", "redis"):
-            samples, correct = [], True
+            samples, producer_side, correct = [], [], True
             for run in range(runs + 1):
                 cupy.cuda.runtime.deviceSynchronize()
                 start = time.perf_counter()
@@ -215,13 +239,16 @@ def handoffs(consumer: Consumer, redis_url: str, size: int, runs: int) -> dict:
                 else:
                     data.get(out=shm)                    # GPU → host, pageable
                     command = {"path": path, "size": size}
+                sent = time.perf_counter()
                 answer = consumer.ask(op="handoff", mode=mode, **command)
                 if run:                                  # the first run is the warm-up
                     samples.append(answer["done"] - start)
+                    producer_side.append(sent - start)
                 correct &= answer["checksum"] == expected
                 if mode == "faastube":
                     faastube.delete(command["ref"])
-            results[mode] = {"p50_ms": statistics.median(samples) * 1e3, "runs": runs, "correct": correct}
+            results[mode] = {"p50_ms": statistics.median(samples) * 1e3, "runs": runs, "correct": correct,
+                             "producer_p50_ms": statistics.median(producer_side) * 1e3}
     finally:
         os.unlink(path)
         store.delete("bench")
@@ -237,7 +264,7 @@ def main() -> int:
     parser.add_argument("--out", help="JSON results file (default bench/results/gpu_bench-<time>.json)")
     args = parser.parse_args()
     if args.role == "consumer":
-        consumer()
+        serve_consumer()
         return 0
 
     import cupy
@@ -258,25 +285,21 @@ def main() -> int:
             faastube.connect(socket=controller.socket, namespace="bench")
             env = {**controller.env, "FAASTUBE_NAMESPACE": "bench"}
             consumer = Consumer(env)
-            print("measuring raw copy limits …", flush=True)
-            limits = raw_limits(GB, gpus)
-            print("measuring gets by size and path …", flush=True)
-            rows = gets(consumer, sizes, gpus, args.quick)
+            print("measuring gets by size and path, and the raw copy limits per size …", flush=True)
+            rows = gets(consumer, controller, sizes, gpus, args.quick)
             print("measuring the 64 MB hand-off …", flush=True)
-            handoff = handoffs(consumer, store.url, 64 * MB, 3 if args.quick else 5)
+            handoff = handoffs(consumer, store.url, 64 * MB, 3 if args.quick else 10)
         finally:
             if consumer is not None:
                 consumer.close()
             faastube.sdk.client().close()
             controller.stop()
-    for row in rows:
-        row["share_of_limit"] = row["GBps"] / limits[row["limit_key"]] if row["limit_key"] in limits else None
 
     card = devices.name(0)
     result = {"benchmark": "gpu_bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
                           "cupy": cupy.__version__, "cpus": os.cpu_count()},
-              "raw_limits": limits, "gets": rows, "handoff_64MB": handoff, "targets": TARGETS}
+              "gets": rows, "handoff_64MB": handoff, "targets": TARGETS}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"gpu_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -284,17 +307,25 @@ def main() -> int:
         json.dump(result, file, indent=2)
 
     print(f"\n== table ({card} ×{gpus}, {result['date']})")
-    print("raw: " + ", ".join(f"{k} {v:.1f}" for k, v in limits.items()))
-    print(f"{'path':<24}{'size':>10}{'p50 µs':>12}{'p99 µs':>12}{'GB/s':>9}{'of raw':>8}  ok")
+    print("get = one faastube.get in a consumer process, warm (its first get of a slab maps it:"
+          " 'first'); raw = a plain CuPy copy of the same size, this run")
+    print("GB/s = size / get p50 (control round trip included); engine = the controller's copy "
+          "alone (its link counters); share = GB/s / raw")
+    print(f"{'path':<24}{'size':>8}{'p50 µs':>10}{'p99 µs':>10}{'first µs':>10}{'GB/s':>8}"
+          f"{'engine':>8}{'raw GB/s':>10}{'share':>7}  ok")
     for row in rows:
         size = f"{row['size'] // GB} GB" if row["size"] >= GB else f"{row['size'] // MB} MB" \
             if row["size"] >= MB else f"{row['size'] // KB} KB"
         gbps = f"{row['GBps']:.1f}" if row["GBps"] else "—"
-        share = f"{row['share_of_limit']:.0%}" if row["share_of_limit"] else "—"
-        print(f"{row['path']:<24}{size:>10}{row['p50_us']:>12.1f}{row['p99_us']:>12.1f}{gbps:>9}{share:>8}  "
+        raw = f"{row['raw_GBps']:.1f}" if row["raw_GBps"] else "—"
+        share = f"{row['share_of_raw']:.0%}" if row["share_of_raw"] else "—"
+        engine = f"{row['engine_GBps']:.1f}" if row["engine_GBps"] else "—"
+        print(f"{row['path']:<24}{size:>8}{row['p50_us']:>10.1f}{row['p99_us']:>10.1f}"
+              f"{row['first_us']:>10.1f}{gbps:>8}{engine:>8}{raw:>10}{share:>7}  "
               f"{'yes' if row['correct'] else 'NO'}")
     ours = handoff["faastube"]["p50_ms"]
-    print(f"64 MB hand-off p50: FaaSTube {ours:.3f} ms, host shm {handoff['shm']['p50_ms']:.1f} ms "
+    print(f"64 MB hand-off p50 (producer side): FaaSTube {ours:.3f} ms "
+          f"({handoff['faastube']['producer_p50_ms']:.3f}), host shm {handoff['shm']['p50_ms']:.1f} ms "
           f"({handoff['shm']['p50_ms'] / ours:.0f}×), Redis {handoff['redis']['p50_ms']:.1f} ms "
           f"({handoff['redis']['p50_ms'] / ours:.0f}×); correct: "
           f"{all(h['correct'] for h in handoff.values())}")

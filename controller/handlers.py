@@ -126,6 +126,8 @@ class Handlers:
                                  "root; declare your namespace to see it")
         reply = self.table.status(session)
         reply.update(node=self.node, epoch=self.epoch)
+        if self.transfers is not None and session.admin:
+            reply["links"] = self.transfers.link_stats()
         return reply, []
 
     def ping(self, session: Session, request: protocol.Ping):

@@ -39,3 +39,8 @@ class TransferEngine:
             link["bytes"] += src.nbytes
             link["transfers"] += 1
             link["busy_s"] += elapsed
+
+    def link_stats(self) -> dict:
+        """Per link ("host→GPU-…", "GPU-…→GPU-…"): bytes moved, transfers, seconds busy."""
+        with self._lock:
+            return {name: dict(link) for name, link in self.links.items()}

@@ -44,6 +44,10 @@ def render_status(status: dict) -> str:
             f"pool {pool.get('name', pool['device'])}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
             f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
             f"limit {format_size(pool['limit'])}")
+    for name, link in sorted(status.get("links", {}).items()):
+        rate = link["bytes"] / link["busy_s"] / 1e9 if link["busy_s"] else 0.0
+        lines.append(f"link {name}: {format_size(link['bytes'])} in {link['transfers']} transfers, "
+                     f"busy {link['busy_s']:.3f} s ({rate:.1f} GB/s while busy)")
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
               "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]

@@ -341,7 +341,9 @@ class Client:
         """A CuPy array over a GPU object (Note [GPU views])."""
         import cupy
         slab = self._slabs[reply["slab"]]
-        mapping = slab.writable if writable else slab.readable
+        # A process that wrote in a slab reads through its read-write mapping: the controller
+        # sends each slab's descriptor once, the writer's when it is a writer first.
+        mapping = slab.writable if writable else slab.readable or slab.writable
         start = mapping.address + reply["offset"]
         holder = _GpuLease(mapping)
         memory = cupy.cuda.UnownedMemory(start, max(reply["nbytes"], 1), holder, device_id=mapping.ordinal)

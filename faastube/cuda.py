@@ -19,6 +19,7 @@ Import is cheap and safe without a GPU: :func:`available` says whether CUDA can 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -66,14 +67,20 @@ class Devices:
         self._contexts: dict[int, object] = {}
         self._lock = threading.Lock()
 
-    def context(self, ordinal: int):
-        """The device's primary context (the one CuPy and PyTorch use), made current."""
+    @contextlib.contextmanager
+    def current(self, ordinal: int):
+        """Run the block with the device's primary context (the one CuPy and PyTorch use)
+        current, then restore the caller's: a library call must never change which GPU the
+        caller's CuPy or PyTorch code runs on."""
         with self._lock:
             ctx = self._contexts.get(ordinal)
             if ctx is None:
                 ctx = self._contexts[ordinal] = _check(cu.cuDevicePrimaryCtxRetain(self.handles[ordinal]))
-        _check(cu.cuCtxSetCurrent(ctx))
-        return ctx
+        _check(cu.cuCtxPushCurrent(ctx))
+        try:
+            yield ctx
+        finally:
+            cu.cuCtxPopCurrent()
 
     def ordinal(self, uuid: str) -> int:
         try:
@@ -156,20 +163,26 @@ def _access(ordinals, writable: bool):
 
 
 class VmmMapping:
-    """A VMM allocation mapped into this process's address space.
+    """A VMM allocation mapped into this process's address space, accessible from every GPU
+    that can reach it (so the controller's copies run peer to peer, and a function's kernels
+    may read a peer GPU's array as CuPy and PyTorch allow).
 
-    The controller creates allocations (:meth:`create`) and maps them for every GPU that can
-    reach them, so its copies run peer to peer; a function imports a descriptor
-    (:meth:`import_fd`) and maps it for its own GPU only. :meth:`close` unmaps and drops this
-    process's reference; the memory lives on while another process maps it."""
+    The controller creates allocations (:meth:`create`); a function imports a descriptor
+    (:meth:`import_fd`). :meth:`close` unmaps and drops this process's reference; the memory
+    lives on while another process maps it."""
 
     def __init__(self, handle, size: int, ordinal: int, access_ordinals, writable: bool):
         self.handle, self.size, self.ordinal = handle, size, ordinal
-        devs = devices()
-        devs.context(ordinal)
+        self._closed = True             # until mapped: nothing for close() to undo
+        with devices().current(ordinal):
+            self._map(access_ordinals, writable)
+        self._closed = False
+
+    def _map(self, access_ordinals, writable: bool) -> None:
+        size = self.size
         self.ptr = _check(cu.cuMemAddressReserve(size, 0, 0, 0))
         try:
-            _check(cu.cuMemMap(self.ptr, size, 0, handle, 0))
+            _check(cu.cuMemMap(self.ptr, size, 0, self.handle, 0))
             try:
                 descs = _access(access_ordinals, writable)
                 try:
@@ -179,7 +192,7 @@ class VmmMapping:
                     if writable:
                         raise
                     # Not every driver maps device memory read-only; readers then get a
-                    # read-write mapping and the SDK's read-only arrays are the guard.
+                    # read-write mapping (``read_only`` says which), as docs/sdk.md warns.
                     descs = _access(access_ordinals, True)
                     _check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
                     self.read_only = False
@@ -189,7 +202,6 @@ class VmmMapping:
         except BaseException:
             cu.cuMemAddressFree(self.ptr, size)
             raise
-        self._closed = False
 
     @property
     def address(self) -> int:
@@ -200,8 +212,8 @@ class VmmMapping:
         """A new allocation on GPU ``ordinal``, mapped read-write for every GPU that can
         reach it, and a file descriptor exporting it (the caller owns the descriptor)."""
         devs = devices()
-        devs.context(ordinal)
-        handle = _check(cu.cuMemCreate(size, _allocation_prop(ordinal), 0))
+        with devs.current(ordinal):
+            handle = _check(cu.cuMemCreate(size, _allocation_prop(ordinal), 0))
         try:
             fd = int(_check(cu.cuMemExportToShareableHandle(
                 handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)))
@@ -221,13 +233,17 @@ class VmmMapping:
         devs = devices()
         try:
             ordinal = devs.ordinal(uuid)
-            devs.context(ordinal)
-            handle = _check(cu.cuMemImportFromShareableHandle(
-                fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR))
+            with devs.current(ordinal):
+                handle = _check(cu.cuMemImportFromShareableHandle(
+                    fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR))
         finally:
             os.close(fd)
+        # Every GPU that can reach this one gets access too: CuPy and PyTorch let a kernel on
+        # one GPU read another GPU's array when peer access is possible, and a VMM mapping
+        # grants access per device (cudaDeviceEnablePeerAccess does not cover it).
+        peers = [p for p in range(len(devs.uuids)) if devs.can_access_peer(p, ordinal)]
         try:
-            return cls(handle, size, ordinal, [ordinal], writable)
+            return cls(handle, size, ordinal, peers, writable)
         except BaseException:
             cu.cuMemRelease(handle)
             raise
@@ -235,10 +251,10 @@ class VmmMapping:
     def close(self) -> None:
         if not self._closed and cu is not None:
             self._closed = True
-            devices().context(self.ordinal)
-            cu.cuMemUnmap(self.ptr, self.size)
-            cu.cuMemAddressFree(self.ptr, self.size)
-            cu.cuMemRelease(self.handle)
+            with devices().current(self.ordinal):
+                cu.cuMemUnmap(self.ptr, self.size)
+                cu.cuMemAddressFree(self.ptr, self.size)
+                cu.cuMemRelease(self.handle)
 
     def __del__(self):
         try:
@@ -249,13 +265,14 @@ class VmmMapping:
 
 def register_host(address: int, size: int) -> None:
     """Pin host memory in place (page-locked, visible to every GPU) for full-speed copies."""
-    devices().context(0)
-    _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE))
+    with devices().current(0):
+        _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE))
 
 
 def unregister_host(address: int) -> None:
     if cu is not None:
-        cu.cuMemHostUnregister(address)
+        with devices().current(0):
+            cu.cuMemHostUnregister(address)
 
 
 class Streams:
@@ -269,9 +286,9 @@ class Streams:
         with self._lock:
             stream = self._streams.get(ordinal)
             if stream is None:
-                devices().context(ordinal)
-                stream = self._streams[ordinal] = _check(
-                    cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+                with devices().current(ordinal):
+                    stream = self._streams[ordinal] = _check(
+                        cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
             return stream
 
 
@@ -280,17 +297,17 @@ def copy(dst: int, src: int, nbytes: int, stream_ordinal: int, streams: Streams,
     """Copy ``nbytes`` between any two addresses the driver knows (device memory of any
     peer-mapped GPU, registered host memory), on ``stream_ordinal``'s stream; returns once
     the bytes have arrived. ``chunk`` > 0 splits the copy (the transfer engine's unit)."""
-    devices().context(stream_ordinal)
     stream = streams.on(stream_ordinal)
     step = chunk or nbytes or 1
-    for offset in range(0, nbytes, step):
-        _check(cu.cuMemcpyAsync(dst + offset, src + offset, min(step, nbytes - offset), stream))
-    _check(cu.cuStreamSynchronize(stream))
+    with devices().current(stream_ordinal):
+        for offset in range(0, nbytes, step):
+            _check(cu.cuMemcpyAsync(dst + offset, src + offset, min(step, nbytes - offset), stream))
+        _check(cu.cuStreamSynchronize(stream))
 
 
 def synchronize(uuid: str) -> None:
     """Wait for all work this process queued on GPU ``uuid``, on every stream: what a
     producer must do before sealing (faastube.sdk.seal)."""
     devs = devices()
-    devs.context(devs.ordinal(uuid))
-    _check(cu.cuCtxSynchronize())
+    with devs.current(devs.ordinal(uuid)):
+        _check(cu.cuCtxSynchronize())

@@ -58,7 +58,7 @@ def uuid(ordinal: int) -> str:
 @pytest.mark.parametrize("how", ["empty", "cupy", "torch"])
 def test_same_gpu_get_is_zero_copy(worker_env, controller, how):
     made = worker_env.run("gpu_function.py", "put", 3 * MB + 5, 11, how)
-    assert made["ref"]["device"] == uuid(0)
+    assert made["ref"]["device"] == uuid(0) and made["read_back"]
     used = pool(controller, uuid(0))["used"]
     got = worker_env.run("gpu_function.py", "get", json.dumps(made["ref"]))
     assert got == {"sha": made["sha"], "type": "cupy", "gpu": 0, "shape": [3 * MB + 5]}
@@ -103,6 +103,9 @@ def test_other_gpu_gets_a_copy_over_nvlink(worker_env, controller):
     got = worker_env.run("gpu_function.py", "get", json.dumps(made["ref"]),
                          env={"CUDA_VISIBLE_DEVICES": "1"})
     assert got["sha"] == made["sha"] and got["gpu"] == 0
+    # CuPy lets a kernel on GPU 0 read an array on GPU 1 (peer access): our mapping allows it.
+    got = worker_env.run("gpu_function.py", "peer-read", json.dumps(made["ref"]))
+    assert got == {"sum": made["sum"], "gpu": 1}
     wait_for(lambda: pool(controller, uuid(1))["used"] == 0, message="the replicas to be freed")
 
 

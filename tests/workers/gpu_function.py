@@ -5,6 +5,7 @@ tests/workers/function.py makes), so checksums compare across CPU and GPU functi
     gpu_function.py put SIZE SEED HOW [DEVICE]   HOW: empty (empty+write+seal), cupy, torch
     gpu_function.py get REF_JSON [DEVICE]        get; print sha256, array type, device
     gpu_function.py torch-get REF_JSON           get, torch.from_dlpack; print sha256
+    gpu_function.py peer-read REF_JSON           get on GPU 1, sum it with a kernel on GPU 0
     gpu_function.py hold REF_JSON                get, print sha256, keep the view until stdin
                                                  closes, then print sha256 again
     gpu_function.py slow-seal SIZE ROUNDS        empty, queue ROUNDS increment kernels, seal at once
@@ -58,10 +59,16 @@ def main(op, *args):
             ref = faastube.put(torch.from_numpy(data).to("cuda"))
         else:
             raise SystemExit(f"unknown way to put: {how}")
-        report(ref=ref, sha=hashlib.sha256(data).hexdigest())
+        again = faastube.get(ref)         # the producer reads its own object back
+        report(ref=ref, sha=hashlib.sha256(data).hexdigest(), sum=int(data.sum(dtype=np.uint64)),
+               read_back=sha(again) == hashlib.sha256(data).hexdigest())
     elif op == "get":
         device = args[1] if len(args) > 1 else None
         report(**describe(faastube.get(json.loads(args[0]), device=device)))
+    elif op == "peer-read":               # a kernel on GPU 0 reads an array on GPU 1
+        view = faastube.get(json.loads(args[0]), device="cuda:1")
+        with cupy.cuda.Device(0):
+            report(sum=int(view.sum(dtype=cupy.uint64).get()), gpu=view.device.id)
     elif op == "torch-get":
         import torch
         tensor = torch.from_dlpack(faastube.get(json.loads(args[0])))
