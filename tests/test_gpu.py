@@ -71,6 +71,26 @@ def test_torch_reads_the_same_memory_through_dlpack(worker_env):
     assert got == {"sha": made["sha"], "device": "cuda:0"}
 
 
+def test_gpu_arrays_in_an_action_result_become_refs(worker_env):
+    made = worker_env.run("gpu_function.py", "result", MB, 17)
+    result = made["result"]
+    assert result["n"] == 1 and result["c"]["device"] == result["t"][0]["device"] == uuid(0)
+    for ref in (result["c"], result["t"][0]):
+        assert worker_env.run("gpu_function.py", "get", json.dumps(ref))["sha"] == made["sha"]
+
+
+def test_gpus_are_named_by_the_uuids_nvml_reports():
+    pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
+    pynvml.nvmlInit()
+    try:
+        by_nvml = {pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                   for i in range(pynvml.nvmlDeviceGetCount())}
+    finally:
+        pynvml.nvmlShutdown()
+    by_nvml = {u.decode() if isinstance(u, bytes) else u for u in by_nvml}
+    assert set(cuda.devices().uuids) <= by_nvml
+
+
 def test_seal_publishes_only_finished_writes(worker_env):
     # 64 MiB incremented 200 times by queued kernels: without the seal's synchronise the
     # consumer would see a partial count.

@@ -36,3 +36,13 @@ def test_dockerfile_copies_files_that_exist_and_runs_our_cli(dockerfile):
     assert entrypoint, "the image's entrypoint must be a faastube subcommand"
     from faastube.cli import build_parser
     assert entrypoint.group(1) in build_parser()._subparsers._group_actions[0].choices
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES[:2], ids=lambda p: str(p.relative_to(ROOT)))
+def test_images_that_install_the_project_copy_every_package_it_declares(dockerfile):
+    # `pip install .` fails when a package pyproject.toml lists is missing from the context.
+    import tomllib
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {Path(source).name for sources in re.findall(r"^COPY\s+(.+)\s+\S+$", dockerfile.read_text(), re.MULTILINE)
+              for source in sources.split()}
+    assert set(packages) <= copied, f"{dockerfile.name} does not copy {set(packages) - copied}"

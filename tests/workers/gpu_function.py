@@ -5,6 +5,7 @@ tests/workers/function.py makes), so checksums compare across CPU and GPU functi
     gpu_function.py put SIZE SEED HOW [DEVICE]   HOW: empty (empty+write+seal), cupy, torch
     gpu_function.py get REF_JSON [DEVICE]        get; print sha256, array type, device
     gpu_function.py torch-get REF_JSON           get, torch.from_dlpack; print sha256
+    gpu_function.py result SIZE SEED             publish_arrays of a dict holding CuPy and torch
     gpu_function.py peer-read REF_JSON           get on GPU 1, sum it with a kernel on GPU 0
     gpu_function.py hold REF_JSON                get, print sha256, keep the view until stdin
                                                  closes, then print sha256 again
@@ -69,6 +70,13 @@ def main(op, *args):
         view = faastube.get(json.loads(args[0]), device="cuda:1")
         with cupy.cuda.Device(0):
             report(sum=int(view.sum(dtype=cupy.uint64).get()), gpu=view.device.id)
+    elif op == "result":                   # what an action returns: arrays become refs
+        import torch
+
+        from faastube.results import publish_arrays
+        data = random_bytes(args[0], args[1])
+        result = publish_arrays({"c": cupy.asarray(data), "t": [torch.from_numpy(data).cuda()], "n": 1})
+        report(result=result, sha=hashlib.sha256(data).hexdigest())
     elif op == "torch-get":
         import torch
         tensor = torch.from_dlpack(faastube.get(json.loads(args[0])))
