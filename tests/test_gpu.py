@@ -141,7 +141,7 @@ def test_eight_producers_and_consumers_at_once(worker_env, controller):
 
 
 def test_killed_producer_frees_its_unsealed_object(worker_env, controller):
-    producer = worker_env.start("gpu_function.py", "pending", 16 * MB)
+    producer = worker_env.start("function.py", "pending", 16 * MB, "cuda")
     ref = worker_env.read_json(producer, timeout=120)["ref"]
     assert pool(controller, uuid(0))["used"] >= 16 * MB
     producer.send_signal(signal.SIGKILL)

@@ -3,7 +3,8 @@
     function.py put SIZE SEED [CONSUMERS]   put SIZE random bytes; print ref and sha256
     function.py get REF_JSON                get; print sha256 of the bytes
     function.py hold REF_JSON               get, print sha256, keep the view until stdin closes
-    function.py pending SIZE                empty() and half-write, print ref, never seal
+    function.py pending SIZE [DEVICE]       empty() (on DEVICE, e.g. cuda) and half-write,
+                                            print ref, never seal
     function.py held-put SIZE SEED          put, print, then keep running until stdin closes
 """
 
@@ -39,7 +40,7 @@ def main(op, *args):
             sys.stdin.read()
             report(sha_after=hashlib.sha256(view).hexdigest())
     elif op == "pending":
-        out = faastube.empty(int(args[0]), "uint8")
+        out = faastube.empty(int(args[0]), "uint8", device=args[1] if len(args) > 1 else None)
         out[: out.size // 2] = 7
         report(ref=faastube.ref_of(out))
         sys.stdin.read()

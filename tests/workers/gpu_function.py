@@ -10,7 +10,6 @@ tests/workers/function.py makes), so checksums compare across CPU and GPU functi
     gpu_function.py hold REF_JSON                get, print sha256, keep the view until stdin
                                                  closes, then print sha256 again
     gpu_function.py slow-seal SIZE ROUNDS        empty, queue ROUNDS increment kernels, seal at once
-    gpu_function.py pending SIZE                 empty on the GPU, never seal, wait for stdin
 """
 
 import hashlib
@@ -21,14 +20,7 @@ import cupy
 import numpy as np
 
 import faastube
-
-
-def report(**fields):
-    print(json.dumps(fields), flush=True)
-
-
-def random_bytes(size, seed):
-    return np.random.default_rng(int(seed)).integers(0, 256, int(size), dtype=np.uint8)
+from function import random_bytes, report      # tests/workers/function.py, the CPU twin
 
 
 def sha(array) -> str:
@@ -93,11 +85,6 @@ def main(op, *args):
         for _ in range(rounds):          # queued, not waited for: seal must wait for them
             out += 1
         report(ref=faastube.seal(out), sha=hashlib.sha256(np.full(size, rounds % 256, np.uint8)).hexdigest())
-    elif op == "pending":
-        out = faastube.empty(int(args[0]), "uint8", device="cuda")
-        out[: out.size // 2] = 7
-        report(ref=faastube.ref_of(out))
-        sys.stdin.read()
     else:
         raise SystemExit(f"unknown op {op}")
 
