@@ -71,6 +71,14 @@ def test_torch_reads_the_same_memory_through_dlpack(worker_env):
     assert got == {"sha": made["sha"], "device": "cuda:0"}
 
 
+def test_jax_reads_the_same_memory_through_dlpack(worker_env):
+    pytest.importorskip("jax", reason="JAX is not installed")
+    made = worker_env.run("gpu_function.py", "put", MB, 18, "cupy")
+    got = worker_env.run("gpu_function.py", "jax-get", json.dumps(made["ref"]), timeout=180,
+                         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    assert got["sha"] == made["sha"] and "cuda" in got["device"].lower()
+
+
 def test_gpu_arrays_in_an_action_result_become_refs(worker_env):
     made = worker_env.run("gpu_function.py", "result", MB, 17)
     result = made["result"]

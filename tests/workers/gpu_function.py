@@ -5,6 +5,7 @@ tests/workers/function.py makes), so checksums compare across CPU and GPU functi
     gpu_function.py put SIZE SEED HOW [DEVICE]   HOW: empty (empty+write+seal), cupy, torch
     gpu_function.py get REF_JSON [DEVICE]        get; print sha256, array type, device
     gpu_function.py torch-get REF_JSON           get, torch.from_dlpack; print sha256
+    gpu_function.py jax-get REF_JSON             get, jax.dlpack.from_dlpack; print sha256
     gpu_function.py result SIZE SEED             publish_arrays of a dict holding CuPy and torch
     gpu_function.py peer-read REF_JSON           get on GPU 1, sum it with a kernel on GPU 0
     gpu_function.py hold REF_JSON                get, print sha256, keep the view until stdin
@@ -69,6 +70,10 @@ def main(op, *args):
         data = random_bytes(args[0], args[1])
         result = publish_arrays({"c": cupy.asarray(data), "t": [torch.from_numpy(data).cuda()], "n": 1})
         report(result=result, sha=hashlib.sha256(data).hexdigest())
+    elif op == "jax-get":
+        import jax.dlpack
+        array = jax.dlpack.from_dlpack(faastube.get(json.loads(args[0])))
+        report(sha=hashlib.sha256(np.asarray(array)).hexdigest(), device=str(array.devices()))
     elif op == "torch-get":
         import torch
         tensor = torch.from_dlpack(faastube.get(json.loads(args[0])))
