@@ -15,6 +15,7 @@ from faastube.cuda import HOST
 
 from .directory import Directory, redact
 from .handlers import Handlers, load_secrets
+from .metrics import RequestStats, serve_metrics
 from .objects import ObjectTable
 from .pool import Pool
 from .server import ControllerServer, bind_unix_socket
@@ -42,12 +43,18 @@ class Controller:
         self.transfers = TransferEngine() if self.gpus else None
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers)
         self.server: ControllerServer | None = None
+        self.stats = RequestStats()
+        self.metrics_server = None
         self._stop = threading.Event()
         self._swept_old_epochs = False
 
     def run(self) -> None:
         listener = bind_unix_socket(self.config.socket, self.config.socket_mode)
-        self.server = ControllerServer(listener, self.table, self.handlers)
+        self.server = ControllerServer(listener, self.table, self.handlers, self.stats)
+        if self.config.metrics_port:
+            self.metrics_server = serve_metrics(self.config.metrics_port, self.table, self.directory,
+                                                self.transfers, self.stats)
+            log.info("metrics on http://0.0.0.0:%d/metrics", self.config.metrics_port)
         log.info("faastube controller serving %s (node %s, epoch %s, redis %s)", self.config.socket,
                  self.config.node, self.epoch, redact(self.config.redis))
         for pool in self.pools:
@@ -69,6 +76,8 @@ class Controller:
     def shutdown(self) -> None:
         """Free everything; the directory learns that this node's objects are lost."""
         self._stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.table.shutdown()
         if not self.directory.flush(timeout_s=5.0):
             log.warning("could not write every queued change to Redis before stopping")

@@ -13,11 +13,13 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from faastube import protocol
 from faastube.errors import FaasTubeError, ProtocolError, to_wire
 
 from .handlers import Handlers
+from .metrics import RequestStats
 from .objects import ObjectTable, Session, WouldWait
 
 log = logging.getLogger("faastube.controller")
@@ -45,10 +47,12 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
 
 
 class ControllerServer:
-    def __init__(self, listener: socket.socket, table: ObjectTable, handlers: Handlers):
+    def __init__(self, listener: socket.socket, table: ObjectTable, handlers: Handlers,
+                 stats: RequestStats | None = None):
         self.listener = listener
         self.table = table
         self.handlers = handlers
+        self.stats = stats or RequestStats()
         self._stopping = threading.Event()
         self._admin_uids = {0, os.getuid()}
 
@@ -99,6 +103,7 @@ class ControllerServer:
     def _answer(self, conn, send_lock, session: Session, message: dict, envelope=None) -> None:
         """Answer one request; a get that must wait is answered later from a helper thread."""
         seq = message.get("seq") if isinstance(message.get("seq"), int) else None
+        started = time.perf_counter()
         fds = []
         try:
             if envelope is None:
@@ -122,6 +127,9 @@ class ControllerServer:
         finally:
             for fd, _info in fds:
                 os.close(fd)
+            op = message.get("op")
+            self.stats.observe(op if isinstance(op, str) and op in protocol.REQUESTS else "invalid",
+                               reply["ok"], time.perf_counter() - started)
 
     def _answer_quietly(self, conn, send_lock, session, message, envelope) -> None:
         try:

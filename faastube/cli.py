@@ -17,6 +17,7 @@ def _controller(args) -> int:
                              idle_release_s=args.idle_release, tombstone_ttl_s=args.tombstone_ttl,
                              secrets_file=args.secrets_file, gpus=args.gpus,
                              gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
+                             metrics_port=args.metrics_port,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "such as 50%% (FAASTUBE_GPU_POOL_LIMIT; default 50%%)")
     p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on PORT, all interfaces (FAASTUBE_METRICS_PORT; default off)")
     p.set_defaults(func=_controller)
 
     p = sub.add_parser("status", help="print pools, slabs, objects and bytes per namespace")

@@ -94,6 +94,7 @@ class Config:
     gpu_pool_limit: float = 0.5             # FAASTUBE_GPU_POOL_LIMIT: bytes per GPU, or a fraction ≤ 1 of its memory
     secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
+    metrics_port: int = 0                   # FAASTUBE_METRICS_PORT: Prometheus /metrics (0: off)
     # Client (SDK) side.
     namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
@@ -113,6 +114,7 @@ class Config:
         "gpu_pool_limit": ("FAASTUBE_GPU_POOL_LIMIT", parse_share),
         "secrets_file": ("FAASTUBE_SECRETS_FILE", str),
         "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
+        "metrics_port": ("FAASTUBE_METRICS_PORT", int),
         "namespace": ("FAASTUBE_NAMESPACE", str),
         "secret": ("FAASTUBE_SECRET", str),
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),

@@ -1,0 +1,54 @@
+"""The controller's Prometheus endpoint, scraped over real HTTP and parsed with
+prometheus_client's own parser."""
+
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from faastube.local import free_port
+
+METRICS_PORT = free_port()
+
+
+@pytest.fixture
+def controller_settings():
+    return {"metrics_port": METRICS_PORT}
+
+
+def scrape() -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_show_pools_objects_leases_and_requests(ft, controller):
+    refs = [ft.put(np.arange(1000, dtype=np.int64)) for _ in range(3)]
+    held = ft.get(refs[0])
+    pending = ft.empty(10, "uint8")
+    with pytest.raises(Exception):
+        ft.get({**refs[0], "id": "f" * 32})               # one failed request
+    m = scrape()
+    host = (("device", "host"), ("name", "host"))
+    assert m[("faastube_pool_reserved_bytes", host)] == 4 << 20          # one 4 MiB slab
+    assert m[("faastube_pool_used_bytes", host)] >= 3 * 8000 + 10
+    assert m[("faastube_pool_limit_bytes", host)] == 256 << 20
+    assert m[("faastube_objects", (("namespace", "test"), ("state", "sealed")))] == 3
+    assert m[("faastube_objects", (("namespace", "test"), ("state", "pending")))] == 1
+    assert m[("faastube_leases", (("namespace", "test"),))] == 2         # the view + the writer
+    assert m[("faastube_clients", (("namespace", "test"),))] == 1
+    assert m[("faastube_redis_up", ())] == 1
+    assert m[("faastube_requests_total", (("op", "create"), ("outcome", "ok")))] == 4
+    assert m[("faastube_requests_total", (("op", "get"), ("outcome", "ok")))] == 1
+    assert m[("faastube_requests_total", (("op", "get"), ("outcome", "error")))] == 1
+    assert m[("faastube_request_seconds_count", (("op", "get"),))] == 2
+    assert m[("faastube_request_seconds_bucket", (("le", "+Inf"), ("op", "create")))] == 4
+    assert m[("faastube_request_seconds_sum", (("op", "seal"),))] > 0
+    assert m[("process_open_fds", ())] > 0
+    del held, pending
