@@ -186,10 +186,11 @@ class ShimWorker(base.Worker):
     def _serve(self, listener, client: socket.socket, address):
         parse = _Parse(client, self.cfg)
         server = listener.getsockname()
-        keepalive = self.cfg.keepalive or None
+        # Idle between requests, or silent in the middle of one: either way the connection
+        # goes after the keep-alive time, so no slow client holds a thread.
+        client.settimeout(self.cfg.keepalive or None)
         try:
             while True:
-                client.settimeout(keepalive if parse.current is None else None)
                 try:
                     data = client.recv(RECV_SIZE)
                 except (TimeoutError, ConnectionError, OSError):
