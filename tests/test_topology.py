@@ -1,0 +1,88 @@
+"""Path planning over a node's links (controller/topology.py), on topologies built by hand:
+the 2-GPU NV18 machines of gpu-facts.md, and 4- and 8-GPU layouts with shared PCIe switches."""
+
+import pytest
+
+from controller.topology import HOST, Path, Topology, split
+
+PCIE, NVL = 55.0, 390.0
+
+
+def node(n, switch_of=lambda i: f"sw{i}", nvlink=lambda i, j: NVL):
+    gpus = tuple(f"GPU-{i}" for i in range(n))
+    return Topology(
+        gpus=gpus, pcie_GBps={g: PCIE for g in gpus},
+        nvlink_GBps={(a, b): nvlink(i, j) for i, a in enumerate(gpus) for j, b in enumerate(gpus)
+                     if i != j and nvlink(i, j)},
+        pcie_switch={g: switch_of(i) for i, g in enumerate(gpus)})
+
+
+def test_two_nvlinked_gpus_split_a_host_move_over_both_pcie_links():
+    topo = node(2)
+    assert topo.host_to_gpu("GPU-0") == [Path((HOST, "GPU-0"), PCIE),
+                                         Path((HOST, "GPU-1", "GPU-0"), PCIE)]
+    assert topo.gpu_to_host("GPU-0")[1] == Path(("GPU-0", "GPU-1", HOST), PCIE)
+
+
+def test_gpus_behind_the_targets_switch_or_a_used_one_are_not_routes():
+    # 4 GPUs on 2 switches (0,1 | 2,3): one route from the other switch only.
+    topo = node(4, switch_of=lambda i: f"sw{i // 2}")
+    assert [p.hops for p in topo.host_to_gpu("GPU-0")] == [(HOST, "GPU-0"), (HOST, "GPU-2", "GPU-0")]
+    # 8 GPUs on 4 switches: the direct link plus one route per other switch.
+    topo = node(8, switch_of=lambda i: f"sw{i // 2}")
+    assert [p.hops[1] for p in topo.host_to_gpu("GPU-0")] == ["GPU-0", "GPU-2", "GPU-4", "GPU-6"]
+
+
+def test_a_route_is_as_fast_as_its_slower_hop_and_no_nvlink_means_no_route():
+    topo = node(3, nvlink=lambda i, j: 20.0 if {i, j} == {0, 1} else 0.0)
+    assert topo.host_to_gpu("GPU-0") == [Path((HOST, "GPU-0"), PCIE), Path((HOST, "GPU-1", "GPU-0"), 20.0)]
+    assert topo.host_to_gpu("GPU-2") == [Path((HOST, "GPU-2"), PCIE)]
+
+
+def test_gpu_to_gpu_takes_the_direct_nvlink_when_it_is_strong():
+    assert node(4).gpu_to_gpu("GPU-0", "GPU-3") == [Path(("GPU-0", "GPU-3"), NVL)]
+
+
+def test_gpu_to_gpu_adds_relays_where_the_direct_link_is_weak_or_missing():
+    # Hybrid mesh: 0-1 has one slow link (under half the best relay), 0-2-1 and 0-3-1 are fast.
+    weak = node(4, nvlink=lambda i, j: 20.0 if {i, j} == {0, 1} else 50.0)
+    assert weak.gpu_to_gpu("GPU-0", "GPU-1") == [
+        Path(("GPU-0", "GPU-1"), 20.0), Path(("GPU-0", "GPU-2", "GPU-1"), 50.0),
+        Path(("GPU-0", "GPU-3", "GPU-1"), 50.0)]
+    half = node(4, nvlink=lambda i, j: 25.0 if {i, j} == {0, 1} else 50.0)
+    assert half.gpu_to_gpu("GPU-0", "GPU-1") == [Path(("GPU-0", "GPU-1"), 25.0)]
+    missing = node(3, nvlink=lambda i, j: 0.0 if {i, j} == {0, 1} else 50.0)
+    assert missing.gpu_to_gpu("GPU-0", "GPU-1") == [Path(("GPU-0", "GPU-2", "GPU-1"), 50.0)]
+    none = node(2, nvlink=lambda i, j: 0.0)
+    assert none.gpu_to_gpu("GPU-0", "GPU-1") == [Path(("GPU-0", HOST, "GPU-1"), PCIE)]
+
+
+def test_unknown_gpus_and_self_moves_are_refused():
+    with pytest.raises(ValueError, match="GPU-9 is not a GPU of this node"):
+        node(2).host_to_gpu("GPU-9")
+    with pytest.raises(ValueError, match="two different devices"):
+        node(2).gpu_to_gpu("GPU-0", "GPU-0")
+
+
+@pytest.mark.parametrize("nbytes, speeds, expected_counts", [
+    (10 * 4, [55.0, 55.0], [5, 5]),
+    (10 * 4, [30.0, 10.0], [8, 2]),                  # 7.5/2.5: the remainder goes to the faster
+    (10 * 4 - 3, [55.0, 55.0, 55.0], [4, 3, 3]),     # 10 chunks, the last one short
+    (0, [55.0], [0]),
+])
+def test_split_deals_every_byte_once_in_proportion(nbytes, speeds, expected_counts):
+    paths = [Path((HOST, f"GPU-{i}"), s) for i, s in enumerate(speeds)]
+    dealt = split(nbytes, paths, chunk=4)
+    assert [len(chunks) for chunks in dealt] == expected_counts
+    pieces = sorted(piece for chunks in dealt for piece in chunks)
+    assert sum(length for _off, length in pieces) == nbytes
+    assert all(a[0] + a[1] == b[0] for a, b in zip(pieces, pieces[1:]))   # contiguous, no overlap
+    for chunks in dealt:
+        assert chunks == sorted(chunks)                                    # each path in order
+
+
+def test_split_interleaves_paths_over_the_whole_range():
+    fast, slow = Path((HOST, "GPU-0"), 30.0), Path((HOST, "GPU-1", "GPU-0"), 10.0)
+    dealt = split(8 * 4, [fast, slow], chunk=4)
+    slow_chunks = [off // 4 for off, _ in dealt[1]]
+    assert len(slow_chunks) == 2 and slow_chunks[0] < 4 and slow_chunks[1] - slow_chunks[0] == 4
