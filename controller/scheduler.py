@@ -42,6 +42,7 @@ class Transfer:
     done: int = 0                 # bytes the link has completed
     credit: float = 0.0
     finished_at: float | None = None
+    payload: object = None        # what the executor needs to carry it (addresses)
 
     @property
     def deadline(self) -> float:
