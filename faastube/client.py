@@ -15,6 +15,14 @@ ends the lease exactly when the last of them is gone; the holder keeps the mappi
 so a slab the controller retires stays mapped while a view uses it. Arrays are found again
 (seal, release) by their device address.
 
+Note [Seal without waiting]: ``put`` sends its seal and returns the ref without waiting for
+the reply, saving a round trip per put. The controller answers a connection's requests in
+order, so this process's later requests see the object sealed, and another process's get
+that arrives first waits for the seal. ``put`` made the object itself a moment earlier, so
+the seal can only fail if the controller died or the object was freed meanwhile (its scope
+closed, its ttl ran out); such a failure is logged, and a consumer's get says precisely
+what happened to the object.
+
 Note [A finished process has consumed]: at a normal exit the client counts every array it
 still holds from ``get`` as consumed (Note [Consumers] in controller/objects.py); a process
 that dies of an unhandled exception or a signal consumes nothing, so a retry can get it.
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import logging
 import math
 import mmap
 import os
@@ -41,12 +50,13 @@ import weakref
 
 import numpy as np
 
-from . import protocol
+from . import cuda, protocol
 from .config import Config
-from . import cuda
 from .errors import (ControllerUnavailableError, FaasTubeError, InvalidStateError,
                      NotAnArrayError, from_wire)
 from .refs import dtype_name
+
+log = logging.getLogger("faastube")
 
 RELEASE_DELAY_S = 0.002       # let queued releases ride on the next request first
 READ_TICK_S = 0.25            # how often a waiting reader re-checks its deadline
@@ -150,6 +160,7 @@ class Client:
         self._reading = False
         self._replies: dict[int, dict] = {}
         self._abandoned: set[int] = set()
+        self._unawaited: set[int] = set()   # Note [Seal without waiting]
         self._seq = 0
 
     # -- connection -----------------------------------------------------------------------
@@ -192,6 +203,7 @@ class Client:
             self._sock = self._reader = None
             self._replies.clear()
             self._abandoned.clear()
+            self._unawaited.clear()
             self._state.notify_all()
 
     def _after_fork(self) -> None:
@@ -229,6 +241,23 @@ class Client:
             seq = self._send(request)
         timeout = wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S
         return self._wait(seq, generation, timeout)
+
+    def send_only(self, request) -> None:
+        """Send a request whose reply nobody waits for (Note [Seal without waiting])."""
+        if os.getpid() != self._pid:
+            self._after_fork()
+        with self._send_lock:
+            if self._sock is None:
+                self._connect()
+            seq = self._seq + 1                          # the seq _send is about to use
+            with self._state:
+                self._unawaited.add(seq)
+            try:
+                self._send(request)
+            except BaseException:
+                with self._state:
+                    self._unawaited.discard(seq)
+                raise
 
     def _send(self, request) -> int:
         """Frame and send a request (send lock held); returns its seq."""
@@ -301,6 +330,11 @@ class Client:
                 self._abandoned.discard(seq)
                 if reply.get("ok") and "lease" in reply:
                     self._releases.append((reply["lease"], "abandon"))
+            elif seq in self._unawaited:
+                self._unawaited.discard(seq)
+                if not reply.get("ok"):
+                    log.warning("a request the SDK did not wait for failed: %s: %s",
+                                reply.get("error"), reply.get("message"))
             else:
                 self._replies[seq] = reply
 
@@ -373,8 +407,12 @@ class Client:
                 return lease, object_id, device
         return None
 
-    def seal(self, object_id: str, drop_writer: bool = False) -> None:
-        self.request(protocol.Seal(object_id, drop_writer))
+    def seal(self, object_id: str, drop_writer: bool = False, wait: bool = True) -> None:
+        """Seal an object; ``wait=False``: Note [Seal without waiting]."""
+        if wait:
+            self.request(protocol.Seal(object_id, drop_writer))
+        else:
+            self.send_only(protocol.Seal(object_id, drop_writer))
 
     def writer_of(self, array) -> tuple[np.ndarray | None, str, str]:
         """(flat base, object id, device) of an array returned by ``create`` (or a view of

@@ -97,7 +97,7 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     target, object_id, _lease = conn.create(array.shape, dtype, consumers, ttl, scope, track=False)
     np.copyto(target, array, casting="no")
     del target   # Note [Leases pin memory]: drop the writer's view before its lease ends
-    conn.seal(object_id, drop_writer=True)
+    conn.seal(object_id, drop_writer=True, wait=False)     # Note [Seal without waiting]
     return make_ref(object_id, array.shape, dtype)
 
 
@@ -113,7 +113,7 @@ def _put_gpu(array, consumers, ttl, scope) -> dict:
         cupy.copyto(target, source, casting="no")
     cuda.synchronize(device)          # Note [Seal publishes finished writes]
     del target
-    conn.seal(object_id, drop_writer=True)
+    conn.seal(object_id, drop_writer=True, wait=False)     # Note [Seal without waiting]
     return make_ref(object_id, source.shape, dtype, device)
 
 

@@ -281,3 +281,20 @@ def test_an_abandoned_lease_ends_without_consuming(ft, controller):
     conn.request(protocol.Release())
     assert controller.leases() == 0
     assert ft.get(ref).tolist() == [0, 1, 2]      # not consumed: still there
+
+
+def test_put_does_not_wait_for_its_seal_yet_every_later_get_sees_it_sealed(ft, worker_env):
+    # Note [Seal without waiting]: the same connection answers in order; another process's
+    # get either finds it sealed or waits for the seal.
+    for i in range(20):
+        ref = ft.put(np.full(1000, i, np.int32))
+        assert int(ft.get(ref).sum()) == 1000 * i
+    got = worker_env.run("function.py", "get", json.dumps(ft.put(np.arange(256, dtype=np.uint8))))
+    assert got["shape"] == [256]
+
+
+def test_a_request_nobody_waits_for_that_fails_is_logged(ft, controller, caplog):
+    conn = sdk.client()
+    conn.seal("0" * 32, wait=False)              # no such object: the controller says so
+    conn.request(protocol.Ping())                # reading this reply reads the seal's first
+    assert any("did not wait for failed: UnknownObjectError" in r.getMessage() for r in caplog.records)
