@@ -349,8 +349,10 @@ class ObjectTable:
             for session in [s for s in self._orphans if s.exited()]:
                 self._orphans.remove(session)
                 self._end_session_leases(session)
-            for pool in self.pools.values():
-                pool.retire_idle(now)
+            retired = [slab for pool in self.pools.values()
+                       for slab in pool.retire_idle(now, close=False)]
+        for slab in retired:            # out of the lock: requests go on meanwhile
+            slab.close()
 
     def shutdown(self) -> None:
         with self.lock:

@@ -67,14 +67,17 @@ class Pool:
         if slab.allocator.empty:
             slab.empty_since = time.monotonic()
 
-    def retire_idle(self, now: float | None = None, idle_s: float | None = None) -> list[MemfdSlab]:
-        """Retire slabs empty for at least ``idle_s`` (default: the pool's idle time)."""
+    def retire_idle(self, now: float | None = None, idle_s: float | None = None,
+                    close: bool = True) -> list[MemfdSlab]:
+        """Retire slabs empty for at least ``idle_s`` (default: the pool's idle time). With
+        ``close=False`` the caller closes them (outside its lock: unmapping and unpinning a
+        large slab takes milliseconds)."""
         now = time.monotonic() if now is None else now
         idle_s = self.idle_release_s if idle_s is None else idle_s
         retired = [s for s in self.slabs.values()
                    if s.empty_since is not None and now - s.empty_since >= idle_s]
         for slab in retired:
-            self._retire(slab)
+            self._retire(slab, close)
         return retired
 
     def close(self) -> list[MemfdSlab]:
@@ -104,11 +107,12 @@ class Pool:
         self.slabs_created += 1
         return slab
 
-    def _retire(self, slab: MemfdSlab) -> None:
+    def _retire(self, slab: MemfdSlab, close: bool = True) -> None:
         del self.slabs[slab.id]
         self.reserved -= slab.size
         self.slabs_retired += 1
-        slab.close()
+        if close:
+            slab.close()
         self.on_retire(slab)
 
     def stats(self) -> dict:
