@@ -11,6 +11,7 @@ import threading
 
 from faastube import cuda
 from faastube.config import Config, format_size
+from faastube.errors import InvalidArgumentError
 from faastube.cuda import HOST
 
 from .directory import Directory, redact
@@ -49,12 +50,17 @@ class Controller:
         self._swept_old_epochs = False
 
     def run(self) -> None:
+        if self.config.metrics_port:
+            try:
+                self.metrics_server = serve_metrics(self.config.metrics_port, self.table,
+                                                    self.directory, self.transfers, self.stats)
+            except OSError as exc:
+                raise InvalidArgumentError(
+                    f"cannot serve metrics on port {self.config.metrics_port} ({exc.strerror or exc}): "
+                    f"choose another --metrics-port / FAASTUBE_METRICS_PORT") from None
+            log.info("metrics on http://0.0.0.0:%d/metrics", self.config.metrics_port)
         listener = bind_unix_socket(self.config.socket, self.config.socket_mode)
         self.server = ControllerServer(listener, self.table, self.handlers, self.stats)
-        if self.config.metrics_port:
-            self.metrics_server = serve_metrics(self.config.metrics_port, self.table, self.directory,
-                                                self.transfers, self.stats)
-            log.info("metrics on http://0.0.0.0:%d/metrics", self.config.metrics_port)
         log.info("faastube controller serving %s (node %s, epoch %s, redis %s)", self.config.socket,
                  self.config.node, self.epoch, redact(self.config.redis))
         for pool in self.pools:

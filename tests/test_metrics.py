@@ -1,6 +1,9 @@
 """The controller's Prometheus endpoint, scraped over real HTTP and parsed with
 prometheus_client's own parser."""
 
+import socket
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -9,16 +12,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from faastube.local import free_port
 
-METRICS_PORT = free_port()
+
+@pytest.fixture
+def metrics_port():
+    return free_port()
 
 
 @pytest.fixture
-def controller_settings():
-    return {"metrics_port": METRICS_PORT}
+def controller_settings(metrics_port):
+    return {"metrics_port": metrics_port}
 
 
-def scrape() -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as response:
+def scrape(port) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
     samples = {}
@@ -28,13 +34,13 @@ def scrape() -> dict:
     return samples
 
 
-def test_metrics_show_pools_objects_leases_and_requests(ft, controller):
+def test_metrics_show_pools_objects_leases_and_requests(ft, controller, metrics_port):
     refs = [ft.put(np.arange(1000, dtype=np.int64)) for _ in range(3)]
     held = ft.get(refs[0])
     pending = ft.empty(10, "uint8")
     with pytest.raises(Exception):
         ft.get({**refs[0], "id": "f" * 32})               # one failed request
-    m = scrape()
+    m = scrape(metrics_port)
     host = (("device", "host"), ("name", "host"))
     assert m[("faastube_pool_reserved_bytes", host)] == 4 << 20          # one 4 MiB slab
     assert m[("faastube_pool_used_bytes", host)] >= 3 * 8000 + 10
@@ -52,3 +58,17 @@ def test_metrics_show_pools_objects_leases_and_requests(ft, controller):
     assert m[("faastube_request_seconds_sum", (("op", "seal"),))] > 0
     assert m[("process_open_fds", ())] > 0
     del held, pending
+
+
+def test_a_metrics_port_in_use_stops_the_controller_with_a_clear_error(tmp_path, redis_server):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "faastube.cli", "controller", "--socket", str(tmp_path / "c.sock"),
+             "--redis", redis_server.url, "--gpus", "none", "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot serve metrics on port {port}" in result.stderr
+    assert not (tmp_path / "c.sock").exists()
