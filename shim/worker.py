@@ -62,13 +62,12 @@ DATE = _Date()
 
 
 class Request:
-    __slots__ = ("method", "url", "headers", "body", "version", "keep_alive", "expect_continue")
+    __slots__ = ("method", "url", "headers", "body", "version", "keep_alive")
 
     def __init__(self):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
-        self.expect_continue = False
 
 
 class TooLarge(Exception):
@@ -161,7 +160,6 @@ class ShimWorker(base.Worker):
                     client, address = listener.accept()
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue
-                client.setblocking(True)
                 if client.family in (socket.AF_INET, socket.AF_INET6):
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with self._state:
@@ -193,7 +191,7 @@ class ShimWorker(base.Worker):
             while True:
                 try:
                     data = client.recv(RECV_SIZE)
-                except (TimeoutError, ConnectionError, OSError):
+                except OSError:                  # timed out, reset, or shut down by _drain
                     return
                 if not data:
                     return
@@ -248,17 +246,15 @@ class ShimWorker(base.Worker):
                 self._send(client, status, payload, b"application/json", close=close)
             else:
                 self._wsgi(request, body, client, address, server, close)
-        except (ConnectionError, BrokenPipeError):
+        except ConnectionError:
             raise
         except Exception:
             self.log.exception("Error handling %s %s", request.method, request.url)
             self._send(client, 500, b"Internal Server Error\n", b"text/plain", close=True)
 
     def _send(self, client, status: int, payload: bytes, content_type: bytes, close: bool):
-        head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nDate: %s\r\nContent-Length: %d\r\n%s\r\n"
-                % (status, reason(status).encode(), content_type, DATE.value(), len(payload),
-                   b"Connection: close\r\n" if close else b""))
-        client.sendall(head + payload)
+        _write(client, b"%d %s" % (status, reason(status).encode()),
+               b"Content-Type: " + content_type, payload, len(payload), close)
 
     def _wsgi(self, request: Request, body: bytes, client, address, server, close: bool):
         environ = self._environ(request, body, address, server)
@@ -277,19 +273,14 @@ class ShimWorker(base.Worker):
             if hasattr(result, "close"):
                 result.close()
         status, headers = response
-        lines = [f"HTTP/1.1 {status}".encode("latin-1")]
-        length = None
+        fields, length = [], len(payload)
         for name, value in headers:
             lowered = name.lower()
             if lowered == "content-length":
-                length = value
+                length = int(value)
             elif lowered not in ("connection", "date", "transfer-encoding"):
-                lines.append(f"{name}: {value}".encode("latin-1"))
-        lines.append(b"Date: " + DATE.value())
-        lines.append(b"Content-Length: " + (length or str(len(payload))).encode("latin-1"))
-        if close:
-            lines.append(b"Connection: close")
-        client.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + payload)
+                fields.append(f"{name}: {value}".encode("latin-1"))
+        _write(client, status.encode("latin-1"), b"\r\n".join(fields), payload, length, close)
 
     def _environ(self, request: Request, body: bytes, address, server) -> dict:
         path, _, query = request.url.partition(b"?")
@@ -324,6 +315,14 @@ class ShimWorker(base.Worker):
             key = "HTTP_" + key
             environ[key] = f"{environ[key]},{text}" if key in environ else text
         return environ
+
+
+def _write(client, status: bytes, fields: bytes, payload: bytes, length: int, close: bool) -> None:
+    """One response: status line, the route's header fields, then the ones every response
+    carries (Date, Content-Length, Connection: close when closing), then the body."""
+    client.sendall(b"HTTP/1.1 %s\r\n%s%sDate: %s\r\nContent-Length: %d\r\n%s\r\n%s"
+                   % (status, fields, b"\r\n" if fields else b"", DATE.value(), length,
+                      b"Connection: close\r\n" if close else b"", payload))
 
 
 def _shutdown(client: socket.socket) -> None:
