@@ -105,12 +105,12 @@ class Handlers:
             try:
                 self.transfers.move(grant.copy.src, grant.copy.dst)
             except BaseException:
-                self.table.copied(grant.lease)
                 self.table.abandon(session, grant)
                 for fd, _info in grant.fds:
                     os.close(fd)
                 raise
-            self.table.copied(grant.lease)
+            finally:
+                self.table.copied(grant.lease)      # frees the replica if the lease ended
         return self._grant_reply(grant)
 
     def delete(self, session: Session, request: protocol.Delete):

@@ -18,8 +18,7 @@ from .pool import Region
 
 
 class TransferEngine:
-    def __init__(self, chunk_bytes: int = 0):
-        self.chunk_bytes = chunk_bytes
+    def __init__(self):
         self._streams = cuda.Streams()
         self._lock = threading.Lock()
         self.links: dict[str, dict] = {}          # "host→GPU-…" → bytes, transfers, busy seconds
@@ -31,7 +30,7 @@ class TransferEngine:
         gpu_end = dst.slab if dst.slab.device != cuda.HOST else src.slab
         started = time.perf_counter()
         cuda.copy(dst.slab.address + dst.offset, src.slab.address + src.offset, src.nbytes,
-                  gpu_end.ordinal, self._streams, self.chunk_bytes)
+                  gpu_end.ordinal, self._streams)
         elapsed = time.perf_counter() - started
         with self._lock:
             link = self.links.setdefault(f"{src.slab.device}→{dst.slab.device}",

@@ -14,7 +14,8 @@ IPC handle, which any process that learns its 64 bytes can open. The driver refe
 the memory: a slab the controller releases stays valid in every process that still maps it
 (gpu-facts.md). Readers map with read-only access where the driver allows it.
 
-Import is cheap and safe without a GPU: :func:`available` says whether CUDA can be used.
+Import is cheap and safe without a GPU: :func:`devices` raises CudaError saying why CUDA
+cannot be used.
 """
 
 from __future__ import annotations
@@ -131,14 +132,6 @@ def devices() -> Devices:
     if _devices is None:
         raise CudaError(_devices_error)
     return _devices
-
-
-def available() -> bool:
-    try:
-        devices()
-        return True
-    except CudaError:
-        return False
 
 
 def _allocation_prop(ordinal: int):
@@ -292,16 +285,14 @@ class Streams:
             return stream
 
 
-def copy(dst: int, src: int, nbytes: int, stream_ordinal: int, streams: Streams,
-         chunk: int = 0) -> None:
+def copy(dst: int, src: int, nbytes: int, stream_ordinal: int, streams: Streams) -> None:
     """Copy ``nbytes`` between any two addresses the driver knows (device memory of any
     peer-mapped GPU, registered host memory), on ``stream_ordinal``'s stream; returns once
-    the bytes have arrived. ``chunk`` > 0 splits the copy (the transfer engine's unit)."""
+    the bytes have arrived."""
     stream = streams.on(stream_ordinal)
-    step = chunk or nbytes or 1
     with devices().current(stream_ordinal):
-        for offset in range(0, nbytes, step):
-            _check(cu.cuMemcpyAsync(dst + offset, src + offset, min(step, nbytes - offset), stream))
+        if nbytes:
+            _check(cu.cuMemcpyAsync(dst, src, nbytes, stream))
         _check(cu.cuStreamSynchronize(stream))
 
 

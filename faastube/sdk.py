@@ -147,8 +147,6 @@ def device_of(device) -> str:
 
 def _current_gpu() -> str | None:
     """The UUID of this process's current GPU, or None where it has no usable GPU."""
-    if not cuda.available():
-        return None
     try:
         return device_of("cuda")
     except cuda.CudaError:
