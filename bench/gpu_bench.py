@@ -287,8 +287,6 @@ def main() -> int:
     parser.add_argument("--role", choices=["consumer"])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     parser.add_argument("--out", help="JSON results file (default bench/results/gpu_bench-<time>.json)")
-    parser.add_argument("--cpu-latency-us", type=int, metavar="US",
-                        help="start the controller with --cpu-latency-us US (default: without)")
     args = parser.parse_args()
     if args.role == "consumer":
         serve_consumer()
@@ -306,8 +304,7 @@ def main() -> int:
     print(f"{gpus} GPU(s): {', '.join(devices.name(i) for i in range(gpus))}", flush=True)
     with LocalRedis() as store:
         controller = LocalController(store.url, gpus="auto", slab_size="256MiB", pool_limit="8GiB",
-                                     gpu_slab_size="256MiB", gpu_pool_limit="16GiB",
-                                     cpu_latency_us=args.cpu_latency_us).start(timeout_s=60)
+                                     gpu_slab_size="256MiB", gpu_pool_limit="16GiB").start(timeout_s=60)
         consumer = None
         try:
             faastube.connect(socket=controller.socket, namespace="bench")
@@ -326,8 +323,7 @@ def main() -> int:
     card = devices.name(0)
     result = {"benchmark": "gpu_bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
-                          "cupy": cupy.__version__, "cpus": os.cpu_count(),
-                          "controller_cpu_latency_us": args.cpu_latency_us},
+                          "cupy": cupy.__version__, "cpus": os.cpu_count()},
               "gets": rows, "handoff_64MB": handoff, "targets": TARGETS}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"gpu_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -335,8 +331,7 @@ def main() -> int:
     with open(out, "w") as file:
         json.dump(result, file, indent=2)
 
-    held = "" if args.cpu_latency_us is None else f", controller --cpu-latency-us {args.cpu_latency_us}"
-    print(f"\n== table ({card} ×{gpus}, {result['date']}{held})")
+    print(f"\n== table ({card} ×{gpus}, {result['date']})")
     print("get = one faastube.get in a consumer process, after up to 20 untimed ones (its very "
           "first get of a slab maps it: 'first'); raw = a plain CuPy copy of the same size, this run")
     print("GB/s = size / get p50 (control round trip included); engine = the controller's copy "

@@ -7,7 +7,6 @@ import logging
 import os
 import secrets
 import signal
-import struct
 import threading
 
 from faastube import cuda
@@ -28,28 +27,6 @@ log = logging.getLogger("faastube.controller")
 
 HOUSEKEEPING_INTERVAL_S = 0.1     # TTL precision and idle-slab checks
 HEARTBEAT_EVERY = 5               # housekeeping ticks per Redis heartbeat (0.5 s)
-CPU_LATENCY_DEVICE = "/dev/cpu_dma_latency"
-
-
-def hold_cpu_latency(limit_us: int):
-    """Ask Linux PM QoS to keep every CPU out of idle states slower than ``limit_us`` to wake,
-    for as long as the returned file stays open.
-
-    Why: each control round trip wakes two sleeping threads; on our GPU machine an idle CPU
-    made create/seal/get 1.5–2.5× slower than a busy one (docs/operations.md). The price is
-    idle power, so it is the operator's choice, off by default."""
-    if limit_us < 0:
-        raise InvalidArgumentError(f"--cpu-latency-us must be ≥ 0 (or left out), got {limit_us}")
-    try:
-        qos = open(CPU_LATENCY_DEVICE, "wb", buffering=0)
-        qos.write(struct.pack("i", limit_us))
-    except OSError as exc:
-        raise InvalidArgumentError(
-            f"cannot hold the CPU wake-up latency at {limit_us} µs: {CPU_LATENCY_DEVICE}: "
-            f"{exc.strerror or exc} (it needs root and the host's device in a container); "
-            f"leave --cpu-latency-us / FAASTUBE_CPU_LATENCY_US unset") from None
-    log.info("holding the CPU wake-up latency at ≤ %d µs (%s)", limit_us, CPU_LATENCY_DEVICE)
-    return qos
 
 
 class Controller:
@@ -69,13 +46,10 @@ class Controller:
         self.server: ControllerServer | None = None
         self.stats = RequestStats()
         self.metrics_server = None
-        self.cpu_latency = None
         self._stop = threading.Event()
         self._swept_old_epochs = False
 
     def run(self) -> None:
-        if self.config.cpu_latency_us != -1:
-            self.cpu_latency = hold_cpu_latency(self.config.cpu_latency_us)
         if self.config.metrics_port:
             try:
                 self.metrics_server = serve_metrics(self.config.metrics_port, self.table,
@@ -110,8 +84,6 @@ class Controller:
         self._stop.set()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        if self.cpu_latency is not None:
-            self.cpu_latency.close()         # the kernel drops our request with the file
         self.table.shutdown()
         if not self.directory.flush(timeout_s=5.0):
             log.warning("could not write every queued change to Redis before stopping")

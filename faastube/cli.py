@@ -17,7 +17,7 @@ def _controller(args) -> int:
                              idle_release_s=args.idle_release, tombstone_ttl_s=args.tombstone_ttl,
                              secrets_file=args.secrets_file, gpus=args.gpus,
                              gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
-                             metrics_port=args.metrics_port, cpu_latency_us=args.cpu_latency_us,
+                             metrics_port=args.metrics_port,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -106,10 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus metrics on PORT, all interfaces (FAASTUBE_METRICS_PORT; default off)")
-    p.add_argument("--cpu-latency-us", type=int, metavar="US",
-                   help="while running, keep the node's CPUs out of idle states slower than US "
-                        "microseconds to wake (Linux PM QoS, /dev/cpu_dma_latency; needs root; "
-                        "costs idle power; docs/operations.md) (FAASTUBE_CPU_LATENCY_US; default off)")
     p.set_defaults(func=_controller)
 
     p = sub.add_parser("status", help="print pools, slabs, objects and bytes per namespace")

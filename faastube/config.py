@@ -95,7 +95,6 @@ class Config:
     secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
     metrics_port: int = 0                   # FAASTUBE_METRICS_PORT: Prometheus /metrics (0: off)
-    cpu_latency_us: int = -1                # FAASTUBE_CPU_LATENCY_US: hold the node's CPU wake-up latency ≤ this (-1: off)
     # Client (SDK) side.
     namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
@@ -116,7 +115,6 @@ class Config:
         "secrets_file": ("FAASTUBE_SECRETS_FILE", str),
         "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
         "metrics_port": ("FAASTUBE_METRICS_PORT", int),
-        "cpu_latency_us": ("FAASTUBE_CPU_LATENCY_US", int),
         "namespace": ("FAASTUBE_NAMESPACE", str),
         "secret": ("FAASTUBE_SECRET", str),
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),

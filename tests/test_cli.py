@@ -79,26 +79,6 @@ def test_controller_reads_its_settings_from_the_environment(tmp_path, redis_serv
         assert ctl.stop() == 0
 
 
-def test_the_controller_holds_the_cpu_wake_up_latency_while_it_runs(tmp_path, redis_server):
-    if not os.access("/dev/cpu_dma_latency", os.W_OK):
-        pytest.skip("this machine gives no write access to /dev/cpu_dma_latency (needs root)")
-    ctl = ControllerProcess(tmp_path, redis_server.url, cpu_latency_us=20).start()
-    try:
-        held = [os.readlink(f"/proc/{ctl.process.pid}/fd/{fd}")
-                for fd in os.listdir(f"/proc/{ctl.process.pid}/fd")]
-        assert "/dev/cpu_dma_latency" in held     # the kernel keeps the request while it is open
-        assert "holding the CPU wake-up latency at ≤ 20 µs" in ctl.log()
-    finally:
-        assert ctl.stop() == 0
-
-
-def test_a_negative_cpu_latency_is_refused(tmp_path, redis_server):
-    result = faastube_cli("controller", "--socket", str(tmp_path / "c.sock"), "--redis", redis_server.url,
-                          "--gpus", "none", "--cpu-latency-us", "-5")
-    assert result.returncode == 1
-    assert "--cpu-latency-us must be ≥ 0 (or left out), got -5" in result.stderr
-
-
 def test_config_defaults_and_errors():
     config = Config.from_env({})
     assert config.socket == DEFAULT_SOCKET == "/run/faastube/controller.sock"
