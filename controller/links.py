@@ -1,16 +1,24 @@
-"""Link executors: one thread per link that asks the link's scheduler for a batch of chunks
-(Note [Batches bound waiting], controller/scheduler.py), has its copier carry them, and
-reports each move's wait and service time.
+"""Link executors: each link asks its scheduler for batches of chunks (Note [Batches bound
+waiting], controller/scheduler.py), has its copier carry them, and reports each move's wait
+and service time.
 
-A copier moves (destination, source, length) pieces and returns once they have arrived:
-:class:`HostCopier` copies host memory with ``memmove``; the CUDA copier (cuMemcpyAsync on
-the link's stream, then a synchronise per batch) joins when the transfer engine routes its
-moves through links (issue 5). Until then the engine copies each move whole
-(controller/transfer.py).
+A copier has ``issue(pieces) -> token`` (queue (destination, source, length) copies) and
+``wait(token)`` (block until they arrived): :class:`HostCopier` copies host memory with
+``memmove`` at issue; ``faastube.cuda.CopyQueue`` queues ``cuMemcpyAsync`` on the link's own
+stream and waits on an event.
+
+Note [Who drives a link]: no thread of the link's own. The threads that asked for moves take
+turns driving it: one at a time (the leader) keeps up to ``depth`` batches queued on the
+copier, waits for the oldest, accounts it and refills, until its own move is done; then the
+next waiting thread whose move is not done leads. A move on an idle link therefore costs no
+thread hand-off (its caller copies), and every queued chunk has a waiting thread to finish
+it. ``depth`` ≥ 2 keeps the copy engine busy while the leader refills; small, so a newly
+arrived move waits behind at most ``depth`` batches.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import threading
@@ -18,19 +26,25 @@ import time
 
 from .scheduler import DEFAULT_BATCH, DEFAULT_CHUNK, LinkScheduler, Transfer
 
+DEFAULT_DEPTH = 2
+
 
 class HostCopier:
     """Copies between host addresses (the CPU's memory bus is the link)."""
 
     @staticmethod
-    def copy_batch(pieces) -> None:
+    def issue(pieces) -> None:
         for dst, src, nbytes in pieces:
             ctypes.memmove(dst, src, nbytes)
+
+    @staticmethod
+    def wait(token) -> None:
+        pass
 
 
 @dataclasses.dataclass(eq=False)
 class Move:
-    """One move submitted to a link; ``done`` is set when its last byte has arrived."""
+    """One move on a link; ``done`` is set when its last byte has arrived (or it failed)."""
     transfer: Transfer
     dst: int
     src: int
@@ -49,21 +63,27 @@ class Move:
 
 
 class Link:
-    """The executor of one link."""
+    """One direction of one path, e.g. host→GPU 0 over PCIe (Note [Who drives a link])."""
 
     def __init__(self, name: str, copier, bandwidth: float, chunk_bytes: int = DEFAULT_CHUNK,
-                 batch_chunks: int = DEFAULT_BATCH, clock=time.perf_counter):
+                 batch_chunks: int = DEFAULT_BATCH, depth: int = DEFAULT_DEPTH,
+                 clock=time.perf_counter):
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
         self.name = name
         self.copier = copier
         self.scheduler = LinkScheduler(bandwidth, chunk_bytes, batch_chunks)
+        self.depth = depth
         self._clock = clock
         self._changed = threading.Condition()
-        self._closed = False
+        self._leading = False
+        self._in_flight: collections.deque = collections.deque()   # (batch, issued at, token, error)
+        self._last_finish = 0.0
         self.bytes = 0
         self.moves = 0
         self.busy_s = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"link {name}", daemon=True)
-        self._thread.start()
+        self.wait_s = 0.0                 # summed over finished moves
+        self.service_s = 0.0
 
     @property
     def queued(self) -> int:
@@ -71,67 +91,89 @@ class Link:
         with self._changed:
             return len(self.scheduler.active)
 
-    def submit(self, dst: int, src: int, nbytes: int, slo_s: float | None = None) -> Move:
+    def move(self, dst: int, src: int, nbytes: int, slo_s: float | None = None) -> Move:
+        """Copy ``nbytes`` from ``src`` to ``dst``; returns once they arrived, raises what the
+        copier raised."""
         now = self._clock()
         move = Move(Transfer(nbytes, now, slo_s), dst, src, now)
         move.transfer.payload = move
         if nbytes == 0:
             move.transfer.finished_at = now
-            move.done.set()
             return move
         with self._changed:
-            if self._closed:
-                raise RuntimeError(f"link {self.name} is closed")
             self.scheduler.add(move.transfer)
-            self._changed.notify()
-        return move
-
-    def move(self, dst: int, src: int, nbytes: int, slo_s: float | None = None) -> Move:
-        """Submit and wait; raises what the copier raised."""
-        move = self.submit(dst, src, nbytes, slo_s)
-        move.done.wait()
+            while not move.done.is_set() and self._leading:
+                self._changed.wait()
+            lead = not move.done.is_set()
+            self._leading |= lead
+        if lead:
+            try:
+                self._lead(move)
+            finally:
+                with self._changed:
+                    self._leading = False
+                    self._changed.notify_all()      # the next waiting move leads
         if move.error is not None:
             raise move.error
         return move
 
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while True:
+    def _lead(self, mine: Move) -> None:
+        while not mine.done.is_set():
+            fresh = []
             with self._changed:
-                while not self._closed and not self.scheduler.active:
-                    self._changed.wait()
-                if self._closed and not self.scheduler.active:
-                    return
-                started = self._clock()
-                batch = self.scheduler.next_batch(started)
+                while len(self._in_flight) + len(fresh) < self.depth:
+                    batch = self.scheduler.next_batch(self._clock())
+                    if not batch:
+                        break
+                    fresh.append(batch)
+            for batch in fresh:
+                issued = self._clock()
+                for chunk in batch:
+                    if chunk.transfer.payload.started is None:
+                        chunk.transfer.payload.started = issued
+                try:
+                    token, error = self.copier.issue(
+                        [(c.transfer.payload.dst + c.offset, c.transfer.payload.src + c.offset, c.nbytes)
+                         for c in batch]), None
+                except BaseException as exc:          # a failed copy fails its moves, not the link
+                    token, error = None, exc
+                self._in_flight.append((batch, issued, token, error))
+            if not self._in_flight:
+                raise RuntimeError(f"link {self.name}: a move is unfinished with nothing in flight")
+            batch, issued, token, error = self._in_flight.popleft()
+            if error is None:
+                try:
+                    self.copier.wait(token)
+                except BaseException as exc:
+                    error = exc
+            self._account(batch, issued, error)
+
+    def _account(self, batch, issued: float, error: BaseException | None) -> None:
+        finished = self._clock()
+        with self._changed:
+            self.busy_s += finished - max(issued, self._last_finish)   # queued batches overlap
+            self._last_finish = finished
             for chunk in batch:
                 move = chunk.transfer.payload
-                if move.started is None:
-                    move.started = started
-            try:
-                self.copier.copy_batch([(c.transfer.payload.dst + c.offset, c.transfer.payload.src + c.offset,
-                                         c.nbytes) for c in batch])
-                error = None
-            except BaseException as exc:          # a failed copy fails its moves, not the link
-                error = exc
-            finished = self._clock()
-            with self._changed:
-                self.busy_s += finished - started
-                for chunk in batch:
-                    move = chunk.transfer.payload
-                    if error is not None and move.error is None:
-                        move.error = error
+                if error is not None and move.error is None:
+                    move.error = error
+                    if move.transfer in self.scheduler.active:
                         self.scheduler.active.remove(move.transfer)
-                        move.done.set()
-                    if move.error is not None:
-                        continue
-                    self.bytes += chunk.nbytes
-                    self.scheduler.completed(chunk, finished)
-                    if move.transfer.finished_at is not None:
-                        self.moves += 1
-                        move.done.set()
+                    move.done.set()
+                if move.error is not None:
+                    continue
+                self.bytes += chunk.nbytes
+                self.scheduler.completed(chunk, finished)
+                if move.transfer.finished_at is not None:
+                    self.moves += 1
+                    self.wait_s += move.wait_s
+                    self.service_s += move.service_s
+                    move.done.set()
+            self._changed.notify_all()
+
+    def stats(self) -> dict:
+        with self._changed:
+            return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
+                    "queued": len(self.scheduler.active), "wait_s": self.wait_s,
+                    "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
+                    "chunk_bytes": self.scheduler.chunk_bytes}

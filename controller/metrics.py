@@ -103,11 +103,20 @@ class ControllerCollector:
             links = self.transfers.link_stats()
             for key, name, text in (("bytes", "faastube_link_bytes", "Bytes moved over a link"),
                                     ("transfers", "faastube_link_transfers", "Moves over a link"),
-                                    ("busy_s", "faastube_link_busy_seconds", "Seconds a link was busy")):
+                                    ("busy_s", "faastube_link_busy_seconds", "Seconds a link was busy"),
+                                    ("wait_s", "faastube_link_wait_seconds",
+                                     "Seconds finished moves waited for their first chunk to go"),
+                                    ("service_s", "faastube_link_service_seconds",
+                                     "Seconds from a finished move's first chunk to its last")):
                 family = CounterMetricFamily(name, text, labels=["link"])
                 for link, values in sorted(links.items()):
                     family.add_metric([link], values[key])
                 yield family
+            queued = GaugeMetricFamily("faastube_link_queued", "Moves waiting or in flight on a link",
+                                       labels=["link"])
+            for link, values in sorted(links.items()):
+                queued.add_metric([link], values["queued"])
+            yield queued
 
         counts, buckets, sums = self.stats.snapshot()
         requests = CounterMetricFamily("faastube_requests", "Requests answered",

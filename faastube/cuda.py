@@ -268,32 +268,34 @@ def unregister_host(address: int) -> None:
             cu.cuMemHostUnregister(address)
 
 
-class Streams:
-    """One non-blocking stream per GPU, created once, for the controller's copies."""
+class CopyQueue:
+    """A stream of its own on GPU ``ordinal`` that carries copies in order; each ``issue``
+    returns a token (an event recorded after its copies) for ``wait``. The transfer engine
+    keeps a few batches queued on it so the copy engine never idles between them, and no
+    more, so a newly arrived transfer waits behind little (controller/links.py)."""
 
-    def __init__(self):
-        self._streams: dict[int, object] = {}
-        self._lock = threading.Lock()
+    def __init__(self, ordinal: int):
+        self.ordinal = ordinal
+        self._free: list = []
+        with devices().current(ordinal):
+            self.stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
 
-    def on(self, ordinal: int):
-        with self._lock:
-            stream = self._streams.get(ordinal)
-            if stream is None:
-                with devices().current(ordinal):
-                    stream = self._streams[ordinal] = _check(
-                        cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
-            return stream
+    def issue(self, pieces):
+        """Queue (destination, source, length) copies; returns their token."""
+        with devices().current(self.ordinal):
+            for dst, src, nbytes in pieces:
+                _check(cu.cuMemcpyAsync(dst, src, nbytes, self.stream))
+            event = self._free.pop() if self._free else _check(
+                cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+            _check(cu.cuEventRecord(event, self.stream))
+        return event
 
-
-def copy(dst: int, src: int, nbytes: int, stream_ordinal: int, streams: Streams) -> None:
-    """Copy ``nbytes`` between any two addresses the driver knows (device memory of any
-    peer-mapped GPU, registered host memory), on ``stream_ordinal``'s stream; returns once
-    the bytes have arrived."""
-    stream = streams.on(stream_ordinal)
-    with devices().current(stream_ordinal):
-        if nbytes:
-            _check(cu.cuMemcpyAsync(dst, src, nbytes, stream))
-        _check(cu.cuStreamSynchronize(stream))
+    def wait(self, event) -> None:
+        """Block (the GIL released) until the copies of ``event`` have arrived."""
+        try:
+            _check(cu.cuEventSynchronize(event))
+        finally:
+            self._free.append(event)
 
 
 def synchronize(uuid: str) -> None:

@@ -182,3 +182,30 @@ def test_status_lists_a_pool_per_gpu(controller):
     pools = controller.status()["pools"]
     assert [p["device"] for p in pools] == ["host", *cuda.devices().uuids]
     assert all(p["name"].startswith(f"GPU {i} ") for i, p in enumerate(pools[1:]))
+
+
+def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them(worker_env, controller):
+    """Issue 5: moves go through the chunked links; large and small ones at once, on every
+    path this machine has, each with its own random bytes."""
+    paths = [("host", "cuda:0"), ("cuda:0", "cpu")]
+    if gpu_count() > 1:
+        paths += [("cuda:0", "cuda:1"), ("cuda:1", "cuda:0")]
+    sizes = [96 * MB + 5, MB + 3, 3 * MB]
+    jobs = []
+    for p, (source, target) in enumerate(paths):
+        for s, size in enumerate(sizes):
+            seed = 200 + 10 * p + s
+            made = (worker_env.run("function.py", "put", size, seed) if source == "host" else
+                    worker_env.run("gpu_function.py", "put", size, seed, "empty", source))
+            jobs.append((made, target, size))
+    consumers = [worker_env.start("gpu_function.py", "get", json.dumps(made["ref"]), target)
+                 for made, target, _size in jobs]
+    got = [worker_env.read_json(c, timeout=180) for c in consumers]
+    assert [g["sha"] for g in got] == [made["sha"] for made, _t, _s in jobs]
+    for process in consumers:
+        assert process.wait(60) == 0
+    links = controller.status()["links"]
+    assert sum(link["bytes"] for link in links.values()) == sum(size for _m, _t, size in jobs)
+    assert sum(link["transfers"] for link in links.values()) == len(jobs)
+    assert all(link["queued"] == 0 and link["chunk_bytes"] == 2 * MB for link in links.values())
+    assert len(links) == len(paths)

@@ -1,8 +1,9 @@
 """Link executors (controller/links.py) with real threads and real memory: chunked moves
-arrive intact, concurrent moves share the link, a small move is not stuck behind a large one,
-and a failing copier fails its moves only."""
+arrive intact, concurrent moves share the link (their callers take turns driving it), a
+small move is not stuck behind a large one, and a failing copier fails its moves only."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,9 +19,7 @@ def address(array: np.ndarray) -> int:
 
 @pytest.fixture
 def link():
-    link = Link("host→host", HostCopier(), bandwidth=5e9, chunk_bytes=MiB, batch_chunks=4)
-    yield link
-    link.close()
+    return Link("host→host", HostCopier(), bandwidth=5e9, chunk_bytes=MiB, batch_chunks=4)
 
 
 def test_a_chunked_move_arrives_intact(link):
@@ -44,43 +43,80 @@ def test_concurrent_moves_share_the_link_and_all_arrive(link):
     for s, t in zip(sources, targets):
         np.testing.assert_array_equal(t, s)
     assert link.moves == 8 and link.bytes == sum(s.nbytes for s in sources)
+    assert link.queued == 0 and link.stats()["wait_s"] > 0     # someone waited for a turn
 
 
 def test_a_small_move_finishes_while_a_large_one_is_still_running(link):
     big_src = np.ones(768 * MiB, np.uint8)
     big_dst = np.zeros_like(big_src)
-    big = link.submit(address(big_dst), address(big_src), big_src.nbytes)
-    while link.bytes == 0:                 # the large move is under way
-        big.done.wait(0.001)
+    big = []
+    runner = threading.Thread(target=lambda: big.append(
+        link.move(address(big_dst), address(big_src), big_src.nbytes)))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while link.bytes == 0 and time.monotonic() < deadline:    # the large move is under way
+        time.sleep(0.001)
     small_src = np.full(MiB, 7, np.uint8)
     small_dst = np.zeros_like(small_src)
     small = link.move(address(small_dst), address(small_src), MiB)
-    assert not big.done.is_set()           # joined at a batch boundary, not after the large one
+    assert link.bytes < big_src.nbytes     # joined at a batch boundary, not after the large one
     assert (small_dst == 7).all()
-    big.done.wait(60)
-    assert big.transfer.finished_at > small.transfer.finished_at and (big_dst == 1).all()
+    runner.join(60)
+    assert big[0].transfer.finished_at > small.transfer.finished_at and (big_dst == 1).all()
 
 
 def test_a_failing_copier_fails_its_moves_and_the_link_goes_on():
     class Flaky(HostCopier):
         fail = True
 
-        def copy_batch(self, pieces):
+        def issue(self, pieces):
             if self.fail:
                 self.fail = False
                 raise OSError("copy engine fault")
-            super().copy_batch(pieces)
+            super().issue(pieces)
 
     link = Link("flaky", Flaky(), bandwidth=5e9, chunk_bytes=MiB, batch_chunks=4)
-    try:
-        src, dst = np.ones(2 * MiB, np.uint8), np.zeros(2 * MiB, np.uint8)
-        with pytest.raises(OSError, match="copy engine fault"):
-            link.move(address(dst), address(src), src.nbytes)
+    src, dst = np.ones(2 * MiB, np.uint8), np.zeros(2 * MiB, np.uint8)
+    with pytest.raises(OSError, match="copy engine fault"):
         link.move(address(dst), address(src), src.nbytes)
-        assert (dst == 1).all() and link.queued == 0
-    finally:
-        link.close()
+    link.move(address(dst), address(src), src.nbytes)
+    assert (dst == 1).all() and link.queued == 0
 
 
 def test_an_empty_move_is_done_at_once(link):
-    assert link.submit(0, 0, 0).done.is_set()
+    assert link.move(0, 0, 0).transfer.finished_at is not None and link.bytes == 0
+
+
+def test_queued_batches_stay_within_depth_and_arrive_in_order():
+    """A copier that, like a GPU stream, returns at issue and copies later, in order."""
+    class Queued:
+        def __init__(self):
+            self.pending = []
+            self.most = 0
+
+        def issue(self, pieces):
+            self.pending.append(pieces)
+            self.most = max(self.most, len(self.pending))
+            return pieces
+
+        def wait(self, token):
+            while self.pending:                 # in order, up to and including ``token``
+                pieces = self.pending.pop(0)
+                HostCopier.issue(pieces)
+                if pieces is token:
+                    return
+            raise AssertionError("waited for a batch that was never issued")
+
+    copier = Queued()
+    link = Link("queued", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=2, depth=3)
+    sources = [np.random.default_rng(i).integers(0, 256, 5 * MiB + i, dtype=np.uint8) for i in range(4)]
+    targets = [np.zeros_like(s) for s in sources]
+    threads = [threading.Thread(target=link.move, args=(address(t), address(s), s.nbytes))
+               for s, t in zip(sources, targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for s, t in zip(sources, targets):
+        np.testing.assert_array_equal(t, s)
+    assert 2 <= copier.most <= 3 and link.moves == 4 and link.queued == 0

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""The transfer engine's links on the GPU machine (issue 5), all in one run:
+
+1. large-move efficiency: a 1 GB move through a link (chunked, a batch or two queued) against
+   one plain ``cuMemcpyAsync`` of 1 GB on a stream, the same run;
+2. a 1 MB move alone, and issued while 1 GB moves run back to back on the same link: p50/p99,
+   against the same 1 MB copy on a second stream during a 1 GB copy without any scheduler
+   (what gpu-facts.md measured as 17 ms);
+
+for host→GPU 0 over PCIe and, with two GPUs, GPU 0→GPU 1 over NVLink, for several chunk /
+batch / depth settings (the engine's defaults are marked).
+
+    python bench/transfer_bench.py [--quick] [--out results.json]
+
+Prints a table (last) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MB, GB = 1 << 20, 1 << 30
+
+
+def percentile(samples, q):
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def plain_copy(queue, dst, src, nbytes) -> float:
+    started = time.perf_counter()
+    queue.wait(queue.issue([(dst, src, nbytes)]))
+    return time.perf_counter() - started
+
+
+def small_during_big(move_big, move_small, samples: int) -> list[float]:
+    """Latency of ``move_small`` issued every ~2 ms while ``move_big`` runs back to back."""
+    stop = threading.Event()
+
+    def run_big():
+        while not stop.is_set():
+            move_big()
+
+    runner = threading.Thread(target=run_big)
+    runner.start()
+    time.sleep(0.05)                                   # the large moves are under way
+    times = []
+    try:
+        for _ in range(samples):
+            started = time.perf_counter()
+            move_small()
+            times.append(time.perf_counter() - started)
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        runner.join()
+    return times
+
+
+def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidth, configs, quick):
+    from controller.links import Link
+    from faastube import cuda
+    repeat = 3 if quick else 5
+    samples = 30 if quick else 100
+    raw_queue, other_queue = cuda.CopyQueue(ordinal), cuda.CopyQueue(ordinal)
+    plain_copy(raw_queue, dst_big, src_big, GB)
+    raw = statistics.median(plain_copy(raw_queue, dst_big, src_big, GB) for _ in range(repeat))
+    alone = [plain_copy(raw_queue, dst_small, src_small, MB) for _ in range(samples)]
+
+    # Without a scheduler: the 1 MB copy on its own stream while a 1 GB copy runs on another.
+    def unscheduled_small():
+        return plain_copy(other_queue, dst_small, src_small, MB)
+    unscheduled = small_during_big(lambda: plain_copy(raw_queue, dst_big, src_big, GB),
+                                   unscheduled_small, max(10, samples // 5))
+    result = {"path": name, "raw_1GB_GBps": GB / raw / 1e9,
+              "raw_1MB_p50_us": statistics.median(alone) * 1e6,
+              "unscheduled_1MB_during_p50_us": statistics.median(unscheduled) * 1e6,
+              "unscheduled_1MB_during_p99_us": percentile(unscheduled, 0.99) * 1e6, "configs": []}
+    for chunk, batch, depth, default in configs:
+        link = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk, batch, depth)
+        link.move(dst_big, src_big, GB)
+        big = statistics.median(_timed(lambda: link.move(dst_big, src_big, GB)) for _ in range(repeat))
+        small_alone = [_timed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
+        during = small_during_big(lambda: link.move(dst_big, src_big, GB),
+                                  lambda: link.move(dst_small, src_small, MB), samples)
+        result["configs"].append({
+            "chunk_MB": chunk / MB, "batch": batch, "depth": depth, "default": default,
+            "big_GBps": GB / big / 1e9, "big_share_of_raw": raw / big,
+            "small_alone_p50_us": statistics.median(small_alone) * 1e6,
+            "small_alone_p99_us": percentile(small_alone, 0.99) * 1e6,
+            "small_during_p50_us": statistics.median(during) * 1e6,
+            "small_during_p99_us": percentile(during, 0.99) * 1e6,
+            "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone)})
+    return result
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer settings and samples")
+    parser.add_argument("--out", help="JSON results file (default bench/results/transfer_bench-<time>.json)")
+    args = parser.parse_args()
+
+    import cupy
+
+    from controller.links import DEFAULT_DEPTH
+    from controller.scheduler import DEFAULT_CHUNK
+    from controller.transfer import NVLINK_BYTES_PER_S, PCIE_BYTES_PER_S
+    from faastube import cuda
+
+    devices = cuda.devices()
+    gpus = len(devices.uuids)
+    pcie_configs = [(DEFAULT_CHUNK, 1, DEFAULT_DEPTH, True)]
+    nvlink_configs = [(DEFAULT_CHUNK, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S), DEFAULT_DEPTH, True)]
+    if not args.quick:
+        pcie_configs += [(2 * MB, 1, 3, False), (2 * MB, 2, 2, False), (4 * MB, 1, 2, False),
+                         (1 * MB, 2, 2, False)]
+        nvlink_configs += [(2 * MB, 4, 2, False), (2 * MB, 16, 2, False), (16 * MB, 1, 2, False)]
+
+    host_big = cupy.cuda.alloc_pinned_memory(GB)
+    host_small = cupy.cuda.alloc_pinned_memory(MB)
+    with cupy.cuda.Device(0):
+        gpu0_big = cupy.zeros(GB, cupy.uint8)
+        gpu0_small = cupy.zeros(MB, cupy.uint8)
+    print(f"{gpus} GPU(s): {', '.join(devices.name(i) for i in range(gpus))}", flush=True)
+    paths = [measure_path("host→GPU 0 (PCIe)", gpu0_big.data.ptr, host_big.ptr, gpu0_small.data.ptr,
+                          host_small.ptr, 0, PCIE_BYTES_PER_S, pcie_configs, args.quick)]
+    if gpus > 1:
+        with cupy.cuda.Device(1):
+            gpu1_big = cupy.zeros(GB, cupy.uint8)
+            gpu1_small = cupy.zeros(MB, cupy.uint8)
+            cupy.cuda.runtime.deviceEnablePeerAccess(0)
+        with cupy.cuda.Device(0):
+            cupy.cuda.runtime.deviceEnablePeerAccess(1)
+        paths.append(measure_path("GPU 0→GPU 1 (NVLink)", gpu1_big.data.ptr, gpu0_big.data.ptr,
+                                  gpu1_small.data.ptr, gpu0_small.data.ptr, 1, NVLINK_BYTES_PER_S,
+                                  nvlink_configs, args.quick))
+
+    result = {"benchmark": "transfer_bench",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
+                          "cupy": cupy.__version__, "cpus": os.cpu_count()},
+              "paths": paths, "targets": {"small_during_p99_over_alone": 3, "big_share_of_raw": 0.95}}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"transfer_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as file:
+        json.dump(result, file, indent=2)
+
+    print(f"\n== transfer engine ({devices.name(0)} ×{gpus}, {result['date']})")
+    print("big = one 1 GB move through a link vs one plain 1 GB cuMemcpyAsync (raw); small = a 1 MB "
+          "move alone, and during back-to-back 1 GB moves on the same link; * = engine default")
+    for path in paths:
+        print(f"{path['path']}: raw 1 GB {path['raw_1GB_GBps']:.1f} GB/s, raw 1 MB p50 "
+              f"{path['raw_1MB_p50_us']:.0f} µs; without a scheduler a 1 MB copy during a 1 GB copy: "
+              f"p50 {path['unscheduled_1MB_during_p50_us']:.0f} µs, p99 {path['unscheduled_1MB_during_p99_us']:.0f} µs")
+        print(f"  {'chunk':>6}{'batch':>6}{'depth':>6}{'big GB/s':>10}{'share':>7}{'1MB alone p50':>15}"
+              f"{'p99':>7}{'during p50':>12}{'p99':>8}{'p99/alone':>10}")
+        for c in path["configs"]:
+            print(f"  {c['chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}{c['big_GBps']:>10.1f}"
+                  f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
+                  f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
+                  f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")
+    print(f"JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
