@@ -119,18 +119,18 @@ def main() -> int:
     import cupy
 
     from controller.links import DEFAULT_DEPTH
-    from controller.scheduler import DEFAULT_CHUNK
-    from controller.transfer import NVLINK_BYTES_PER_S, PCIE_BYTES_PER_S
+    from controller.transfer import (DEFAULT_BATCH_CHUNKS, DEFAULT_CHUNK_BYTES, NVLINK_BYTES_PER_S,
+                                     PCIE_BYTES_PER_S)
     from faastube import cuda
 
     devices = cuda.devices()
     gpus = len(devices.uuids)
-    pcie_configs = [(DEFAULT_CHUNK, 1, DEFAULT_DEPTH, True)]
-    nvlink_configs = [(DEFAULT_CHUNK, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S), DEFAULT_DEPTH, True)]
+    peer_factor = round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)
+    pcie_configs = [(DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
+    nvlink_configs = [(DEFAULT_CHUNK_BYTES * peer_factor, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
     if not args.quick:
-        pcie_configs += [(2 * MB, 1, 3, False), (2 * MB, 2, 2, False), (4 * MB, 1, 2, False),
-                         (1 * MB, 2, 2, False)]
-        nvlink_configs += [(2 * MB, 4, 2, False), (2 * MB, 16, 2, False), (16 * MB, 1, 2, False)]
+        pcie_configs += [(2 * MB, 1, 2, False), (8 * MB, 1, 2, False), (4 * MB, 1, 3, False)]
+        nvlink_configs += [(16 * MB, 1, 2, False), (64 * MB, 1, 2, False), (16 * MB, 2, 2, False)]
 
     host_big = cupy.cuda.alloc_pinned_memory(GB)
     host_small = cupy.cuda.alloc_pinned_memory(MB)

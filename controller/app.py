@@ -41,7 +41,9 @@ class Controller:
                            slab_factory=functools.partial(MemfdSlab, pin=pin))]
         self.pools += [gpu_pool(config, devices, ordinal) for devices, ordinal in self.gpus]
         self.table = ObjectTable(self.pools, self.directory)
-        self.transfers = TransferEngine() if self.gpus else None
+        if config.chunk_size < 64 << 10:
+            raise InvalidArgumentError(f"--chunk-size must be at least 64KiB, got {config.chunk_size}")
+        self.transfers = TransferEngine(config.chunk_size) if self.gpus else None
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers)
         self.server: ControllerServer | None = None
         self.stats = RequestStats()

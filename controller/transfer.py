@@ -8,10 +8,13 @@ a small move that arrives during a large one waits for a batch, not for the larg
 Peer copies run between VMM mappings the controller made accessible to every peer GPU, over
 NVLink; host slabs are pinned; so no staging copy is needed on any path.
 
-Note [Batch size per link]: one chunk size for every link (``--chunk-size``, 2 MiB), but a
-batch on a link holds as many chunks as make it last about as long as one chunk on PCIe
-(NVLink: ~7×): the leader that refills a link needs tens of µs of Python per batch, which a
-2 MB chunk over NVLink (5 µs) would not cover.
+Note [Chunk size per link]: every copy a link queues costs the GPU a few µs besides its bytes
+(measured on H200: ~2 µs on PCIe, ~10 µs for a peer copy over NVLink), and the thread that
+refills a link needs tens of µs of Python per batch. So a chunk is sized by time, not bytes:
+``--chunk-size`` (4 MiB, ~75 µs of PCIe 5) is the PCIe links' chunk, and a faster link's
+chunk is that many times larger (NVLink: 8× → 32 MiB). One chunk per batch, two batches
+queued: a newly arrived move waits for at most two chunks' time (docs/benchmarks.md, the
+transfer engine's table, has the sweep behind these numbers).
 
 Not yet: multi-path moves through peer GPUs (controller/topology.py plans them) and measured
 link bandwidths (the estimates below stand in).
@@ -25,14 +28,15 @@ from faastube import cuda
 
 from .links import DEFAULT_DEPTH, Link
 from .pool import Region
-from .scheduler import DEFAULT_CHUNK
 
 PCIE_BYTES_PER_S = 50e9          # estimates, gpu-facts.md: pinned PCIe 5 ~55 GB/s
-NVLINK_BYTES_PER_S = 350e9       # NVLink peer copy ~390 GB/s
+NVLINK_BYTES_PER_S = 400e9       # NVLink peer copy ~390 GB/s
+DEFAULT_CHUNK_BYTES = 4 << 20    # Note [Chunk size per link]
+DEFAULT_BATCH_CHUNKS = 1
 
 
 class TransferEngine:
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK, depth: int = DEFAULT_DEPTH):
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = DEFAULT_DEPTH):
         self.chunk_bytes = chunk_bytes
         self.depth = depth
         self._lock = threading.Lock()
@@ -46,9 +50,9 @@ class TransferEngine:
             link = self._links.get(name)
             if link is None:
                 bandwidth = PCIE_BYTES_PER_S if cuda.HOST in (src, dst) else NVLINK_BYTES_PER_S
-                batch = max(1, round(bandwidth / PCIE_BYTES_PER_S))    # Note [Batch size per link]
-                link = self._links[name] = Link(name, cuda.CopyQueue(ordinal), bandwidth,
-                                                self.chunk_bytes, batch, self.depth)
+                chunk = self.chunk_bytes * max(1, round(bandwidth / PCIE_BYTES_PER_S))
+                link = self._links[name] = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk,
+                                                DEFAULT_BATCH_CHUNKS, self.depth)
             return link
 
     def move(self, src: Region, dst: Region, slo_s: float | None = None) -> None:

@@ -17,7 +17,7 @@ def _controller(args) -> int:
                              idle_release_s=args.idle_release, tombstone_ttl_s=args.tombstone_ttl,
                              secrets_file=args.secrets_file, gpus=args.gpus,
                              gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
-                             metrics_port=args.metrics_port,
+                             metrics_port=args.metrics_port, chunk_size=args.chunk_size,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-pool-limit", type=parse_share,
                    help="most bytes each GPU pool may hold: a size, or a share of the GPU's memory "
                         "such as 50%% (FAASTUBE_GPU_POOL_LIMIT; default 50%%)")
+    p.add_argument("--chunk-size", type=parse_size,
+                   help="bytes per chunk on PCIe links; NVLink links use chunks as many times larger "
+                        "as they are faster (FAASTUBE_CHUNK_SIZE; default 4MiB)")
     p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",

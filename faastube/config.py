@@ -95,6 +95,7 @@ class Config:
     secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
     metrics_port: int = 0                   # FAASTUBE_METRICS_PORT: Prometheus /metrics (0: off)
+    chunk_size: int = 4 << 20               # FAASTUBE_CHUNK_SIZE: PCIe links' chunk (controller/transfer.py)
     # Client (SDK) side.
     namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
@@ -115,6 +116,7 @@ class Config:
         "secrets_file": ("FAASTUBE_SECRETS_FILE", str),
         "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
         "metrics_port": ("FAASTUBE_METRICS_PORT", int),
+        "chunk_size": ("FAASTUBE_CHUNK_SIZE", parse_size),
         "namespace": ("FAASTUBE_NAMESPACE", str),
         "secret": ("FAASTUBE_SECRET", str),
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),

@@ -79,6 +79,13 @@ def test_controller_reads_its_settings_from_the_environment(tmp_path, redis_serv
         assert ctl.stop() == 0
 
 
+def test_a_tiny_chunk_size_is_refused(tmp_path, redis_server):
+    result = faastube_cli("controller", "--socket", str(tmp_path / "c.sock"), "--redis", redis_server.url,
+                          "--gpus", "none", "--chunk-size", "1k")
+    assert result.returncode == 1
+    assert "--chunk-size must be at least 64KiB, got 1024" in result.stderr
+
+
 def test_config_defaults_and_errors():
     config = Config.from_env({})
     assert config.socket == DEFAULT_SOCKET == "/run/faastube/controller.sock"
