@@ -2,8 +2,9 @@
 
 Note [Batches bound waiting]: a copy engine drains its queue in order (gpu-facts.md: a 1 MB
 copy queued behind a 1 GB one waits 17 ms, 500× its time alone, however the big one is cut),
-so the engine gives each link only a *batch* of chunks at a time (default 5 × 2 MB) and asks
-this scheduler for the next batch when one completes. A transfer that arrives is therefore
+so the engine gives each link only a *batch* of chunks at a time (the transfer engine: one
+chunk per batch, two batches queued, controller/transfer.py) and asks this scheduler for the
+next batch when one completes. A transfer that arrives is therefore
 served from the next batch boundary on, never after a whole large transfer.
 
 Note [Shares]: every batch, each active transfer earns credit in chunk slots:
