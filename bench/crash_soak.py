@@ -26,6 +26,7 @@ import numpy as np
 
 import faastube
 from faastube.local import LocalController, LocalRedis
+from report import write_json
 
 VICTIM = r"""
 import json, sys
@@ -102,11 +103,7 @@ def main(argv=None) -> int:
         "after_kills": after, "sealed_puts_freed_by_scope": freed_by_scope, "final": final,
         "bytes_held_beyond_the_live_object": final["used"] - expected_used, "pool": pool,
     }
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"crash_soak-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as file:
-        json.dump(result, file, indent=2)
+    out = write_json("crash_soak", result, args.out)
     ok = result["bytes_held_beyond_the_live_object"] == 0 and after["leases"] == 0 and after["pending"] == 0
     print(f"{'killed processes':<38}{args.kills:>10}  ({elapsed:.0f} s, {args.parallel} at a time)")
     print(f"{'leases held after the kills':<38}{after['leases']:>10}")

@@ -34,6 +34,8 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
+from report import timed, write_json
+
 KB, MB, GB = 1 << 10, 1 << 20, 1 << 30
 TARGETS = {"same_gpu_p50_us": 100, "peer_share": 0.85, "h2d_share": 0.90,
            "handoff_vs_redis": 500, "handoff_vs_shm": 100}
@@ -122,16 +124,6 @@ class Consumer:
 
 
 # -- raw limits ---------------------------------------------------------------------------
-
-def timed(fn, repeat: int) -> float:
-    """Median seconds of ``fn`` after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def raw_limits(size: int, gpus: int) -> dict:
@@ -325,11 +317,7 @@ def main() -> int:
               "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
                           "cupy": cupy.__version__, "cpus": os.cpu_count()},
               "gets": rows, "handoff_64MB": handoff, "targets": TARGETS}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"gpu_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as file:
-        json.dump(result, file, indent=2)
+    out = write_json("gpu_bench", result, args.out)
 
     print(f"\n== table ({card} ×{gpus}, {result['date']})")
     print("get = one faastube.get in a consumer process, after up to 20 untimed ones (its very "

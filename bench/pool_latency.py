@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -38,6 +37,7 @@ import redis
 import faastube
 from faastube import protocol
 from faastube.local import LocalController, LocalRedis
+from report import write_json
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
 HANDOFF_SIZES = [1 << 20, 16 << 20, 64 << 20]
@@ -186,11 +186,7 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "quick": args.quick, "local": local, "handoff": handoffs,
     }
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"pool_latency-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as file:
-        json.dump(result, file, indent=2)
+    out = write_json("pool_latency", result, args.out)
     print(render(result))
     print(f"\nfull results: {out}")
     return 0

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 from faastube.local import free_port
+from report import write_json
 
 NOOP = "def main(args):\n    return {}\n"
 WORK = "import time\ndef main(args):\n    t = time.monotonic() + args['ms'] / 1000\n    while time.monotonic() < t:\n        pass\n    return {'n': args['n']}\n"
@@ -135,11 +136,7 @@ def main(argv=None) -> int:
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "noop": noop, "serial": serial, "concurrent": concurrent_, "work_ms": args.work_ms,
               "clients": args.clients, "stock_reference": STOCK}
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"shim_latency-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as file:
-        json.dump(result, file, indent=2)
+    out = write_json("shim_latency", result, args.out)
     print(f"no-op /run, one keep-alive client: p50 {noop['p50_ms']:.3f} ms, p99 {noop['p99_ms']:.3f} ms, "
           f"{noop['requests_per_s']:.0f} req/s  (stock, platform-contracts.md: p50 0.36–0.43 ms, "
           f"2,300–2,600 req/s; target p50 ≤ 1.2× stock)")

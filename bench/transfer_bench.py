@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from report import elapsed, timed, write_json  # noqa: E402
+
 MB, GB = 1 << 20, 1 << 30
 
 
@@ -37,10 +38,9 @@ def percentile(samples, q):
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def plain_copy(queue, dst, src, nbytes) -> float:
-    started = time.perf_counter()
+def copy_once(queue, dst, src, nbytes) -> None:
+    """One plain cuMemcpyAsync on ``queue``'s stream, waited for."""
     queue.wait(queue.issue([(dst, src, nbytes)]))
-    return time.perf_counter() - started
 
 
 def small_during_big(move_big, move_small, samples: int) -> list[float]:
@@ -57,9 +57,7 @@ def small_during_big(move_big, move_small, samples: int) -> list[float]:
     times = []
     try:
         for _ in range(samples):
-            started = time.perf_counter()
-            move_small()
-            times.append(time.perf_counter() - started)
+            times.append(elapsed(move_small))
             time.sleep(0.002)
     finally:
         stop.set()
@@ -73,24 +71,20 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
     repeat = 3 if quick else 5
     samples = 30 if quick else 100
     raw_queue, other_queue = cuda.CopyQueue(ordinal), cuda.CopyQueue(ordinal)
-    plain_copy(raw_queue, dst_big, src_big, GB)
-    raw = statistics.median(plain_copy(raw_queue, dst_big, src_big, GB) for _ in range(repeat))
-    alone = [plain_copy(raw_queue, dst_small, src_small, MB) for _ in range(samples)]
-
+    raw = timed(lambda: copy_once(raw_queue, dst_big, src_big, GB), repeat)
+    alone = [elapsed(lambda: copy_once(raw_queue, dst_small, src_small, MB)) for _ in range(samples)]
     # Without a scheduler: the 1 MB copy on its own stream while a 1 GB copy runs on another.
-    def unscheduled_small():
-        return plain_copy(other_queue, dst_small, src_small, MB)
-    unscheduled = small_during_big(lambda: plain_copy(raw_queue, dst_big, src_big, GB),
-                                   unscheduled_small, max(10, samples // 5))
+    unscheduled = small_during_big(lambda: copy_once(raw_queue, dst_big, src_big, GB),
+                                   lambda: copy_once(other_queue, dst_small, src_small, MB),
+                                   max(10, samples // 5))
     result = {"path": name, "raw_1GB_GBps": GB / raw / 1e9,
               "raw_1MB_p50_us": statistics.median(alone) * 1e6,
               "unscheduled_1MB_during_p50_us": statistics.median(unscheduled) * 1e6,
               "unscheduled_1MB_during_p99_us": percentile(unscheduled, 0.99) * 1e6, "configs": []}
     for chunk, batch, depth, default in configs:
         link = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk, batch, depth)
-        link.move(dst_big, src_big, GB)
-        big = statistics.median(_timed(lambda: link.move(dst_big, src_big, GB)) for _ in range(repeat))
-        small_alone = [_timed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
+        big = timed(lambda: link.move(dst_big, src_big, GB), repeat)
+        small_alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
         during = small_during_big(lambda: link.move(dst_big, src_big, GB),
                                   lambda: link.move(dst_small, src_small, MB), samples)
         result["configs"].append({
@@ -102,12 +96,6 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
             "small_during_p99_us": percentile(during, 0.99) * 1e6,
             "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone)})
     return result
-
-
-def _timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def main() -> int:
@@ -156,11 +144,7 @@ def main() -> int:
               "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
                           "cupy": cupy.__version__, "cpus": os.cpu_count()},
               "paths": paths, "targets": {"small_during_p99_over_alone": 3, "big_share_of_raw": 0.95}}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"transfer_bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as file:
-        json.dump(result, file, indent=2)
+    out = write_json("transfer_bench", result, args.out)
 
     print(f"\n== transfer engine ({devices.name(0)} ×{gpus}, {result['date']})")
     print("big = one 1 GB move through a link vs one plain 1 GB cuMemcpyAsync (raw); small = a 1 MB "

@@ -17,6 +17,19 @@ def address(array: np.ndarray) -> int:
     return array.ctypes.data
 
 
+def move_at_once(link: Link, sources: list[np.ndarray]) -> None:
+    """Move every source into a fresh target, one thread each, all at once; each arrives intact."""
+    targets = [np.zeros_like(s) for s in sources]
+    threads = [threading.Thread(target=link.move, args=(address(t), address(s), s.nbytes))
+               for s, t in zip(sources, targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for s, t in zip(sources, targets):
+        np.testing.assert_array_equal(t, s)
+
+
 @pytest.fixture
 def link():
     return Link("host→host", HostCopier(), bandwidth=5e9, chunk_bytes=MiB, batch_chunks=4)
@@ -33,15 +46,7 @@ def test_a_chunked_move_arrives_intact(link):
 
 def test_concurrent_moves_share_the_link_and_all_arrive(link):
     sources = [np.random.default_rng(i).integers(0, 256, (i + 1) * 3 * MiB, dtype=np.uint8) for i in range(8)]
-    targets = [np.zeros_like(s) for s in sources]
-    threads = [threading.Thread(target=link.move, args=(address(t), address(s), s.nbytes))
-               for s, t in zip(sources, targets)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for s, t in zip(sources, targets):
-        np.testing.assert_array_equal(t, s)
+    move_at_once(link, sources)
     assert link.moves == 8 and link.bytes == sum(s.nbytes for s in sources)
     assert link.queued == 0 and link.stats()["wait_s"] > 0     # someone waited for a turn
 
@@ -110,13 +115,5 @@ def test_queued_batches_stay_within_depth_and_arrive_in_order():
     copier = Queued()
     link = Link("queued", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=2, depth=3)
     sources = [np.random.default_rng(i).integers(0, 256, 5 * MiB + i, dtype=np.uint8) for i in range(4)]
-    targets = [np.zeros_like(s) for s in sources]
-    threads = [threading.Thread(target=link.move, args=(address(t), address(s), s.nbytes))
-               for s, t in zip(sources, targets)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for s, t in zip(sources, targets):
-        np.testing.assert_array_equal(t, s)
+    move_at_once(link, sources)
     assert 2 <= copier.most <= 3 and link.moves == 4 and link.queued == 0
