@@ -8,7 +8,15 @@
    (what gpu-facts.md measured as 17 ms);
 
 for host→GPU 0 over PCIe and, with two GPUs, GPU 0→GPU 1 over NVLink, for several chunk /
-batch / depth settings (the engine's defaults are marked).
+batch / depth settings (the engine's defaults are marked);
+
+3. with two GPUs, multi-path: 1 GB host→GPU 0 and GPU 0→host through the controller's own
+   transfer engine (its measured topology, every route at once) against one plain 1 GB
+   ``cuMemcpyAsync`` over the GPU's own link and the engine's single chunked link, with the
+   bytes checked after a round trip;
+4. SLO sharing on one link (host→GPU 0): a "tight" workflow moving 32 MB every 10 ms with an
+   SLO of twice its time alone, while a "bulk" workflow moves 256 MB back to back; the tight
+   one's SLO attainment and the bulk one's throughput, with SLOs and without (fair sharing).
 
     python bench/transfer_bench.py [--quick] [--out results.json]
 
@@ -98,6 +106,94 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
     return result
 
 
+def multipath(engine, devices, quick: bool) -> dict:
+    """Section 3: 1 GB each way between the host and GPU 0 over every route at once."""
+    import ctypes
+
+    import numpy as np
+
+    from controller.slabs import CudaSlab, MemfdSlab
+    from controller.topology import HOST
+    from faastube import cuda
+    gpu = devices.uuids[0]
+    repeat = 3 if quick else 5
+    host, back = MemfdSlab("bench", GB, pin=True), MemfdSlab("bench", GB, pin=True)
+    device = CudaSlab("bench", GB, 0, gpu)
+    try:
+        data = np.ctypeslib.as_array((ctypes.c_uint8 * GB).from_address(host.address))
+        data[:] = np.random.default_rng(5).integers(0, 256, GB, dtype=np.uint8)
+        raw_queue = cuda.CopyQueue(0)
+        result = {"routes": {f"{a}→{b}": [{"hops": list(p.hops), "GBps": p.GBps} for p in paths]
+                             for (a, b), paths in engine.routes.items() if gpu in (a, b)}}
+        for name, src, dst, start, end in (("host→GPU 0", host.address, device.address, HOST, gpu),
+                                           ("GPU 0→host", device.address, back.address, gpu, HOST)):
+            raw = timed(lambda: copy_once(raw_queue, dst, src, GB), repeat)
+            link = engine.link((start, end))
+            chunked = timed(lambda: link.move(dst, src, GB), repeat)
+            multi = timed(lambda: engine.move_bytes(start, src, end, dst, GB), repeat)
+            result[name] = {"raw_GBps": GB / raw / 1e9, "single_link_GBps": GB / chunked / 1e9,
+                            "multipath_GBps": GB / multi / 1e9, "multipath_over_raw": raw / multi,
+                            "paths": len(engine.routes.get((start, end), [])) or 1}
+        back_bytes = np.ctypeslib.as_array((ctypes.c_uint8 * GB).from_address(back.address))
+        result["round_trip_intact"] = bool(np.array_equal(data, back_bytes))
+        del data, back_bytes
+        return result
+    finally:
+        host.close()
+        back.close()
+        device.close()
+
+
+def slo_sharing(engine, devices, quick: bool) -> dict:
+    """Section 4: two workflows on host→GPU 0, with and without SLOs."""
+    from controller.slabs import CudaSlab, MemfdSlab
+    from controller.topology import HOST
+    gpu = devices.uuids[0]
+    link = engine.link((HOST, gpu))
+    tight_bytes, bulk_bytes, period = 32 * MB, 256 * MB, 0.010
+    rounds = 60 if quick else 200
+    host = MemfdSlab("bench", bulk_bytes + tight_bytes, pin=True)
+    device = CudaSlab("bench", bulk_bytes + tight_bytes, 0, gpu)
+    try:
+        def move_tight(slo_s=None):
+            link.move(device.address + bulk_bytes, host.address + bulk_bytes, tight_bytes, slo_s)
+
+        alone = [elapsed(move_tight) for _ in range(20)]
+        slo_s = 2 * statistics.median(alone)
+        result = {"tight_MB": tight_bytes / MB, "bulk_MB": bulk_bytes / MB, "period_ms": period * 1e3,
+                  "tight_alone_p50_ms": statistics.median(alone) * 1e3, "slo_ms": slo_s * 1e3}
+        for mode in ("fair", "slo"):
+            stop = threading.Event()
+            moved = [0]
+
+            def bulk():
+                while not stop.is_set():
+                    link.move(device.address, host.address, bulk_bytes)
+                    moved[0] += bulk_bytes
+
+            runner = threading.Thread(target=bulk)
+            runner.start()
+            time.sleep(0.05)
+            times = []
+            started = time.perf_counter()
+            try:
+                for _ in range(rounds):
+                    times.append(elapsed(lambda: move_tight(slo_s if mode == "slo" else None)))
+                    time.sleep(max(0.0, period - times[-1]))
+            finally:
+                wall = time.perf_counter() - started
+                stop.set()
+                runner.join()
+            result[mode] = {"attainment": sum(t <= slo_s for t in times) / len(times),
+                            "tight_p50_ms": statistics.median(times) * 1e3,
+                            "tight_p99_ms": percentile(times, 0.99) * 1e3,
+                            "bulk_GBps": moved[0] / wall / 1e9}
+        return result
+    finally:
+        host.close()
+        device.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer settings and samples")
@@ -139,11 +235,28 @@ def main() -> int:
                                   gpu1_small.data.ptr, gpu0_small.data.ptr, 1, NVLINK_BYTES_PER_S,
                                   nvlink_configs, args.quick))
 
+    del host_big, host_small, gpu0_big, gpu0_small
+    if gpus > 1:
+        del gpu1_big, gpu1_small
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+    from controller.transfer import TransferEngine
+    engine = TransferEngine(devices)         # measures its links and plans routes, as the controller does
+    multi = multipath(engine, devices, args.quick) if gpus > 1 else None
+    slo = slo_sharing(engine, devices, args.quick)
+    engine.close()
+
     result = {"benchmark": "transfer_bench",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
                           "cupy": cupy.__version__, "cpus": os.cpu_count()},
-              "paths": paths, "targets": {"small_during_p99_over_alone": 3, "big_share_of_raw": 0.95}}
+              "paths": paths, "multipath": multi, "slo": slo,
+              "measured_links_GBps": {name: rate / 1e9 for name, rate in engine.measured.items()},
+              "topology_source": engine.topology_source,
+              "targets": {"small_during_p99_over_alone": 3, "big_share_of_raw": 0.95,
+                          "multipath_over_raw_h200": 1.6, "multipath_over_raw_h100": 1.5,
+                          "tight_slo_attainment": 0.95}}
     out = write_json("transfer_bench", result, args.out)
 
     print(f"\n== transfer engine ({devices.name(0)} ×{gpus}, {result['date']})")
@@ -160,6 +273,21 @@ def main() -> int:
                   f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
                   f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
                   f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")
+    print(f"topology: {engine.topology_source}")
+    if multi:
+        for name in ("host→GPU 0", "GPU 0→host"):
+            m = multi[name]
+            print(f"multi-path 1 GB {name}: {m['multipath_GBps']:.1f} GB/s over {m['paths']} paths = "
+                  f"{m['multipath_over_raw']:.2f}× one plain copy ({m['raw_GBps']:.1f} GB/s); engine's "
+                  f"single link {m['single_link_GBps']:.1f} GB/s")
+        print(f"multi-path round trip intact: {multi['round_trip_intact']}")
+    print(f"SLO sharing on host→GPU 0: tight {slo['tight_MB']:.0f} MB every {slo['period_ms']:.0f} ms, SLO "
+          f"{slo['slo_ms']:.2f} ms (2× its {slo['tight_alone_p50_ms']:.2f} ms alone), bulk {slo['bulk_MB']:.0f} MB "
+          f"back to back")
+    for mode in ("fair", "slo"):
+        s = slo[mode]
+        print(f"  {mode:>4}: tight attainment {s['attainment']:.0%}, p50 {s['tight_p50_ms']:.2f} ms, "
+              f"p99 {s['tight_p99_ms']:.2f} ms; bulk {s['bulk_GBps']:.1f} GB/s")
     print(f"JSON: {out}")
     return 0
 

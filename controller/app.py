@@ -43,7 +43,7 @@ class Controller:
         self.table = ObjectTable(self.pools, self.directory)
         if config.chunk_size < 64 << 10:
             raise InvalidArgumentError(f"--chunk-size must be at least 64KiB, got {config.chunk_size}")
-        self.transfers = TransferEngine(config.chunk_size) if self.gpus else None
+        self.transfers = TransferEngine(self.gpus[0][0], config.chunk_size) if self.gpus else None
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers)
         self.server: ControllerServer | None = None
         self.stats = RequestStats()
@@ -87,6 +87,8 @@ class Controller:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.table.shutdown()
+        if self.transfers is not None:
+            self.transfers.close()
         if not self.directory.flush(timeout_s=5.0):
             log.warning("could not write every queued change to Redis before stopping")
         try:

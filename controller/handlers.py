@@ -103,7 +103,8 @@ class Handlers:
         if grant.copy is not None:
             # Note [Copies for another device]: the lease already pins both regions.
             try:
-                self.transfers.move(grant.copy.src, grant.copy.dst)
+                self.transfers.move(grant.copy.src, grant.copy.dst,
+                                    None if request.slo_ms is None else request.slo_ms / 1e3)
             except BaseException:
                 self.table.abandon(session, grant)
                 for fd, _info in grant.fds:
@@ -128,6 +129,7 @@ class Handlers:
         reply.update(node=self.node, epoch=self.epoch)
         if self.transfers is not None and session.admin:
             reply["links"] = self.transfers.link_stats()
+            reply["topology"] = self.transfers.topology_report()
         return reply, []
 
     def ping(self, session: Session, request: protocol.Ping):

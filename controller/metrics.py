@@ -114,9 +114,14 @@ class ControllerCollector:
                 yield family
             queued = GaugeMetricFamily("faastube_link_queued", "Moves waiting or in flight on a link",
                                        labels=["link"])
+            bandwidth = GaugeMetricFamily("faastube_link_bandwidth_bytes_per_second",
+                                          "A link's bandwidth, measured at start (estimated until then)",
+                                          labels=["link"])
             for link, values in sorted(links.items()):
                 queued.add_metric([link], values["queued"])
+                bandwidth.add_metric([link], values["bandwidth"])
             yield queued
+            yield bandwidth
 
         counts, buckets, sums = self.stats.snapshot()
         requests = CounterMetricFamily("faastube_requests", "Requests answered",

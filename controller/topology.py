@@ -9,8 +9,9 @@ slower of its two hops. GPU→GPU moves take the direct NVLink; where it is miss
 they add (or use only) two-hop paths through intermediate GPUs; with no NVLink at all they go
 through host memory.
 
-Shares are proportional to each path's bandwidth. Pure Python: the controller fills a
-:class:`Topology` from NVML and its own measurements at start; tests build them by hand.
+Each path gets one contiguous share of a move, proportional to its bandwidth (:func:`shares`),
+and carries it as one move on its own link. Pure Python apart from :func:`discover`, which asks
+NVML; the transfer engine puts its own measured bandwidths in; tests build topologies by hand.
 """
 
 from __future__ import annotations
@@ -78,27 +79,78 @@ class Topology:
             raise ValueError(f"{gpu} is not a GPU of this node ({', '.join(self.gpus)})")
 
 
-def split(nbytes: int, paths: list[Path], chunk: int) -> list[list[tuple[int, int]]]:
-    """Cut ``nbytes`` into chunks of ``chunk`` bytes and deal them to ``paths`` in
-    proportion to their bandwidth (largest remainder first, ties to the faster path):
-    per path, its (offset, length) chunks in order. Every byte goes to exactly one path."""
-    if nbytes < 0 or chunk <= 0 or not paths:
-        raise ValueError("split needs a non-negative size, a positive chunk and a path")
-    count = -(-nbytes // chunk)
+# NVML's common-ancestor levels (nvmlGpuTopologyLevel_t) up to which two GPUs share a PCIe
+# switch (or a board): their host links then share one uplink.
+_SAME_SWITCH_LEVEL = 20          # NVML_TOPOLOGY_MULTIPLE
+_NVML_P2P_NVLINK, _NVML_P2P_OK = 2, 0
+
+
+def discover(gpus: list[str], pcie_GBps: float, nvlink_GBps: float) -> tuple[Topology, str]:
+    """The node's topology from NVML: which GPUs share a PCIe switch, which pairs NVLink
+    joins. Bandwidths are the given estimates until the transfer engine measures them. Where
+    NVML cannot tell (not installed, no driver), every GPU counts as behind one switch with
+    no NVLink, so no move is routed through a peer. Returns the topology and how it was
+    learnt, for the log."""
+    try:
+        import pynvml
+    except ImportError:
+        return _alone(gpus, pcie_GBps), "nvidia-ml-py is not installed: no multi-path routes"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return _alone(gpus, pcie_GBps), f"NVML unavailable ({exc}): no multi-path routes"
+    try:
+        handles = {gpu: pynvml.nvmlDeviceGetHandleByUUID(gpu) for gpu in gpus}
+        switch = {gpu: gpu for gpu in gpus}       # union-find over "shares a switch"
+
+        def root(gpu):
+            while switch[gpu] != gpu:
+                gpu = switch[gpu]
+            return gpu
+        nvlinks = {}
+        for a in gpus:
+            for b in gpus:
+                if a >= b:
+                    continue
+                if pynvml.nvmlDeviceGetTopologyCommonAncestor(handles[a], handles[b]) <= _SAME_SWITCH_LEVEL:
+                    switch[root(b)] = root(a)
+                for x, y in ((a, b), (b, a)):
+                    if pynvml.nvmlDeviceGetP2PStatus(handles[x], handles[y], _NVML_P2P_NVLINK) == _NVML_P2P_OK:
+                        nvlinks[(x, y)] = nvlink_GBps
+    except pynvml.NVMLError as exc:
+        return _alone(gpus, pcie_GBps), f"NVML could not tell the topology ({exc}): no multi-path routes"
+    finally:
+        pynvml.nvmlShutdown()
+    labels: dict[str, str] = {}                  # switches named in order of their first GPU
+    for gpu in gpus:
+        labels.setdefault(root(gpu), f"pcie-{len(labels)}")
+    topology = Topology(tuple(gpus), {gpu: pcie_GBps for gpu in gpus}, nvlinks,
+                        {gpu: labels[root(gpu)] for gpu in gpus})
+    return topology, (f"NVML: {len(nvlinks) // 2} NVLink pairs, "
+                      f"{len(set(topology.pcie_switch.values()))} PCIe switches for {len(gpus)} GPUs")
+
+
+def _alone(gpus: list[str], pcie_GBps: float) -> Topology:
+    return Topology(tuple(gpus), {gpu: pcie_GBps for gpu in gpus}, {}, {gpu: "unknown" for gpu in gpus})
+
+
+def shares(nbytes: int, paths: list[Path], align: int) -> list[tuple[int, int]]:
+    """Cut ``nbytes`` into one contiguous (offset, length) range per path, in path order,
+    sized in proportion to the paths' bandwidth so that they finish together. Ranges are
+    whole multiples of ``align`` (the links' chunk; the remainder goes to the faster path),
+    and every byte is in exactly one range; a path may get an empty range."""
+    if nbytes < 0 or align <= 0 or not paths:
+        raise ValueError("shares needs a non-negative size, a positive alignment and a path")
+    units = -(-nbytes // align)
     total = sum(p.GBps for p in paths)
-    exact = [count * p.GBps / total for p in paths]
+    exact = [units * p.GBps / total for p in paths]
     counts = [int(x) for x in exact]
     order = sorted(range(len(paths)), key=lambda i: (-(exact[i] - counts[i]), -paths[i].GBps, i))
-    for i in order[:count - sum(counts)]:
+    for i in order[:units - sum(counts)]:
         counts[i] += 1
-    # Interleave so that every path's chunks spread over the whole range in order: chunk k
-    # goes to the path whose share of the first k chunks is furthest behind its quota.
-    dealt = [0] * len(paths)
-    out: list[list[tuple[int, int]]] = [[] for _ in paths]
-    for k in range(count):
-        i = max((i for i in range(len(paths)) if dealt[i] < counts[i]),
-                key=lambda i: (counts[i] * (k + 1) / count - dealt[i], paths[i].GBps, -i))
-        offset = k * chunk
-        out[i].append((offset, min(chunk, nbytes - offset)))
-        dealt[i] += 1
+    out, offset = [], 0
+    for count in counts:
+        length = min(count * align, nbytes - offset)
+        out.append((offset, length))
+        offset += length
     return out

@@ -1,12 +1,12 @@
 """The transfer engine: every byte the controller moves between devices goes through here
-(host tier ↔ GPU over PCIe, GPU ↔ GPU over NVLink).
+(host tier ↔ GPU over PCIe, GPU ↔ GPU over NVLink, and host ↔ GPU through peer GPUs).
 
 Each direction of each path is a link (controller/links.py) with its own CUDA stream on the
 GPU end of the move (the destination's when both are GPUs) and its own chunk scheduler
 (controller/scheduler.py): moves are cut into chunks and queued a batch or two at a time, so
 a small move that arrives during a large one waits for a batch, not for the large move.
 Peer copies run between VMM mappings the controller made accessible to every peer GPU, over
-NVLink; host slabs are pinned; so no staging copy is needed on any path.
+NVLink; host slabs are pinned; so no staging copy is needed on a direct path.
 
 Note [Chunk size per link]: every copy a link queues costs the GPU a few µs besides its bytes
 (measured on H200: ~2 µs on PCIe, ~10 µs for a peer copy over NVLink), and the thread that
@@ -16,56 +16,197 @@ chunk is that many times larger (NVLink: 8× → 32 MiB). One chunk per batch, t
 queued: a newly arrived move waits for at most two chunks' time (docs/benchmarks.md, the
 transfer engine's table, has the sweep behind these numbers).
 
-Not yet: multi-path moves through peer GPUs (controller/topology.py plans them) and measured
-link bandwidths (the estimates below stand in).
+Note [Multi-path moves]: a host↔GPU move of at least ``multipath_min`` bytes is cut into one
+contiguous share per path the topology plans (controller/topology.py: the GPU's own PCIe
+link, and each NVLinked peer on another PCIe switch), sized by the paths' measured bandwidth,
+and the shares travel at once, each as a move on its own link; the caller's thread drives
+one, pooled threads the others. A route through a peer is a relay link whose copier stages
+each chunk in a small ring on the peer GPU (faastube.cuda.RelayQueue). A relay link and the
+peer's own host link share that peer's PCIe wire without knowing of each other: the peer's
+own small moves may then wait behind a relay chunk as well as behind their own link's.
+
+Note [Measured links]: at start the engine moves a probe buffer over every direct link and
+every planned route, and keeps the best of a few runs as that link's bandwidth: it sizes
+multi-path shares and the schedulers' SLO arithmetic, and ``faastube status`` shows it.
 """
 
 from __future__ import annotations
 
-import threading
+import concurrent.futures
+import dataclasses
+import logging
+import time
 
 from faastube import cuda
 
 from .links import DEFAULT_DEPTH, Link
 from .pool import Region
+from .slabs import CudaSlab, MemfdSlab
+from .topology import HOST, Path, Topology, discover, shares
 
-PCIE_BYTES_PER_S = 50e9          # estimates, gpu-facts.md: pinned PCIe 5 ~55 GB/s
+log = logging.getLogger("faastube.controller")
+
+PCIE_BYTES_PER_S = 50e9          # estimates until measured, gpu-facts.md: pinned PCIe 5 ~55 GB/s
 NVLINK_BYTES_PER_S = 400e9       # NVLink peer copy ~390 GB/s
 DEFAULT_CHUNK_BYTES = 4 << 20    # Note [Chunk size per link]
 DEFAULT_BATCH_CHUNKS = 1
+MULTIPATH_MIN_BYTES = 32 << 20   # smaller moves take one path: a share would be a few chunks
+PROBE_BYTES = 64 << 20           # Note [Measured links]
+PROBE_RUNS = 3
 
 
 class TransferEngine:
-    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = DEFAULT_DEPTH):
+    def __init__(self, devices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = DEFAULT_DEPTH,
+                 multipath_min: int = MULTIPATH_MIN_BYTES, measure: bool = True):
+        self.devices = devices
         self.chunk_bytes = chunk_bytes
         self.depth = depth
-        self._lock = threading.Lock()
+        self.multipath_min = multipath_min
         self._links: dict[str, Link] = {}
+        self.topology, self.topology_source = discover(
+            list(devices.uuids), PCIE_BYTES_PER_S / 1e9, NVLINK_BYTES_PER_S / 1e9)
+        self.measured: dict[str, float] = {}      # link name → bytes/s (Note [Measured links])
+        self.routes: dict[tuple[str, str], list[Path]] = {}
+        self._helpers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, 2 * len(devices.uuids)), thread_name_prefix="faastube-path")
+        if measure:
+            self.measure()
+        self._plan()
 
-    def link(self, src: str, dst: str, ordinal: int) -> Link:
-        """The link from device ``src`` to ``dst`` ("host" or a GPU UUID), made on first use;
-        its copies run on GPU ``ordinal``."""
-        name = f"{src}→{dst}"
-        with self._lock:
-            link = self._links.get(name)
-            if link is None:
-                bandwidth = PCIE_BYTES_PER_S if cuda.HOST in (src, dst) else NVLINK_BYTES_PER_S
-                chunk = self.chunk_bytes * max(1, round(bandwidth / PCIE_BYTES_PER_S))
-                link = self._links[name] = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk,
-                                                DEFAULT_BATCH_CHUNKS, self.depth)
+    # -- links -------------------------------------------------------------------------
+
+    def link(self, hops: tuple[str, ...]) -> Link:
+        """The link along ``hops`` (devices: "host" or GPU UUIDs), made on first use. A
+        direct link's copies run on its GPU end (the destination's when both are GPUs); a
+        two-hop route's on the middle GPU, through its staging ring. Links are made at start
+        (measure) or under the GIL by the first mover; a rare race makes one twice and keeps
+        one."""
+        name = "→".join(hops)
+        link = self._links.get(name)
+        if link is not None:
             return link
+        pcie = HOST in hops
+        bandwidth = self.measured.get(name) or (PCIE_BYTES_PER_S if pcie else NVLINK_BYTES_PER_S)
+        chunk = self.chunk_bytes * (1 if pcie else max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
+        if len(hops) == 2:
+            gpu_end = hops[1] if hops[1] != HOST else hops[0]
+            copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
+        elif len(hops) == 3:
+            copier = cuda.RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
+        else:
+            raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
+        link = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
+        return self._links.setdefault(name, link)
+
+    # -- moves -------------------------------------------------------------------------
 
     def move(self, src: Region, dst: Region, slo_s: float | None = None) -> None:
         """Copy ``src``'s bytes into ``dst``; returns once they have arrived."""
         if src.nbytes != dst.nbytes:
             raise ValueError(f"cannot move {src.nbytes} bytes into a region of {dst.nbytes}")
-        gpu_end = dst.slab if dst.slab.device != cuda.HOST else src.slab
-        link = self.link(src.slab.device, dst.slab.device, gpu_end.ordinal)
-        link.move(dst.slab.address + dst.offset, src.slab.address + src.offset, src.nbytes, slo_s)
+        self.move_bytes(src.slab.device, src.slab.address + src.offset,
+                        dst.slab.device, dst.slab.address + dst.offset, src.nbytes, slo_s)
+
+    def move_bytes(self, src_device: str, src: int, dst_device: str, dst: int, nbytes: int,
+                   slo_s: float | None = None) -> None:
+        """Copy ``nbytes`` from address ``src`` on ``src_device`` to ``dst`` on
+        ``dst_device``, over several paths if it is large (Note [Multi-path moves])."""
+        paths = self.routes.get((src_device, dst_device)) if nbytes >= self.multipath_min else None
+        if not paths or len(paths) == 1:
+            self.link((src_device, dst_device)).move(dst, src, nbytes, slo_s)
+            return
+        ranges = shares(nbytes, paths, self.chunk_bytes)
+        jobs = [(self.link(path.hops), offset, length)
+                for path, (offset, length) in zip(paths, ranges) if length]
+        others = [self._helpers.submit(link.move, dst + offset, src + offset, length, slo_s)
+                  for link, offset, length in jobs[1:]]
+        error = None
+        try:
+            link, offset, length = jobs[0]
+            link.move(dst + offset, src + offset, length, slo_s)
+        except BaseException as exc:
+            error = exc
+        for other in others:                   # every share must land before the regions go
+            try:
+                other.result()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    # -- topology ----------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        """Routes for host↔GPU moves from the topology, with measured path bandwidths."""
+        topology = self.topology
+        for gpu in topology.gpus:
+            for key, paths in (((HOST, gpu), topology.host_to_gpu(gpu)),
+                               ((gpu, HOST), topology.gpu_to_host(gpu))):
+                self.routes[key] = [dataclasses.replace(
+                    p, GBps=self.measured.get("→".join(p.hops), p.GBps * 1e9) / 1e9) for p in paths]
+
+    def measure(self) -> None:
+        """Note [Measured links]: time a probe over every direct link, then over every route
+        through a peer the measured topology plans."""
+        started = time.perf_counter()
+        gpus = list(self.devices.uuids)
+        scratch = []                              # pinned host and GPU slabs, as pools make them
+        try:
+            scratch.append(MemfdSlab("probe", PROBE_BYTES, pin=True))
+            for gpu in gpus:
+                scratch.append(CudaSlab("probe", PROBE_BYTES, self.devices.ordinal(gpu), gpu))
+            buffers = {slab.device: slab.address for slab in scratch}
+            direct = [(HOST, gpu) for gpu in gpus] + [(gpu, HOST) for gpu in gpus]
+            direct += [(a, b) for a in gpus for b in gpus
+                       if a != b and self.devices.can_access_peer(self.devices.ordinal(b), self.devices.ordinal(a))]
+            for hops in direct:
+                self._probe(hops, buffers)
+            self.topology = Topology(
+                self.topology.gpus,
+                {gpu: self.measured[f"{HOST}→{gpu}"] / 1e9 for gpu in gpus},
+                {pair: self.measured.get(f"{pair[0]}→{pair[1]}", 0.0) / 1e9
+                 for pair in self.topology.nvlink_GBps},
+                self.topology.pcie_switch)
+            for gpu in gpus:
+                for path in self.topology.host_to_gpu(gpu)[1:] + self.topology.gpu_to_host(gpu)[1:]:
+                    self._probe(path.hops, buffers)
+        finally:
+            for slab in scratch:                  # the links (streams, relay rings) stay
+                slab.close()
+        log.info("measured %d links in %.0f ms (%s): %s", len(self.measured),
+                 (time.perf_counter() - started) * 1e3, self.topology_source,
+                 ", ".join(f"{name} {rate / 1e9:.1f} GB/s" for name, rate in self.measured.items()))
+
+    def _probe(self, hops: tuple[str, ...], buffers: dict[str, int]) -> None:
+        link = self.link(hops)
+        times = []
+        for _ in range(PROBE_RUNS):
+            started = time.perf_counter()
+            link.move(buffers[hops[-1]], buffers[hops[0]], PROBE_BYTES)
+            times.append(time.perf_counter() - started)
+        best = min(times)
+        rate = self.measured[link.name] = PROBE_BYTES / best
+        link.scheduler.bandwidth = rate
+
+    # -- reporting ---------------------------------------------------------------------
 
     def link_stats(self) -> dict:
-        """Per link ("host→GPU-…", "GPU-…→GPU-…"): bytes moved, transfers, seconds busy,
-        moves queued now, summed wait and service seconds, bandwidth estimate, chunk size."""
-        with self._lock:
-            links = list(self._links.values())
-        return {link.name: link.stats() for link in links}
+        """Per link ("host→GPU-…", "GPU-…→GPU-…", "host→GPU-b→GPU-a"): bytes moved, transfers,
+        seconds busy, moves queued now, summed wait and service seconds, bandwidth (measured
+        at start), chunk size."""
+        return {link.name: link.stats() for link in list(self._links.values())}
+
+    def topology_report(self) -> dict:
+        """What ``faastube status`` shows of the node: how the topology was learnt, each
+        GPU's PCIe switch, the NVLinks, and the routes of host↔GPU moves with their
+        measured bandwidths."""
+        t = self.topology
+        return {"source": self.topology_source, "multipath_min": self.multipath_min,
+                "pcie_switch": dict(t.pcie_switch),
+                "nvlink_GBps": {f"{a}→{b}": rate for (a, b), rate in t.nvlink_GBps.items()},
+                "routes": {f"{src}→{dst}": [{"hops": list(p.hops), "GBps": p.GBps} for p in paths]
+                           for (src, dst), paths in self.routes.items()}}
+
+    def close(self) -> None:
+        self._helpers.shutdown(wait=True)
+

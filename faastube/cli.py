@@ -45,13 +45,25 @@ def render_status(status: dict) -> str:
             f"pool {pool.get('name', pool['device'])}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
             f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
             f"limit {format_size(pool['limit'])}")
+    topology = status.get("topology")
+    if topology:
+        lines.append(f"topology ({topology['source']}); moves of {format_size(topology['multipath_min'])} "
+                     f"or more take every route:")
+        for gpu, switch in sorted(topology["pcie_switch"].items()):
+            lines.append(f"  {gpu} behind {switch}")
+        for name, rate in sorted(topology["nvlink_GBps"].items()):
+            lines.append(f"  NVLink {name}: {rate:.1f} GB/s")
+        for name, paths in sorted(topology["routes"].items()):
+            routes = " + ".join(f"{'→'.join(p['hops'])} {p['GBps']:.1f} GB/s" for p in paths)
+            lines.append(f"  route {name}: {routes}")
     for name, link in sorted(status.get("links", {}).items()):
         rate = link["bytes"] / link["busy_s"] / 1e9 if link["busy_s"] else 0.0
         moves = max(link["transfers"], 1)
         lines.append(f"link {name}: {format_size(link['bytes'])} in {link['transfers']} transfers, "
                      f"busy {link['busy_s']:.3f} s ({rate:.1f} GB/s while busy), {link['queued']} queued, "
                      f"mean wait {link['wait_s'] / moves * 1e6:.0f} µs, service "
-                     f"{link['service_s'] / moves * 1e6:.0f} µs, chunks of {format_size(link['chunk_bytes'])}")
+                     f"{link['service_s'] / moves * 1e6:.0f} µs, chunks of {format_size(link['chunk_bytes'])}, "
+                     f"measured {link['bandwidth'] / 1e9:.1f} GB/s")
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
               "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]

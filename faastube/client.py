@@ -440,10 +440,10 @@ class Client:
         return None
 
     def get(self, object_id: str, timeout: float, device: str | None = None,
-            prefer: str | None = None):
+            prefer: str | None = None, slo_ms: float | None = None):
         """A read-only view: numpy for a host object, CuPy for a GPU one (protocol.Get says
         where the object comes to)."""
-        reply = self.request(protocol.Get(object_id, timeout, device, prefer), wait_s=timeout)
+        reply = self.request(protocol.Get(object_id, timeout, device, prefer, slo_ms), wait_s=timeout)
         if reply.get("device", cuda.HOST) != cuda.HOST:
             return self._gpu_view(reply, writable=False).reshape(tuple(reply["shape"]))
         flat = self._view(reply, writable=False)

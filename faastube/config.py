@@ -52,6 +52,15 @@ def parse_share(text: str) -> float:
     return value if value <= 1 else int(value)       # above 1: a byte count
 
 
+def parse_slo_ms(text: str) -> float:
+    """A copy SLO in milliseconds, e.g. ``50`` or ``0.5``."""
+    from .protocol import MAX_SLO_MS, MIN_SLO_MS
+    value = float(text)
+    if not MIN_SLO_MS <= value <= MAX_SLO_MS:
+        raise ValueError(f"write milliseconds between {MIN_SLO_MS} and {MAX_SLO_MS:.0f}")
+    return value
+
+
 def format_size(nbytes: int) -> str:
     """67108864 → ``"64.0 MiB"``."""
     value = float(nbytes)
@@ -101,6 +110,7 @@ class Config:
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
     get_timeout_s: float = 30.0             # FAASTUBE_GET_TIMEOUT_S: wait for a pending object
     connect_timeout_s: float = 5.0          # FAASTUBE_CONNECT_TIMEOUT_S
+    slo_ms: float | None = None             # FAASTUBE_SLO_MS: default copy SLO of gets (docs/sdk.md)
 
     _ENV = {
         "socket": ("FAASTUBE_SOCKET", str),
@@ -121,6 +131,7 @@ class Config:
         "secret": ("FAASTUBE_SECRET", str),
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),
         "connect_timeout_s": ("FAASTUBE_CONNECT_TIMEOUT_S", float),
+        "slo_ms": ("FAASTUBE_SLO_MS", parse_slo_ms),
     }
 
     @classmethod

@@ -1,7 +1,7 @@
 """CUDA through the driver API (``cuda.bindings.driver``), for both sides of the socket:
 GPUs by UUID, virtual-memory-management (VMM) slabs exported as file descriptors, their
 mappings, pinned registration of host slabs, and copies. Nothing here runs on the request
-path except :func:`copy` and pointer arithmetic.
+path except the copy queues' ``issue``/``wait`` and pointer arithmetic.
 
 Note [GPUs by UUID]: the controller and a function may see different ``CUDA_VISIBLE_DEVICES``,
 so an ordinal means nothing across the socket. Every GPU is named by its UUID as nvidia-smi
@@ -285,9 +285,13 @@ class CopyQueue:
         with devices().current(self.ordinal):
             for dst, src, nbytes in pieces:
                 _check(cu.cuMemcpyAsync(dst, src, nbytes, self.stream))
-            event = self._free.pop() if self._free else _check(
-                cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-            _check(cu.cuEventRecord(event, self.stream))
+            return self._token()
+
+    def _token(self):
+        """An event recorded after everything queued on the stream so far (current context)."""
+        event = self._free.pop() if self._free else _check(
+            cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
+        _check(cu.cuEventRecord(event, self.stream))
         return event
 
     def wait(self, event) -> None:
@@ -296,6 +300,49 @@ class CopyQueue:
             _check(cu.cuEventSynchronize(event))
         finally:
             self._free.append(event)
+
+
+class RelayQueue(CopyQueue):
+    """Copies that travel through another GPU (a multi-path route, controller/topology.py):
+    each piece goes into a slot of a staging ring on GPU ``ordinal`` on one stream, then on
+    from the slot on a second stream. The streams order themselves with events (a slot is
+    refilled only after it drained), so no thread waits between the two hops and the hops of
+    consecutive pieces overlap. ``issue``/``wait`` as :class:`CopyQueue`; the token is
+    recorded on the second stream."""
+
+    def __init__(self, ordinal: int, slot_bytes: int, slots: int):
+        super().__init__(ordinal)
+        devs = devices()
+        granularity = devs.granularity(ordinal)
+        size = -(-slot_bytes * slots // granularity) * granularity
+        self.staging, fd = VmmMapping.create(size, ordinal)
+        os.close(fd)
+        self.slot_bytes, self.slots = slot_bytes, slots
+        self._next = 0
+        self._used = [False] * slots
+        flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
+        with devs.current(ordinal):
+            self.first = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+            self._filled = [_check(cu.cuEventCreate(flags)) for _ in range(slots)]
+            self._drained = [_check(cu.cuEventCreate(flags)) for _ in range(slots)]
+
+    def issue(self, pieces):
+        with devices().current(self.ordinal):
+            for dst, src, nbytes in pieces:
+                for offset in range(0, nbytes, self.slot_bytes):
+                    length = min(self.slot_bytes, nbytes - offset)
+                    slot = self._next
+                    self._next = (slot + 1) % self.slots
+                    staged = self.staging.address + slot * self.slot_bytes
+                    if self._used[slot]:
+                        _check(cu.cuStreamWaitEvent(self.first, self._drained[slot], 0))
+                    _check(cu.cuMemcpyAsync(staged, src + offset, length, self.first))
+                    _check(cu.cuEventRecord(self._filled[slot], self.first))
+                    _check(cu.cuStreamWaitEvent(self.stream, self._filled[slot], 0))
+                    _check(cu.cuMemcpyAsync(dst + offset, staged, length, self.stream))
+                    _check(cu.cuEventRecord(self._drained[slot], self.stream))
+                    self._used[slot] = True
+            return self._token()
 
 
 def synchronize(uuid: str) -> None:

@@ -32,6 +32,7 @@ MAX_FRAME = 1 << 20          # a control message is small; anything bigger is a 
 MAX_FDS_PER_REPLY = 8
 _HEADER = struct.Struct(">I")
 MAX_NAME = 256               # namespaces, scopes, object ids
+MIN_SLO_MS, MAX_SLO_MS = 0.01, 3_600_000.0    # a get's copy SLO: 10 µs to an hour
 
 
 # One Packer for the process: packb() builds a new one per call. Packer.pack runs in C
@@ -244,14 +245,19 @@ class Get:
 
     ``device``: where the caller wants it ("host" or a GPU's UUID); absent: where it is,
     except that an object on a GPU comes to ``prefer`` (the caller's current GPU), or to
-    the host for a caller without a GPU."""
+    the host for a caller without a GPU.
+
+    ``slo_ms``: when a copy is needed, the time it should take at most; the transfer engine
+    gives it the bandwidth that needs (controller/scheduler.py, Note [Shares])."""
     op = "get"
     id: str
     timeout: float = 0.0
     device: str | None = None
     prefer: str | None = None
+    slo_ms: float | None = None
     _fields = {"id": _name, "timeout": lambda v, f: _number(v, f, 0.0, 3600.0),
-               "device": _optional_name, "prefer": _optional_name}
+               "device": _optional_name, "prefer": _optional_name,
+               "slo_ms": lambda v, f: _number(v, f, MIN_SLO_MS, MAX_SLO_MS)}
 
 
 @dataclasses.dataclass(frozen=True)

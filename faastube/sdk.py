@@ -206,7 +206,7 @@ def seal(array) -> dict:
     return make_ref(object_id, array.shape, _dtype_of(array), device)
 
 
-def get(ref, timeout: float | None = None, device=None):
+def get(ref, timeout: float | None = None, device=None, slo_ms: float | None = None):
     """A read-only, zero-copy view of the object ``ref`` names.
 
     Where it comes (``device``, see :func:`device_of`): by default a host object as a numpy
@@ -216,6 +216,10 @@ def get(ref, timeout: float | None = None, device=None):
 
     Waits up to ``timeout`` seconds (default ``FAASTUBE_GET_TIMEOUT_S``) if the object is not
     sealed yet. The memory stays valid as long as the array, or any view of it, is alive.
+
+    ``slo_ms`` (default ``FAASTUBE_SLO_MS``, else none): how long the copy, if one is needed,
+    may take; the controller gives it the link bandwidth that needs, and spare bandwidth
+    to the tightest SLO, ahead of copies without one (docs/sdk.md, "Copy SLOs").
     """
     object_id, _shape, _dtype = parse_ref(ref)
     conn = client()
@@ -223,12 +227,19 @@ def get(ref, timeout: float | None = None, device=None):
         timeout = conn.config.get_timeout_s
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
         raise InvalidArgumentError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
+    if slo_ms is None:
+        slo_ms = conn.config.slo_ms
+    elif (isinstance(slo_ms, bool) or not isinstance(slo_ms, (int, float))
+          or not protocol.MIN_SLO_MS <= slo_ms <= protocol.MAX_SLO_MS):
+        raise InvalidArgumentError(f"slo_ms must be a number of milliseconds between "
+                                   f"{protocol.MIN_SLO_MS} and {protocol.MAX_SLO_MS:.0f}, got {slo_ms!r}")
     target = prefer = None
     if device is not None:
         target = device_of(device)
     elif ref.get("device", cuda.HOST) != cuda.HOST:
         prefer = _current_gpu()
-    return conn.get(object_id, float(timeout), target, prefer)
+    return conn.get(object_id, float(timeout), target, prefer,
+                    None if slo_ms is None else float(slo_ms))
 
 
 def release(array) -> None:

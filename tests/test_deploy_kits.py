@@ -55,6 +55,11 @@ def test_knative_services_run_the_examples_with_a_gpu_and_the_socket():
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["faastube-socket"]["hostPath"]["path"] == mounts["faastube-socket"] == "/run/faastube"
         assert spec["containerConcurrency"] >= 1
+        # The copy SLO comes from the revision's annotation through the downward API.
+        (slo,) = [e for e in container["env"] if e["name"] == "FAASTUBE_SLO_MS"]
+        assert slo["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['faastube.dev/slo-ms']"
+    annotations = services[1]["spec"]["template"]["metadata"]["annotations"]
+    assert float(annotations["faastube.dev/slo-ms"]) > 0
 
 
 def test_the_shim_serves_the_probe_routes_the_manifests_use():
@@ -74,10 +79,12 @@ def test_the_sequence_chains_the_services():
     assert steps == [s["metadata"]["name"] for s in knative_services()]
 
 
-def test_config_features_enables_hostpath_volumes():
+def test_config_features_enables_hostpath_volumes_and_fieldref_env():
     (config,) = documents(ROOT / "knative" / "config-features.yaml")
     assert config["metadata"] == {"name": "config-features", "namespace": "knative-serving"}
     assert config["data"]["kubernetes.podspec-volumes-hostpath"] == "enabled"
+    # The services' env uses the downward API (POD_NAMESPACE, FAASTUBE_SLO_MS).
+    assert config["data"]["kubernetes.podspec-fieldref"] == "enabled"
 
 
 def test_the_controller_daemonset_serves_the_socket_the_functions_mount():

@@ -226,6 +226,26 @@ def test_get_refuses_what_is_not_a_ref(ft, ref, text):
         ft.get(ref)
 
 
+@pytest.mark.parametrize("slo_ms, text", [
+    (0, "slo_ms must be a number of milliseconds between 0.01 and 3600000, got 0"),
+    (True, "got True"),
+    ("50", "got '50'"),
+])
+def test_get_refuses_a_nonsense_slo(ft, slo_ms, text):
+    ref = ft.put(np.arange(3))
+    with pytest.raises(errors.InvalidArgumentError, match=text):
+        ft.get(ref, slo_ms=slo_ms)
+
+
+def test_a_get_with_an_slo_is_served_and_the_default_comes_from_the_environment(ft):
+    from faastube.config import Config
+    ref = ft.put(np.arange(5))
+    assert ft.get(ref, slo_ms=2.5).tolist() == [0, 1, 2, 3, 4]   # the controller accepts it
+    assert Config.from_env({"FAASTUBE_SLO_MS": "40"}).slo_ms == 40.0
+    with pytest.raises(errors.InvalidArgumentError, match=r"FAASTUBE_SLO_MS='-1' is not valid: write milliseconds"):
+        Config.from_env({"FAASTUBE_SLO_MS": "-1"})
+
+
 def test_namespaces_cannot_see_each_other(controller):
     alice, bob = controller.client("alice"), controller.client("bob")
     try:

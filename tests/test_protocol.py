@@ -90,6 +90,8 @@ def test_body_that_is_not_a_map_is_a_protocol_error():
     ({"v": 1, "seq": 1, "op": "get", "id": ""}, "field 'id' must be a non-empty printable string"),
     ({"v": 1, "seq": 1, "op": "get", "id": "x", "timeout": -1}, "field 'timeout' must be a number"),
     ({"v": 1, "seq": 1, "op": "get", "id": "x", "extra": 1}, "op 'get' has unknown fields: extra"),
+    ({"v": 1, "seq": 1, "op": "get", "id": "x", "slo_ms": 0}, "field 'slo_ms' must be a number between 0.01"),
+    ({"v": 1, "seq": 1, "op": "get", "id": "x", "slo_ms": "5"}, "field 'slo_ms' must be a number"),
     ({"v": 1, "seq": 1, "op": "create", "shape": [-1], "dtype": "f4", "nbytes": 0},
      "field 'shape' must be a list of at most 32 non-negative integers"),
     ({"v": 1, "seq": 1, "op": "create", "shape": [1], "dtype": "f4", "nbytes": 4, "consumers": 0},

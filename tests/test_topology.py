@@ -3,7 +3,7 @@ the 2-GPU NV18 machines of gpu-facts.md, and 4- and 8-GPU layouts with shared PC
 
 import pytest
 
-from controller.topology import HOST, Path, Topology, split
+from controller.topology import HOST, Path, Topology, discover, shares
 
 PCIE, NVL = 55.0, 390.0
 
@@ -64,25 +64,36 @@ def test_unknown_gpus_and_self_moves_are_refused():
         node(2).gpu_to_gpu("GPU-0", "GPU-0")
 
 
-@pytest.mark.parametrize("nbytes, speeds, expected_counts", [
-    (10 * 4, [55.0, 55.0], [5, 5]),
-    (10 * 4, [30.0, 10.0], [8, 2]),                  # 7.5/2.5: the remainder goes to the faster
-    (10 * 4 - 3, [55.0, 55.0, 55.0], [4, 3, 3]),     # 10 chunks, the last one short
+@pytest.mark.parametrize("nbytes, speeds, expected_lengths", [
+    (10 * 4, [55.0, 55.0], [20, 20]),
+    (10 * 4, [30.0, 10.0], [32, 8]),                 # 7.5/2.5 units: the remainder to the faster
+    (10 * 4 - 3, [55.0, 55.0, 55.0], [16, 12, 9]),   # 10 units, the last one short
+    (3, [10.0, 30.0], [0, 3]),                       # one unit: all of it on the faster path
     (0, [55.0], [0]),
 ])
-def test_split_deals_every_byte_once_in_proportion(nbytes, speeds, expected_counts):
+def test_shares_cover_every_byte_once_in_proportion(nbytes, speeds, expected_lengths):
     paths = [Path((HOST, f"GPU-{i}"), s) for i, s in enumerate(speeds)]
-    dealt = split(nbytes, paths, chunk=4)
-    assert [len(chunks) for chunks in dealt] == expected_counts
-    pieces = sorted(piece for chunks in dealt for piece in chunks)
-    assert sum(length for _off, length in pieces) == nbytes
-    assert all(a[0] + a[1] == b[0] for a, b in zip(pieces, pieces[1:]))   # contiguous, no overlap
-    for chunks in dealt:
-        assert chunks == sorted(chunks)                                    # each path in order
+    ranges = shares(nbytes, paths, align=4)
+    assert [length for _off, length in ranges] == expected_lengths
+    offset = 0
+    for start, length in ranges:                     # contiguous, in path order, no overlap
+        assert start == offset
+        assert length % 4 == 0 or start + length == nbytes
+        offset += length
+    assert offset == nbytes
 
 
-def test_split_interleaves_paths_over_the_whole_range():
-    fast, slow = Path((HOST, "GPU-0"), 30.0), Path((HOST, "GPU-1", "GPU-0"), 10.0)
-    dealt = split(8 * 4, [fast, slow], chunk=4)
-    slow_chunks = [off // 4 for off, _ in dealt[1]]
-    assert len(slow_chunks) == 2 and slow_chunks[0] < 4 and slow_chunks[1] - slow_chunks[0] == 4
+def test_shares_refuse_nonsense():
+    with pytest.raises(ValueError, match="positive alignment"):
+        shares(10, [Path((HOST, "GPU-0"), 1.0)], align=0)
+    with pytest.raises(ValueError, match="a path"):
+        shares(10, [], align=4)
+
+
+def test_without_nvml_no_move_is_routed_through_a_peer():
+    # On machines where NVML cannot tell (here: nvidia-ml-py missing, or no driver), the
+    # GPUs count as behind one switch with no NVLink: one path per move.
+    topology, source = discover(["GPU-0", "GPU-1"], pcie_GBps=50.0, nvlink_GBps=400.0)
+    assert "no multi-path routes" in source
+    assert topology.host_to_gpu("GPU-0") == [Path((HOST, "GPU-0"), 50.0)]
+    assert topology.gpu_to_host("GPU-1") == [Path(("GPU-1", HOST), 50.0)]
