@@ -117,3 +117,60 @@ def test_queued_batches_stay_within_depth_and_arrive_in_order():
     sources = [np.random.default_rng(i).integers(0, 256, 5 * MiB + i, dtype=np.uint8) for i in range(4)]
     move_at_once(link, sources)
     assert 2 <= copier.most <= 3 and link.moves == 4 and link.queued == 0
+
+
+def test_a_small_move_goes_express_while_the_link_is_busy_and_normally_when_idle():
+    """Note [Express moves]: a copier with a second engine (``express``, copying at once
+    here, like a GPU's cores) carries a small move that arrives while the queue is busy."""
+    class TwoEngines:
+        def __init__(self):
+            self.pending = []
+            self.release = threading.Event()     # holds the queued engine back
+
+        def issue(self, pieces):
+            self.pending.append(pieces)
+            return pieces
+
+        def wait(self, token):
+            if token == "express":
+                return
+            self.release.wait(60)
+            while self.pending:
+                pieces = self.pending.pop(0)
+                HostCopier.issue(pieces)
+                if pieces is token:
+                    return
+
+        def express(self, pieces):
+            if any(n == 3 for _d, _s, n in pieces):   # an odd piece it cannot take
+                return None
+            HostCopier.issue(pieces)
+            return "express"
+
+    copier = TwoEngines()
+    link = Link("two", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=1, depth=2)
+    big_src = np.ones(8 * MiB, np.uint8)
+    big_dst = np.zeros_like(big_src)
+    runner = threading.Thread(target=link.move, args=(address(big_dst), address(big_src), big_src.nbytes))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not copier.pending and time.monotonic() < deadline:   # the big move is queued
+        time.sleep(0.001)
+    small_src = np.full(MiB, 7, np.uint8)
+    small_dst = np.zeros_like(small_src)
+    link.move(address(small_dst), address(small_src), MiB)      # the queue is held: express
+    assert (small_dst == 7).all() and link.stats()["express"] == 1 and not (big_dst == 1).all()
+    odd_dst = np.zeros(3, np.uint8)                              # express refuses it: it queues
+    odd = threading.Thread(target=link.move, args=(address(odd_dst), address(small_src), 3))
+    odd.start()
+    while link.queued < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert link.queued == 2 and not odd_dst.any()
+    copier.release.set()
+    runner.join(60)
+    odd.join(60)
+    assert (big_dst == 1).all() and (odd_dst == 7).all()
+    idle_dst = np.zeros_like(small_src)
+    link.move(address(idle_dst), address(small_src), MiB)       # idle link: the ordinary path
+    assert (idle_dst == 7).all() and link.stats()["express"] == 1
+    assert link.moves == 4 and link.bytes == 10 * MiB + 3 and link.queued == 0
