@@ -14,14 +14,6 @@ next waiting thread whose move is not done leads. A move on an idle link therefo
 thread hand-off (its caller copies), and every queued chunk has a waiting thread to finish
 it. ``depth`` ≥ 2 keeps the copy engine busy while the leader refills; small, so a newly
 arrived move waits behind at most ``depth`` batches.
-
-Note [Express moves]: a copy engine drains its queue in order, so even ``depth`` batches are
-a wait: two 4 MiB chunks are ~150 µs on PCIe, against ~30 µs for a 1 MiB copy alone. A
-copier may therefore offer ``express(pieces) -> token``: copies that do not queue behind the
-link's batches (faastube.cuda.CopyQueue runs them as a copy kernel on a high-priority
-stream: the GPU's cores read over the same wire while the copy engine works). A move of at
-most one chunk that arrives while the link is busy goes express, outside the scheduler; on
-an idle link it takes the ordinary path, where the copy engine is fastest.
 """
 
 from __future__ import annotations
@@ -92,8 +84,6 @@ class Link:
         self.busy_s = 0.0
         self.wait_s = 0.0                 # summed over finished moves
         self.service_s = 0.0
-        self.express = 0                  # moves that went express (Note [Express moves])
-        self._express = getattr(copier, "express", None)
 
     @property
     def queued(self) -> int:
@@ -109,10 +99,6 @@ class Link:
         move.transfer.payload = move
         if nbytes == 0:
             move.transfer.finished_at = now
-            return move
-        if (self._express is not None and nbytes <= self.scheduler.chunk_bytes
-                and (self._leading or self.scheduler.active)
-                and self._move_express(move, nbytes)):
             return move
         with self._changed:
             self.scheduler.add(move.transfer)
@@ -130,23 +116,6 @@ class Link:
         if move.error is not None:
             raise move.error
         return move
-
-    def _move_express(self, move: Move, nbytes: int) -> bool:
-        """Note [Express moves]; False if the copier cannot take these pieces express."""
-        move.started = self._clock()
-        token = self._express([(move.dst, move.src, nbytes)])
-        if token is None:
-            move.started = None
-            return False
-        self.copier.wait(token)
-        finished = move.transfer.finished_at = self._clock()
-        with self._changed:
-            self.bytes += nbytes
-            self.moves += 1
-            self.express += 1
-            self.service_s += finished - move.started
-        move.done.set()
-        return True
 
     def _lead(self, mine: Move) -> None:
         while not mine.done.is_set():
@@ -207,4 +176,4 @@ class Link:
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
                     "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
-                    "chunk_bytes": self.scheduler.chunk_bytes, "express": self.express}
+                    "chunk_bytes": self.scheduler.chunk_bytes}

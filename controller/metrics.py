@@ -107,9 +107,7 @@ class ControllerCollector:
                                     ("wait_s", "faastube_link_wait_seconds",
                                      "Seconds finished moves waited for their first chunk to go"),
                                     ("service_s", "faastube_link_service_seconds",
-                                     "Seconds from a finished move's first chunk to its last"),
-                                    ("express", "faastube_link_express_transfers",
-                                     "Small moves run as a copy kernel while the link was busy")):
+                                     "Seconds from a finished move's first chunk to its last")):
                 family = CounterMetricFamily(name, text, labels=["link"])
                 for link, values in sorted(links.items()):
                     family.add_metric([link], values[key])

@@ -59,8 +59,7 @@ def render_status(status: dict) -> str:
     for name, link in sorted(status.get("links", {}).items()):
         rate = link["bytes"] / link["busy_s"] / 1e9 if link["busy_s"] else 0.0
         moves = max(link["transfers"], 1)
-        lines.append(f"link {name}: {format_size(link['bytes'])} in {link['transfers']} transfers "
-                     f"({link.get('express', 0)} express), "
+        lines.append(f"link {name}: {format_size(link['bytes'])} in {link['transfers']} transfers, "
                      f"busy {link['busy_s']:.3f} s ({rate:.1f} GB/s while busy), {link['queued']} queued, "
                      f"mean wait {link['wait_s'] / moves * 1e6:.0f} µs, service "
                      f"{link['service_s'] / moves * 1e6:.0f} µs, chunks of {format_size(link['chunk_bytes'])}, "

@@ -21,7 +21,6 @@ cannot be used.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 
@@ -260,10 +259,7 @@ class VmmMapping:
 def register_host(address: int, size: int) -> None:
     """Pin host memory in place (page-locked, visible to every GPU) for full-speed copies."""
     with devices().current(0):
-        # Portable: pinned for every GPU's context; device-mapped: express copy kernels
-        # (Note [Express moves]) read and write it at its own address (unified addressing).
-        _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE
-                                    | cu.CU_MEMHOSTREGISTER_DEVICEMAP))
+        _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE))
 
 
 def unregister_host(address: int) -> None:
@@ -272,114 +268,30 @@ def unregister_host(address: int) -> None:
             cu.cuMemHostUnregister(address)
 
 
-# Note [Express moves] (controller/links.py): a copy done by the GPU's cores, not its copy
-# engines, so it does not queue behind the copies a link has queued. Hand-written PTX, so no
-# compiler is needed at run time (the driver compiles it for the GPU when it is loaded):
-# 16-byte loads and stores over a grid-stride loop, then thread 0 copies the tail bytes.
-# Every address must be reachable from the GPU (device memory, peers' VMM mappings, pinned
-# host memory under unified addressing) and both ends 16-byte aligned.
-_COPY_PTX = b"""
-.version 6.0
-.target sm_60
-.address_size 64
-
-.visible .entry faastube_copy(.param .u64 dst, .param .u64 src, .param .u64 n)
-{
-    .reg .pred %p;
-    .reg .b16 %byte;
-    .reg .b32 %blk, %nthr, %thr, %nblk, %v0, %v1, %v2, %v3;
-    .reg .b64 %to, %from, %size, %vecs, %i, %stride, %off, %ld, %st;
-
-    ld.param.u64 %to, [dst];
-    ld.param.u64 %from, [src];
-    ld.param.u64 %size, [n];
-    shr.u64 %vecs, %size, 4;
-    mov.u32 %blk, %ctaid.x;
-    mov.u32 %nthr, %ntid.x;
-    mov.u32 %thr, %tid.x;
-    mov.u32 %nblk, %nctaid.x;
-    cvt.u64.u32 %i, %thr;
-    mad.wide.u32 %i, %blk, %nthr, %i;
-    mul.wide.u32 %stride, %nblk, %nthr;
-VECTOR:
-    setp.ge.u64 %p, %i, %vecs;
-    @%p bra TAIL;
-    shl.b64 %off, %i, 4;
-    add.u64 %ld, %from, %off;
-    add.u64 %st, %to, %off;
-    ld.global.v4.u32 {%v0, %v1, %v2, %v3}, [%ld];
-    st.global.v4.u32 [%st], {%v0, %v1, %v2, %v3};
-    add.u64 %i, %i, %stride;
-    bra VECTOR;
-TAIL:
-    setp.ne.u32 %p, %blk, 0;
-    @%p bra DONE;
-    setp.ne.u32 %p, %thr, 0;
-    @%p bra DONE;
-    shl.b64 %i, %vecs, 4;
-BYTE:
-    setp.ge.u64 %p, %i, %size;
-    @%p bra DONE;
-    add.u64 %ld, %from, %i;
-    add.u64 %st, %to, %i;
-    ld.global.u8 %byte, [%ld];
-    st.global.u8 [%st], %byte;
-    add.u64 %i, %i, 1;
-    bra BYTE;
-DONE:
-    ret;
-}
-"""
-_COPY_THREADS = 256
-
-
 class CopyQueue:
     """A stream of its own on GPU ``ordinal`` that carries copies in order; each ``issue``
     returns a token (an event recorded after its copies) for ``wait``. The transfer engine
     keeps a few batches queued on it so the copy engine never idles between them, and no
-    more, so a newly arrived transfer waits behind little (controller/links.py).
-
-    ``express`` runs copies as a kernel on a second, high-priority stream (Note [Express
-    moves]); the same ``wait`` waits for them."""
+    more, so a newly arrived transfer waits behind little (controller/links.py)."""
 
     def __init__(self, ordinal: int):
         self.ordinal = ordinal
         self._free: list = []
         with devices().current(ordinal):
             self.stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
-            _least, greatest = _check(cu.cuCtxGetStreamPriorityRange())
-            self.express_stream = _check(cu.cuStreamCreateWithPriority(
-                cu.CUstream_flags.CU_STREAM_NON_BLOCKING, greatest))
-            module = _check(cu.cuModuleLoadData(_COPY_PTX))
-            self._kernel = _check(cu.cuModuleGetFunction(module, b"faastube_copy"))
-            self._blocks = int(_check(cu.cuDeviceGetAttribute(
-                cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, devices().handles[ordinal])))
-
-    def express(self, pieces):
-        """Run (destination, source, length) copies on the GPU's cores; their token, or None
-        when a piece is not 16-byte aligned (the caller then queues it)."""
-        if any((dst | src) & 15 for dst, src, _n in pieces):
-            return None
-        with devices().current(self.ordinal):
-            for dst, src, nbytes in pieces:
-                blocks = max(1, min(self._blocks, -(-nbytes // (16 * _COPY_THREADS))))
-                _check(cu.cuLaunchKernel(
-                    self._kernel, blocks, 1, 1, _COPY_THREADS, 1, 1, 0, self.express_stream,
-                    ((dst, src, nbytes), (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64)), 0))
-            return self._token(self.express_stream)
 
     def issue(self, pieces):
         """Queue (destination, source, length) copies; returns their token."""
         with devices().current(self.ordinal):
             for dst, src, nbytes in pieces:
                 _check(cu.cuMemcpyAsync(dst, src, nbytes, self.stream))
-            return self._token(self.stream)
+            return self._token()
 
-    def _token(self, stream):
-        """An event recorded after everything queued on ``stream`` so far (current context)."""
+    def _token(self):
+        """An event recorded after everything queued on the stream so far (current context)."""
         event = self._free.pop() if self._free else _check(
             cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-        _check(cu.cuEventRecord(event, stream))
+        _check(cu.cuEventRecord(event, self.stream))
         return event
 
     def wait(self, event) -> None:
@@ -430,7 +342,7 @@ class RelayQueue(CopyQueue):
                     _check(cu.cuMemcpyAsync(dst + offset, staged, length, self.stream))
                     _check(cu.cuEventRecord(self._drained[slot], self.stream))
                     self._used[slot] = True
-            return self._token(self.stream)
+            return self._token()
 
 
 def synchronize(uuid: str) -> None:
