@@ -1,8 +1,11 @@
 """Private services for the demo, the tests and the benchmarks: a ``redis-server`` on a free
-loopback port, and a ``faastube controller`` process on a socket of its own."""
+loopback port, a ``faastube controller`` process on a socket of its own, and action
+containers (``faastube shim`` processes) driven over the OpenWhisk runtime protocol."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import signal
@@ -165,3 +168,57 @@ class LocalController:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LocalRuntime:
+    """One container of an action as an OpenWhisk invoker runs it: ``faastube shim`` on a
+    free loopback port, ``init`` once, then ``run`` per activation over one keep-alive
+    connection. One activation at a time (the caller serialises)."""
+
+    def __init__(self, env: dict, log_path: str, timeout_s: float = 300.0):
+        self.port = free_port()
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "faastube.cli", "shim"], stdout=log, stderr=subprocess.STDOUT,
+                env={**env, "PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + 30
+        while True:
+            if self.process.poll() is not None:
+                raise FaasTubeError(f"the runtime exited with {self.process.returncode}: see {log_path}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise FaasTubeError(f"the runtime did not listen within 30 s: see {log_path}") from None
+                time.sleep(0.01)
+        self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        self._connection.request("POST", path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+        response = self._connection.getresponse()
+        payload = response.read()
+        return response.status, json.loads(payload) if payload else {}
+
+    def init(self, code: str, main: str, env: dict | None = None) -> None:
+        status, body = self.post("/init", {"value": {"name": main, "main": main, "code": code,
+                                                     "binary": False, "env": env or {}}})
+        if status != 200:
+            raise FaasTubeError(f"/init of {main} failed with {status} {body}: see {self.log_path}")
+
+    def run(self, value: dict, **keys) -> tuple[int, dict]:
+        return self.post("/run", {"value": value, **keys})
+
+    def stop(self) -> None:
+        if hasattr(self, "_connection"):
+            self._connection.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,261 @@
+"""What the workflow actions share: how a tensor travels to the next stage (three modes,
+chosen by configuration only), where a stage computes, and the models.
+
+Modes (``FAASTUBE_BENCH_MODE``):
+
+- ``pool``: ``faastube.put`` / ``faastube.get`` — the tensor stays in GPU memory (or the host
+  tier for CPU stages); only its ref crosses HTTP.
+- ``shm``: what a host-memory data-passing system does: GPU→host with a pageable copy, into a
+  fresh POSIX shared-memory segment; the consumer maps it and copies host→GPU (pageable).
+- ``redis``: what users do today on OpenWhisk and Knative (payloads are capped at 1 MB):
+  the bytes go through Redis (``SET``/``GET``), with the same copies as ``shm`` around them.
+
+Every handle names the workflow run (``args["run"]``): the driver frees what a run left
+(``cleanup``) after the run, outside its timing, in every mode.
+
+Models: torchvision architectures with random weights made from a fixed seed (no downloads)
+where torchvision is installed and ``FAASTUBE_BENCH_SIZE`` is ``gpu``; the CPU-sized variant
+(``cpu``, what CI runs) uses small convolutional nets of the same roles. Weights depend only
+on the seed, so every container of an action computes the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import os
+import time
+import warnings
+
+import numpy as np
+
+MODES = ("pool", "shm", "redis")
+SEED = 2026
+_counter = itertools.count()
+
+
+def mode() -> str:
+    value = os.environ.get("FAASTUBE_BENCH_MODE", "pool")
+    if value not in MODES:
+        raise ValueError(f"FAASTUBE_BENCH_MODE must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def size() -> str:
+    return os.environ.get("FAASTUBE_BENCH_SIZE", "cpu")
+
+
+def device() -> str:
+    """Where this container's GPU stages compute: its (first visible) GPU, else the CPU."""
+    import torch
+    return "cuda" if torch.cuda.is_available() and size() == "gpu" else "cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def _redis():
+    import redis
+    return redis.Redis.from_url(os.environ.get("FAASTUBE_REDIS", "redis://127.0.0.1:6379/0"))
+
+
+# -- passing tensors ----------------------------------------------------------------------
+
+def send(tensor, run: str, consumers: int = 1):
+    """Hand ``tensor`` (torch, on any device) to ``consumers`` later stages; returns what
+    goes in the result JSON."""
+    tensor = tensor.detach().contiguous()
+    how = mode()
+    if how == "pool":
+        import faastube
+        value = tensor if tensor.is_cuda else tensor.numpy()
+        return faastube.put(value, consumers=consumers, scope=run)
+    host = tensor.cpu().numpy() if tensor.is_cuda else tensor.numpy()   # pageable GPU→host
+    name = f"ftb-{run}-{os.getpid()}-{next(_counter)}"
+    if how == "shm":
+        from multiprocessing import resource_tracker, shared_memory
+        segment = shared_memory.SharedMemory(name=name, create=True, size=max(1, host.nbytes))
+        resource_tracker.unregister(segment._name, "shared_memory")     # the driver unlinks it
+        np.ndarray(host.shape, host.dtype, buffer=segment.buf)[...] = host
+        del segment   # closes this process's mapping; the segment stays until unlinked
+    else:
+        _redis().set(name, host.tobytes())
+    return {"ftb": how, "name": name, "shape": list(host.shape), "dtype": str(host.dtype)}
+
+
+def receive(handle, where: str):
+    """The tensor ``handle`` names, as torch on ``where`` ("cpu" or "cuda")."""
+    import torch
+    if isinstance(handle, dict) and "ftb" in handle:
+        dtype = np.dtype(handle["dtype"])
+        if handle["ftb"] == "shm":
+            from multiprocessing import resource_tracker, shared_memory
+            segment = shared_memory.SharedMemory(name=handle["name"])
+            resource_tracker.unregister(segment._name, "shared_memory")
+            view = np.ndarray(handle["shape"], dtype, buffer=segment.buf)
+            tensor = torch.from_numpy(view).to(where, copy=True)             # pageable host→GPU
+            del view
+            segment.close()
+            return tensor
+        data = _redis().get(handle["name"])
+        host = np.frombuffer(data, dtype).reshape(handle["shape"])
+        with warnings.catch_warnings():                  # read-only bytes; torch only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(host).to(where, copy=True)
+    import faastube
+    array = faastube.get(handle, device="cuda" if where == "cuda" else "cpu")
+    if isinstance(array, np.ndarray):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array)               # zero copy, read-only view
+    return torch.from_dlpack(array)                       # zero copy on the same GPU
+
+
+def cleanup(run: str, client) -> None:
+    """Free what run ``run`` left in the shm and Redis modes (``client``: Redis); the pool
+    frees by consumers and by the run's scope."""
+    import glob
+    for path in glob.glob(f"/dev/shm/ftb-{run}-*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    keys = list(client.scan_iter(match=f"ftb-{run}-*"))
+    if keys:
+        client.delete(*keys)
+
+
+def checksum(tensor) -> str:
+    """sha256 of a tensor's bytes: how the driver checks that every mode computed the same."""
+    return hashlib.sha256(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes()).hexdigest()
+
+
+class Stage:
+    """One activation of a stage: gets and puts tensors through the configured mode and
+    times them, so the result says how much of the stage was data passing."""
+
+    def __init__(self, args: dict):
+        self.run = args["run"]
+        self.seed = args["seed"]
+        self.started = time.perf_counter()
+        self.passing_s = 0.0
+
+    def get(self, handle, where: str):
+        started = time.perf_counter()
+        tensor = receive(handle, where)
+        self.passing_s += time.perf_counter() - started
+        return tensor
+
+    def put(self, tensor, consumers: int = 1):
+        if tensor.is_cuda:                         # the compute before it is not passing time
+            import torch
+            torch.cuda.synchronize(tensor.device)
+        started = time.perf_counter()
+        handle = send(tensor, self.run, consumers)
+        self.passing_s += time.perf_counter() - started
+        return handle
+
+    def result(self, **fields) -> dict:
+        return {"run": self.run, "seed": self.seed, **fields,
+                "timing": {"total_s": time.perf_counter() - self.started, "passing_s": self.passing_s}}
+
+
+def top_crops(images, features, per_image: int, crop: int):
+    """The ``per_image`` strongest locations of ``features`` (N, C, h, w) in each image,
+    cut out of ``images`` (N, 3, H, W) as ``crop``×``crop`` patches: (N·k, 3, crop, crop),
+    and the boxes as [[image, top, left], …]. Deterministic: ties go to the lower index."""
+    import torch
+    heat = features.float().mean(dim=1)                          # (N, h, w)
+    n, h, w = heat.shape
+    height, width = images.shape[-2:]
+    index = torch.topk(heat.reshape(n, -1), per_image, dim=1, sorted=True).indices.cpu()
+    crops, boxes = [], []
+    for i in range(n):
+        for flat in index[i].tolist():
+            top = min(max(0, (flat // w) * height // h - crop // 2), height - crop)
+            left = min(max(0, (flat % w) * width // w - crop // 2), width - crop)
+            crops.append(images[i, :, top:top + crop, left:left + crop])
+            boxes.append([i, top, left])
+    return torch.stack(crops).contiguous(), boxes
+
+
+# -- models ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def model(role: str):
+    """The network for ``role`` on this container's device, eval mode, random weights from
+    the seed. Roles: backbone (detection/face features), classifier, embedder, segmenter."""
+    import torch
+    torch.manual_seed(SEED + sum(map(ord, role)))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if size() == "gpu":
+        net = _torchvision(role)
+    else:
+        net = _small(role)
+    return net.eval().to(device())
+
+
+def _torchvision(role: str):
+    import torchvision
+    m = torchvision.models
+    if role == "backbone":            # detection and face features: ResNet-50 to its last stage
+        resnet = m.resnet50(weights=None)
+        import torch
+        return torch.nn.Sequential(*list(resnet.children())[:-2])
+    if role == "segmenter":
+        return m.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=19,
+                                          aux_loss=False)
+    if role.startswith("classifier"):  # classifier-a/-b/-c: an ensemble of different nets
+        return {"classifier": m.resnet50, "classifier-a": m.resnet50, "classifier-b": m.mobilenet_v3_large,
+                "classifier-c": m.efficientnet_b0}[role](weights=None)
+    if role == "embedder":
+        return m.resnet18(weights=None, num_classes=128)
+    raise ValueError(f"no model for role {role!r}")
+
+
+def _small(role: str):
+    from torch import nn
+
+    def convs(channels):
+        layers, previous = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(previous, c, 3, stride=2, padding=1), nn.ReLU()]
+            previous = c
+        return layers
+
+    if role == "backbone":
+        return nn.Sequential(*convs([8, 16, 32]))
+    if role == "segmenter":
+        class Segmenter(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(*convs([8, 16]), nn.Conv2d(16, 19, 1))
+
+            def forward(self, x):
+                out = nn.functional.interpolate(self.body(x), size=x.shape[-2:], mode="nearest")
+                return {"out": out}
+        return Segmenter()
+    if role.startswith("classifier") or role == "embedder":
+        width = {"classifier": 16, "classifier-a": 16, "classifier-b": 12, "classifier-c": 8, "embedder": 16}[role]
+        classes = 128 if role == "embedder" else 1000
+        return nn.Sequential(*convs([width, 2 * width]), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(2 * width, classes))
+    raise ValueError(f"no model for role {role!r}")
+
+
+# -- inputs ------------------------------------------------------------------------------
+
+FRAME = {"gpu": (720, 1280), "cpu": (64, 96)}          # height, width of a camera frame
+CROP = {"gpu": 224, "cpu": 32}
+
+
+def frames(seed: int, count: int):
+    """``count`` deterministic uint8 RGB frames (N, H, W, 3) for input ``seed``, as numpy."""
+    height, width = FRAME[size()]
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+
+
+def normalise(batch_uint8):
+    """CPU pre-processing every workflow starts with: NHWC uint8 → NCHW float32 in [-1, 1]."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).permute(0, 3, 1, 2).float()
+    return (x / 127.5 - 1.0).contiguous()

@@ -1,0 +1,203 @@
+"""A local driver that runs the workflows the way OpenWhisk does, over the real runtime
+protocol: every stage is an action with its own containers (``faastube shim`` processes,
+:class:`faastube.local.LocalRuntime`), each initialised once (``/init`` with the workflow's
+code and the stage as ``main``) and then given one activation at a time (``/run``); a
+stage's result is the next stage's ``value``, as in a sequence. Fan-out and fan-in work as
+a conductor or Composer program does: parallel branches are invoked at once and the next
+stage gets ``{"branches": [their results]}``.
+
+Placement (documented in docs/benchmarks.md): replica *k* of every GPU stage runs on GPU
+*k* mod *G* (``CUDA_VISIBLE_DEVICES``), so with one replica per stage a workflow runs on
+GPU 0 and its hand-offs stay on one GPU; CPU stages run without a GPU. An activation takes
+any idle replica of its action and waits if all are busy (an invoker's container pool).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+import queue
+import sys
+import time
+import uuid
+
+import redis
+
+from faastube import protocol
+from faastube.client import Client
+from faastube.config import Config
+from faastube.errors import FaasTubeError
+from faastube.local import LocalRuntime
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import common  # noqa: E402  (bench/workflows/common.py, shared with the actions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Every branch (a chain of stages) gets the same input, at once."""
+    branches: tuple[tuple[str, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ForEach:
+    """One branch per element of ``value[key]``, given as ``value["chunk"]``."""
+    key: str
+    chain: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workflow:
+    name: str
+    steps: tuple
+    gpu_stages: frozenset
+
+    @property
+    def stages(self) -> list[str]:
+        out = []
+        for step in self.steps:
+            chains = ([(step,)] if isinstance(step, str) else
+                      step.branches if isinstance(step, Parallel) else [step.chain])
+            out += [stage for chain in chains for stage in chain if stage not in out]
+        return out
+
+    @property
+    def code(self) -> str:
+        with open(os.path.join(HERE, f"{self.name}.py")) as file:
+            return file.read()
+
+
+WORKFLOWS = {w.name: w for w in (
+    Workflow("traffic", ("preprocess", "detect", Parallel((("classify_person",), ("classify_car",))), "merge"),
+             frozenset({"detect", "classify_person", "classify_car"})),
+    Workflow("driving", ("preprocess", "segment", "postprocess"), frozenset({"segment"})),
+    Workflow("video", ("split", ForEach("chunks", ("detect_faces", "recognise")), "aggregate"),
+             frozenset({"detect_faces", "recognise"})),
+    Workflow("image", ("preprocess", Parallel((("classify_a",), ("classify_b",), ("classify_c",))), "vote"),
+             frozenset({"classify_a", "classify_b", "classify_c"})),
+)}
+
+
+class WorkflowError(FaasTubeError):
+    """An activation of a workflow failed."""
+
+
+@dataclasses.dataclass
+class Activation:
+    stage: str
+    wall_s: float          # the /run round trip, as the invoker sees it
+    total_s: float         # inside the action
+    passing_s: float       # of which getting and putting tensors
+
+
+@dataclasses.dataclass
+class Run:
+    seed: int
+    latency_s: float
+    result: dict
+    activations: list[Activation]
+
+
+class Deployment:
+    """``workflow``'s actions in data-passing ``mode``, ``replicas`` containers each."""
+
+    def __init__(self, workflow: Workflow, mode: str, size: str, env: dict, log_dir: str,
+                 replicas: int = 1, gpus: int = 0, namespace: str = "bench"):
+        self.workflow, self.mode, self.namespace = workflow, mode, namespace
+        config = Config.from_env(env, namespace=namespace)
+        self._redis = redis.Redis.from_url(config.redis)
+        self._client = Client(config) if mode == "pool" else None     # to close runs' scopes
+        self._idle: dict[str, queue.Queue] = {}
+        self._all: list[LocalRuntime] = []
+        self._ids = itertools.count()
+        os.makedirs(log_dir, exist_ok=True)
+        init_env = {"PYTHONPATH": HERE, "FAASTUBE_BENCH_MODE": mode, "FAASTUBE_BENCH_SIZE": size}
+        starts = []
+        for stage in workflow.stages:
+            self._idle[stage] = queue.Queue()
+            for k in range(replicas):
+                gpu = str(k % gpus) if gpus and stage in workflow.gpu_stages else ""
+                container_env = {**env, "CUDA_VISIBLE_DEVICES": gpu, "FAASTUBE_NAMESPACE": namespace}
+                starts.append((stage, container_env, os.path.join(log_dir, f"{workflow.name}-{mode}-{stage}-{k}.log")))
+        try:
+            # Containers start and import their models in parallel, as a platform's would.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+                for stage, runtime in zip([s for s, _e, _l in starts], pool.map(
+                        lambda s: self._start(s[0], s[1], s[2], init_env), starts)):
+                    self._idle[stage].put(runtime)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, stage, env, log_path, init_env) -> LocalRuntime:
+        runtime = LocalRuntime(env, log_path)
+        self._all.append(runtime)
+        runtime.init(self.workflow.code, stage, init_env)
+        return runtime
+
+    def invoke(self, stage: str, value: dict, record: list) -> dict:
+        runtime = self._idle[stage].get()
+        started = time.perf_counter()
+        try:
+            status, body = runtime.run(value, namespace=self.namespace, action_name=stage,
+                                       activation_id=uuid.uuid4().hex, deadline=str(int(time.time() * 1000) + 600_000))
+        finally:
+            self._idle[stage].put(runtime)
+        wall = time.perf_counter() - started
+        if status != 200 or "error" in body:
+            raise WorkflowError(f"{self.workflow.name}/{stage} ({self.mode}) failed: {status} {body} "
+                                f"(see {runtime.log_path})")
+        timing = body.get("timing", {})
+        record.append(Activation(stage, wall, timing.get("total_s", 0.0), timing.get("passing_s", 0.0)))
+        return body
+
+    def run(self, seed: int) -> Run:
+        """One request through the whole workflow; returns the last stage's result."""
+        run_id = f"r{os.getpid()}x{next(self._ids)}x{uuid.uuid4().hex[:8]}"
+        record: list[Activation] = []
+        started = time.perf_counter()
+        value = {"run": run_id, "seed": seed}
+        try:
+            for step in self.workflow.steps:
+                value = self._step(step, value, record)
+            latency = time.perf_counter() - started
+        finally:
+            self.cleanup(run_id)
+        return Run(seed, latency, value, record)
+
+    def cleanup(self, run_id: str) -> None:
+        """Free what a run left, outside its timing: shm segments and Redis keys; in the
+        pool, objects not consumed yet (consumers free the rest as they go)."""
+        common.cleanup(run_id, self._redis)
+        if self._client is not None:
+            self._client.request(protocol.CloseScope(run_id))
+
+    def _step(self, step, value: dict, record: list) -> dict:
+        if isinstance(step, str):
+            return self.invoke(step, value, record)
+        if isinstance(step, Parallel):
+            inputs = [(chain, value) for chain in step.branches]
+        else:
+            base = {k: v for k, v in value.items() if k != step.key and k != "timing"}
+            inputs = [(step.chain, {**base, "chunk": item}) for item in value[step.key]]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(inputs)) as pool:
+            branches = list(pool.map(lambda job: self._chain(job[0], job[1], record), inputs))
+        return {"run": value["run"], "seed": value["seed"], "branches": branches}
+
+    def _chain(self, chain, value: dict, record: list) -> dict:
+        for stage in chain:
+            value = self.invoke(stage, value, record)
+        return value
+
+    def close(self) -> None:
+        for runtime in self._all:
+            runtime.stop()
+        self._all.clear()
+        if self._client is not None:
+            self._client.close()
+        self._redis.close()

@@ -1,0 +1,31 @@
+"""Driving: pre-processing (CPU) → semantic segmentation (GPU) → post-processing (CPU).
+
+Each function below is one action (see traffic.py for how to deploy them)."""
+
+import torch
+
+import common
+
+BATCH = {"gpu": 2, "cpu": 2}
+
+
+def preprocess(args):
+    stage = common.Stage(args)
+    frames = common.normalise(common.frames(stage.seed, BATCH[common.size()]))
+    return stage.result(frames=stage.put(frames))
+
+
+@torch.no_grad()
+def segment(args):
+    stage = common.Stage(args)
+    frames = stage.get(args["frames"], common.device())
+    logits = common.model("segmenter")(frames)["out"]            # (N, 19, H, W)
+    return stage.result(logits=stage.put(logits))
+
+
+def postprocess(args):
+    stage = common.Stage(args)
+    logits = stage.get(args["logits"], "cpu")
+    classes = logits.argmax(dim=1)
+    histogram = torch.bincount(classes.flatten(), minlength=logits.shape[1])
+    return stage.result(pixels=histogram.tolist(), checksum=common.checksum(classes))
