@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
@@ -96,6 +97,18 @@ def _demo(args) -> int:
     return run_demo(size_mb=args.size_mb, runs=args.runs)
 
 
+def _bench(args) -> int:
+    # The workflows and their driver live in the source tree (bench/workflows), beside the
+    # package, not inside it: they need PyTorch, which the package does not.
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "workflows")
+    if not os.path.exists(os.path.join(folder, "run.py")):
+        raise FaasTubeError(f"faastube bench runs from a source checkout of FaaSTube ({folder} is missing)")
+    sys.path.insert(0, folder)
+    import run
+    return run.main([a for a in args.rest if a != "--"][:1] + args.rest[1:] if args.rest[:1] != ["--"]
+                    else args.rest[1:])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faastube", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,10 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mb", type=int, default=48, help="array size per hand-off in MB (default 48)")
     p.add_argument("--runs", type=int, default=5, help="pipeline runs per mode (default 5)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", add_help=False,
+                       help="the end-to-end workflow benchmark, every data-passing mode "
+                            "(faastube bench --help for its options)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:          # its options are run.py's own: argparse would claim them
+        argv = ["bench", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

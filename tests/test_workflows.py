@@ -50,3 +50,31 @@ def test_a_failing_stage_names_itself_and_its_log(controller, tmp_path):
         assert deployment.run(3).result["checksum"]         # the deployment still serves
     finally:
         deployment.close()
+
+
+def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
+    """The whole benchmark command, CPU-sized and short: its own Redis and controller, two
+    modes, isolated requests, an open-loop load phase and a max-rate search."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[bench]')")
+    import json
+    import subprocess
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "faastube.cli", "bench", "--workflow", "driving", "--modes", "pool,shm",
+         "--size", "cpu", "--requests", "3", "--rate", "2", "--duration", "2", "--warmup", "0.5",
+         "--find-max", "--slo-ms", "5000", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    (driving,) = results["workflows"]
+    assert driving["identical_outputs"] and set(driving["modes"]) == {"pool", "shm"}
+    for mode in driving["modes"].values():
+        assert len(mode["isolated"]["latencies_ms"]) == 3
+        assert set(mode["isolated"]["stages"]) == set(driver.WORKFLOWS["driving"].stages)
+        assert mode["load"]["requests"] >= 0 and mode["load"]["failed"] == 0
+        assert mode["max"]["max_rps_within_slo"] > 0 and mode["max"]["trials"]   # a 5 s SLO holds
+    for plot in ("driving-cdf.png", "driving-load.png", "driving-stages.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "driving" in report and "![driving-cdf.png](driving-cdf.png)" in report
+    assert "outputs identical across modes: True" in done.stdout

@@ -1,0 +1,237 @@
+"""``faastube bench``: the end-to-end evaluation of the workflows, every data-passing mode in
+one run on one machine.
+
+For each workflow, every mode (``pool``, ``shm``, ``redis``) gets its own containers
+(driver.Deployment), then, one mode at a time:
+
+1. warm-up requests (models built, slabs mapped; not measured);
+2. isolated: requests one after another — latency p50/p99, the per-stage breakdown (compute,
+   data passing, the platform's share), and the output checksums, which must agree across
+   modes;
+3. load: open-loop arrivals (Poisson or bursty) at ``--rate`` for ``--duration`` seconds,
+   the first ``--warmup`` seconds excluded: p50/p99 and SLO attainment;
+4. with ``--find-max``: the highest rate whose p99 stays within the SLO (rates grow ×1.5
+   from half what the mode serves one at a time until the p99 breaks it, or halve until it
+   holds, at most six runs of ``--duration`` each, then one bisection step).
+
+The SLO is ``--slo-ms``, or by default twice the slowest mode's isolated p50 (so every
+mode can meet it when idle: what differs is how much load each carries within it).
+
+Writes ``<out>/results.json``, PNG plots (latency CDFs, latency against load, per-stage
+breakdown) and ``<out>/report.md``; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import driver  # noqa: E402
+import load  # noqa: E402
+
+MAX_STEPS = 6          # rates tried by --find-max before its bisection step
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="faastube bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workflow", action="append", choices=sorted(driver.WORKFLOWS),
+                   help="a workflow to run (repeat for several; default: traffic)")
+    p.add_argument("--modes", default="pool,shm,redis", help="data-passing modes, comma-separated")
+    p.add_argument("--size", choices=("cpu", "gpu"), default=None,
+                   help="cpu: small models and inputs; gpu: torchvision models, frames of 720p "
+                        "(default: gpu where CUDA is usable, else cpu)")
+    p.add_argument("--replicas", type=int, default=1, help="containers per action")
+    p.add_argument("--requests", type=int, default=20, help="isolated requests per mode")
+    p.add_argument("--arrivals", choices=("poisson", "bursty"), default="poisson")
+    p.add_argument("--rate", type=float, default=None,
+                   help="mean requests/s of the load phase (default: half what the slowest mode "
+                        "serves one at a time; 0 skips the load phase)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of each load run")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of each load run not measured")
+    p.add_argument("--slo-ms", type=float, default=None, help="end-to-end SLO (default: see above)")
+    p.add_argument("--find-max", action="store_true", help="search each mode's max rate within the SLO")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/workflows-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    args.workflow = args.workflow or ["traffic"]
+    args.modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in args.modes if m not in driver.common.MODES]
+    if bad or not args.modes:
+        p.error(f"--modes takes {', '.join(driver.common.MODES)}; got {args.modes}")
+    for name in ("replicas", "requests"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.duration <= args.warmup:
+        p.error("--duration must be longer than --warmup")
+    return args
+
+
+def gpus_here() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def bar(args, total, description):
+    if args.no_progress:
+        return contextlib.nullcontext(None)
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, unit="req", leave=False, file=sys.stderr)
+
+
+def breakdown(runs) -> dict:
+    """Mean seconds per request of each stage: compute, data passing, platform (HTTP,
+    runtime), and the data-passing share of the end-to-end latency."""
+    stages: dict[str, dict] = {}
+    for run in runs:
+        for a in run.activations:
+            s = stages.setdefault(a.stage, {"compute_s": 0.0, "passing_s": 0.0, "platform_s": 0.0})
+            s["compute_s"] += (a.total_s - a.passing_s) / len(runs)
+            s["passing_s"] += a.passing_s / len(runs)
+            s["platform_s"] += (a.wall_s - a.total_s) / len(runs)
+    latency = statistics.mean(r.latency_s for r in runs)
+    passing = sum(s["passing_s"] for s in stages.values())
+    return {"stages": stages, "passing_share": passing / latency if latency else 0.0}
+
+
+def measure_workflow(name, args, env, log_dir, gpus) -> dict:
+    workflow = driver.WORKFLOWS[name]
+    deployments = {}
+    result = {"workflow": name, "stages": workflow.stages, "modes": {}}
+    try:
+        for mode in args.modes:
+            print(f"{name}: starting {len(workflow.stages) * args.replicas} containers for {mode}", file=sys.stderr)
+            deployments[mode] = driver.Deployment(workflow, mode, args.size, env,
+                                                  os.path.join(log_dir, mode), args.replicas, gpus)
+        for mode, deployment in deployments.items():
+            for seed in range(3):
+                deployment.run(1000 + seed)                       # warm-up
+            runs = []
+            with bar(args, args.requests, f"{name}/{mode} isolated") as progress:
+                for i in range(args.requests):
+                    runs.append(deployment.run(i % 4))
+                    if progress is not None:
+                        progress.update(1)
+            latencies = [r.latency_s for r in runs]
+            result["modes"][mode] = {
+                "isolated": {"p50_ms": load.percentile(latencies, 0.5) * 1e3,
+                             "p99_ms": load.percentile(latencies, 0.99) * 1e3,
+                             "latencies_ms": [x * 1e3 for x in latencies],
+                             "checksums": {str(r.seed): r.result["checksum"] for r in runs},
+                             **breakdown(runs)}}
+        sums = {mode: m["isolated"]["checksums"] for mode, m in result["modes"].items()}
+        result["identical_outputs"] = all(s == next(iter(sums.values())) for s in sums.values())
+        slowest = max(m["isolated"]["p50_ms"] for m in result["modes"].values())
+        slo_s = (args.slo_ms or 2 * slowest) / 1e3
+        result["slo_ms"] = slo_s * 1e3
+        rate = args.rate if args.rate is not None else 0.5 * 1e3 / slowest * args.replicas
+        for mode, deployment in deployments.items():
+            entry = result["modes"][mode]
+            if rate > 0:
+                entry["load"] = run_load(deployment, args, rate, slo_s, f"{name}/{mode} {rate:.1f}/s")
+            if args.find_max:
+                entry["max"] = find_max(deployment, args, slo_s, 0.5e3 / entry["isolated"]["p50_ms"],
+                                        f"{name}/{mode}")
+    finally:
+        for deployment in deployments.values():
+            deployment.close()
+    return result
+
+
+def run_load(deployment, args, rate, slo_s, label, duration=None) -> dict:
+    duration = duration or args.duration
+    offsets = load.arrivals(args.arrivals, rate, duration, seed=7)
+    with bar(args, len(offsets), label) as progress:
+        outcomes = load.open_loop(lambda i: deployment.run(i % 4), offsets, progress=progress)
+    summary = load.summary(outcomes, args.warmup, duration, slo_s)
+    summary.update(rate=rate, arrivals=args.arrivals,
+                   latencies_ms=[o.latency_s * 1e3 for o in outcomes if o.ok and o.arrival_s >= args.warmup],
+                   errors=sorted({str(o.run)[:300] for o in outcomes if not o.ok})[:5])
+    return summary
+
+
+def find_max(deployment, args, slo_s, start, label) -> dict:
+    """The highest tried rate whose p99 stays within the SLO with nothing failing: rates
+    grow ×1.5 from ``start`` while they hold (or halve until one holds), then one bisection
+    step between the best that held and the lowest that broke."""
+    duration = args.duration
+    trials: list[dict] = []
+
+    def holds(rate) -> bool:
+        s = run_load(deployment, args, rate, slo_s, f"{label} max? {rate:.2f}/s", duration)
+        trials.append({k: v for k, v in s.items() if k != "latencies_ms"})
+        return s["failed"] == 0 and s["p99_ms"] <= slo_s * 1e3
+
+    best, broke, rate = None, None, max(start, 0.05)
+    for _ in range(MAX_STEPS):
+        if holds(rate):
+            best = rate
+            if broke is not None:
+                break
+            rate *= 1.5
+        else:
+            broke = rate
+            if best is not None:
+                break
+            rate /= 2
+    if best is not None and broke is not None and broke > best:
+        middle = (best + broke) / 2
+        if holds(middle):
+            best = middle
+    return {"max_rps_within_slo": best or 0.0, "trials": trials}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    gpus = gpus_here()
+    args.size = args.size or ("gpu" if gpus else "cpu")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or os.path.join(os.path.dirname(HERE), "results", f"workflows-{stamp}")
+    os.makedirs(out, exist_ok=True)
+    from faastube.local import LocalController, LocalRedis
+    results = {"benchmark": "workflows",
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": "faastube bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "machine": machine(gpus), "settings": {k: v for k, v in vars(args).items()},
+               "targets": {"traffic_p50_lower_than_redis": 0.95, "traffic_p50_lower_than_shm": 0.75,
+                           "max_rps_vs_redis": 20, "max_rps_vs_shm": 4, "passing_share_below": 0.10},
+               "workflows": []}
+    with LocalRedis() as redis_server, LocalController(
+            redis_server.url, log_path=os.path.join(out, "controller.log"),
+            gpus="auto" if gpus else "none", pool_limit="8GiB", slab_size="256MiB") as controller:
+        for name in args.workflow:
+            results["workflows"].append(
+                measure_workflow(name, args, controller.env, os.path.join(out, "logs", name), gpus))
+            with open(os.path.join(out, "results.json"), "w") as file:   # after each workflow
+                json.dump(results, file, indent=2)
+    import report
+    report.write(results, out)
+    print(report.table(results))
+    print(f"results: {out}/results.json, report: {out}/report.md")
+    return 0 if all(w["identical_outputs"] for w in results["workflows"]) else 1
+
+
+def machine(gpus: int) -> dict:
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "gpus": []}
+    if gpus:
+        import torch
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)]
+        info["torch"] = torch.__version__
+    return info
+
+
+if __name__ == "__main__":
+    sys.exit(main())
