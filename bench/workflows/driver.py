@@ -116,7 +116,10 @@ class Deployment:
         self._all: list[LocalRuntime] = []
         self._ids = itertools.count()
         os.makedirs(log_dir, exist_ok=True)
-        init_env = {"PYTHONPATH": HERE, "FAASTUBE_BENCH_MODE": mode, "FAASTUBE_BENCH_SIZE": size}
+        # Init env adds to the container's environment, and replaces a variable it names:
+        # keep the container's PYTHONPATH after the workflows' folder.
+        python_path = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p)
+        init_env = {"PYTHONPATH": python_path, "FAASTUBE_BENCH_MODE": mode, "FAASTUBE_BENCH_SIZE": size}
         starts = []
         for stage in workflow.stages:
             self._idle[stage] = queue.Queue()
