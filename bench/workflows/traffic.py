@@ -15,7 +15,8 @@ OBJECTS = {"gpu": 8, "cpu": 3}     # crops per frame
 
 def preprocess(args):
     stage = common.Stage(args)
-    frames = common.normalise(common.frames(stage.seed, BATCH[common.size()]))
+    raw = common.frames(stage.seed, BATCH[common.size()])
+    frames = common.normalise(raw, stage.empty((raw.shape[0], 3, *raw.shape[1:3])))
     return stage.result(frames=stage.put(frames))
 
 
