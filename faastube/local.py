@@ -197,9 +197,18 @@ class LocalRuntime:
         self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
-        self._connection.request("POST", path, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-        response = self._connection.getresponse()
+        data = json.dumps(body).encode()
+        for attempt in (1, 2):
+            try:
+                self._connection.request("POST", path, data, {"Content-Type": "application/json"})
+                response = self._connection.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # The runtime closed the idle keep-alive connection before reading this
+                # request (as an invoker's HTTP client sees it too): reconnect, send again.
+                self._connection.close()
+                if attempt == 2 or self.process.poll() is not None:
+                    raise
         payload = response.read()
         return response.status, json.loads(payload) if payload else {}
 

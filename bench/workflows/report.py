@@ -34,9 +34,10 @@ def rows(results) -> list[list[str]]:
 
 def table(results) -> str:
     lines = [f"== workflows ({', '.join(results['machine']['gpus']) or 'CPU only'}, {results['date']})",
-             "p50/p99 = one request at a time; passing = data passing's share of it; load = open-loop "
-             "arrivals; SLO per workflow below; 'vs pool' = this mode's number over the pool's "
-             "(p50: how much slower; max: how much less the mode carries)"]
+             "p50/p99 = one request at a time; passing = time in getting and putting tensors, summed "
+             "over every activation, over the p50 (parallel branches add up, so it can pass 100%); "
+             "load = open-loop arrivals; SLO per workflow below; 'vs pool' = this mode's number over "
+             "the pool's (p50: how much slower; max: how much less the mode carries)"]
     body = rows(results)
     widths = [max(len(r[i]) for r in body) for i in range(len(body[0]))]
     for r in body:
