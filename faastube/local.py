@@ -171,9 +171,11 @@ class LocalController:
 
 
 class LocalRuntime:
-    """One container of an action as an OpenWhisk invoker runs it: ``faastube shim`` on a
-    free loopback port, ``init`` once, then ``run`` per activation over one keep-alive
-    connection. One activation at a time (the caller serialises)."""
+    """One container of an action as an OpenWhisk invoker runs it (``init`` once, then
+    ``run`` per activation) or as Knative runs a revision's pod (the function named by
+    ``FAASTUBE_FUNCTION`` in ``env``; ``ready``, then ``post("/", ...)``): ``faastube shim``
+    on a free loopback port, over one keep-alive connection. One request at a time (the
+    caller serialises)."""
 
     def __init__(self, env: dict, log_path: str, timeout_s: float = 300.0):
         self.port = free_port()
@@ -196,11 +198,17 @@ class LocalRuntime:
                 time.sleep(0.01)
         self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
 
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
-        data = json.dumps(body).encode()
+    def post(self, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
+        status, _headers, payload = self.request("POST", path, json.dumps(body).encode(), headers)
+        return status, json.loads(payload) if payload else {}
+
+    def request(self, method: str, path: str, data: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, dict, bytes]:
+        """(status, response headers, body)."""
+        headers = {"Content-Type": "application/json", **(headers or {})}
         for attempt in (1, 2):
             try:
-                self._connection.request("POST", path, data, {"Content-Type": "application/json"})
+                self._connection.request(method, path, data, headers)
                 response = self._connection.getresponse()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
@@ -210,7 +218,19 @@ class LocalRuntime:
                 if attempt == 2 or self.process.poll() is not None:
                     raise
         payload = response.read()
-        return response.status, json.loads(payload) if payload else {}
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+
+    def ready(self, timeout_s: float = 120.0) -> None:
+        """Wait for Knative's readiness route to answer 200 (the function loaded)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status, _headers, body = self.request("GET", "/health/readiness")
+            if status == 200:
+                return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise FaasTubeError(f"the function did not get ready ({status} {body[:300]!r}): "
+                                    f"see {self.log_path}")
+            time.sleep(0.05)
 
     def init(self, code: str, main: str, env: dict | None = None) -> None:
         status, body = self.post("/init", {"value": {"name": main, "main": main, "code": code,

@@ -41,11 +41,28 @@ def test_every_mode_computes_the_same_and_leaves_nothing_behind(name, controller
     assert results["shm"] == results["pool"] and results["redis"] == results["pool"]
 
 
+def test_knative_sequences_compute_what_openwhisk_sequences_do(controller, tmp_path):
+    """The same workflow files as Knative services: loaded at start, CloudEvents in binary
+    mode, each reply event's data on to the next stage (fan-out per chunk included)."""
+    workflow = driver.WORKFLOWS["video"]
+    sums = {}
+    for platform in driver.PLATFORMS:
+        deployment = driver.Deployment(workflow, "pool", "cpu", controller.env, str(tmp_path / platform),
+                                       platform=platform)
+        try:
+            sums[platform] = [deployment.run(seed).result["checksum"] for seed in (5, 6)]
+        finally:
+            deployment.close()
+    assert sums["knative"] == sums["openwhisk"] and sums["knative"][0] != sums["knative"][1]
+    with pytest.raises(ValueError, match="platform must be one of openwhisk, knative"):
+        driver.Deployment(workflow, "pool", "cpu", controller.env, str(tmp_path), platform="lambda")
+
+
 def test_a_failing_stage_names_itself_and_its_log(controller, tmp_path):
     workflow = driver.WORKFLOWS["driving"]
     deployment = driver.Deployment(workflow, "pool", "cpu", controller.env, str(tmp_path))
     try:
-        with pytest.raises(driver.WorkflowError, match=r"driving/preprocess \(pool\) failed: 200 .*'error'"):
+        with pytest.raises(driver.WorkflowError, match=r"driving/preprocess \(pool, openwhisk\) failed: 200 .*'error'"):
             deployment.invoke("preprocess", {"run": "bad", "seed": "not a seed"}, [])
         assert deployment.run(3).result["checksum"]         # the deployment still serves
     finally:

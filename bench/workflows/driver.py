@@ -1,10 +1,18 @@
-"""A local driver that runs the workflows the way OpenWhisk does, over the real runtime
-protocol: every stage is an action with its own containers (``faastube shim`` processes,
-:class:`faastube.local.LocalRuntime`), each initialised once (``/init`` with the workflow's
-code and the stage as ``main``) and then given one activation at a time (``/run``); a
-stage's result is the next stage's ``value``, as in a sequence. Fan-out and fan-in work as
-a conductor or Composer program does: parallel branches are invoked at once and the next
-stage gets ``{"branches": [their results]}``.
+"""A local driver that runs the workflows the way the platforms do, over their real
+protocols: every stage is an action (a Knative service) with its own containers
+(``faastube shim`` processes, :class:`faastube.local.LocalRuntime`).
+
+- ``openwhisk``: each container is initialised once (``/init`` with the workflow's code and
+  the stage as ``main``) and then given one activation at a time (``/run``); a stage's
+  result is the next stage's ``value``, as in a sequence.
+- ``knative``: each container loads its stage at start (``FAASTUBE_FUNCTION=file.py:stage``)
+  and is used once its readiness probe answers; a request is a CloudEvent in binary mode
+  (``ce-*`` headers, the JSON as data) and the reply event's data goes on to the next
+  stage, as a Sequence forwards it.
+
+Fan-out and fan-in work as a conductor or Composer program (or a Knative Parallel) does:
+parallel branches are invoked at once and the next stage gets ``{"branches": [their
+results]}``.
 
 Placement (documented in docs/benchmarks.md): replica *k* of every GPU stage runs on GPU
 *k* mod *G* (``CUDA_VISIBLE_DEVICES``), so with one replica per stage a workflow runs on
@@ -17,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import itertools
+import json
 import os
 import queue
 import sys
@@ -32,6 +41,7 @@ from faastube.errors import FaasTubeError
 from faastube.local import LocalRuntime
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PLATFORMS = ("openwhisk", "knative")
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
@@ -107,8 +117,10 @@ class Deployment:
     """``workflow``'s actions in data-passing ``mode``, ``replicas`` containers each."""
 
     def __init__(self, workflow: Workflow, mode: str, size: str, env: dict, log_dir: str,
-                 replicas: int = 1, gpus: int = 0, namespace: str = "bench"):
-        self.workflow, self.mode, self.namespace = workflow, mode, namespace
+                 replicas: int = 1, gpus: int = 0, namespace: str = "bench", platform: str = "openwhisk"):
+        if platform not in PLATFORMS:
+            raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, not {platform!r}")
+        self.workflow, self.mode, self.namespace, self.platform = workflow, mode, namespace, platform
         config = Config.from_env(env, namespace=namespace)
         self._redis = redis.Redis.from_url(config.redis)
         self._client = Client(config) if mode == "pool" else None     # to close runs' scopes
@@ -138,22 +150,40 @@ class Deployment:
             raise
 
     def _start(self, stage, env, log_path, init_env) -> LocalRuntime:
+        if self.platform == "knative":       # the revision's env carries what /init would
+            env = {**env, **init_env, "K_SERVICE": f"{self.workflow.name}-{stage}",
+                   "FAASTUBE_FUNCTION": f"{os.path.join(HERE, self.workflow.name)}.py:{stage}",
+                   "FAASTUBE_CE_TYPE": f"dev.faastube.bench.{stage}"}
         runtime = LocalRuntime(env, log_path)
         self._all.append(runtime)
-        runtime.init(self.workflow.code, stage, init_env)
+        if self.platform == "knative":
+            runtime.ready()
+        else:
+            runtime.init(self.workflow.code, stage, init_env)
         return runtime
+
+    def _call(self, runtime: LocalRuntime, stage: str, value: dict) -> tuple[int, dict]:
+        if self.platform == "openwhisk":
+            return runtime.run(value, namespace=self.namespace, action_name=stage,
+                               activation_id=uuid.uuid4().hex,
+                               deadline=str(int(time.time() * 1000) + 600_000))
+        status, headers, body = runtime.request("POST", "/", json.dumps(value).encode(), {
+            "ce-specversion": "1.0", "ce-id": uuid.uuid4().hex, "ce-source": "/faastube/bench/driver",
+            "ce-type": f"dev.faastube.bench.{stage}.request"})
+        if status == 200 and headers.get("ce-type") != f"dev.faastube.bench.{stage}":
+            return 502, {"error": f"the reply is not the stage's CloudEvent: {headers}"}
+        return status, json.loads(body) if body else {}
 
     def invoke(self, stage: str, value: dict, record: list) -> dict:
         runtime = self._idle[stage].get()
         started = time.perf_counter()
         try:
-            status, body = runtime.run(value, namespace=self.namespace, action_name=stage,
-                                       activation_id=uuid.uuid4().hex, deadline=str(int(time.time() * 1000) + 600_000))
+            status, body = self._call(runtime, stage, value)
         finally:
             self._idle[stage].put(runtime)
         wall = time.perf_counter() - started
         if status != 200 or "error" in body:
-            raise WorkflowError(f"{self.workflow.name}/{stage} ({self.mode}) failed: {status} {body} "
+            raise WorkflowError(f"{self.workflow.name}/{stage} ({self.mode}, {self.platform}) failed: {status} {body} "
                                 f"(see {runtime.log_path})")
         timing = body.get("timing", {})
         record.append(Activation(stage, wall, timing.get("total_s", 0.0), timing.get("passing_s", 0.0)))

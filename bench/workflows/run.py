@@ -52,6 +52,9 @@ def parse(argv):
                    help="cpu: small models and inputs; gpu: torchvision models, frames of 720p "
                         "(default: gpu where CUDA is usable, else cpu)")
     p.add_argument("--replicas", type=int, default=1, help="containers per action")
+    p.add_argument("--platform", choices=driver.PLATFORMS, default="openwhisk",
+                   help="drive the actions as OpenWhisk does (/init, /run, sequences) or as Knative "
+                        "does (function loaded at start, CloudEvents, a Sequence)")
     p.add_argument("--requests", type=int, default=20, help="isolated requests per mode")
     p.add_argument("--arrivals", choices=("poisson", "bursty"), default="poisson")
     p.add_argument("--rate", type=float, default=None,
@@ -115,7 +118,8 @@ def measure_workflow(name, args, env, log_dir, gpus) -> dict:
         for mode in args.modes:
             print(f"{name}: starting {len(workflow.stages) * args.replicas} containers for {mode}", file=sys.stderr)
             deployments[mode] = driver.Deployment(workflow, mode, args.size, env,
-                                                  os.path.join(log_dir, mode), args.replicas, gpus)
+                                                  os.path.join(log_dir, mode), args.replicas, gpus,
+                                                  platform=args.platform)
         for mode, deployment in deployments.items():
             for seed in range(3):
                 deployment.run(1000 + seed)                       # warm-up
