@@ -77,7 +77,10 @@ class TransferEngine:
         self._helpers = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, 2 * len(devices.uuids)), thread_name_prefix="faastube-path")
         if measure:
-            self.measure()
+            try:
+                self.measure()
+            except cuda.CudaError as exc:          # e.g. a GPU too full for the probe
+                log.warning("could not measure the links (%s): estimates stand in", exc)
         self._plan()
 
     # -- links -------------------------------------------------------------------------
@@ -125,8 +128,14 @@ class TransferEngine:
             self.link((src_device, dst_device)).move(dst, src, nbytes, slo_s)
             return
         ranges = shares(nbytes, paths, self.chunk_bytes)
-        jobs = [(self.link(path.hops), offset, length)
-                for path, (offset, length) in zip(paths, ranges) if length]
+        try:
+            jobs = [(self.link(path.hops), offset, length)
+                    for path, (offset, length) in zip(paths, ranges) if length]
+        except cuda.CudaError as exc:              # a relay's staging ring could not be made
+            log.warning("multi-path %s→%s off (%s): one path from now on", src_device, dst_device, exc)
+            self.routes[(src_device, dst_device)] = paths[:1]
+            self.link((src_device, dst_device)).move(dst, src, nbytes, slo_s)
+            return
         others = [self._helpers.submit(link.move, dst + offset, src + offset, length, slo_s)
                   for link, offset, length in jobs[1:]]
         error = None
