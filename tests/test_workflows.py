@@ -33,6 +33,7 @@ def test_every_mode_computes_the_same_and_leaves_nothing_behind(name, controller
             assert stages == set(workflow.stages), f"{mode}: ran {sorted(stages)}"
             assert all(0 <= a.passing_s <= a.total_s <= a.wall_s for a in run.activations)
             assert run.latency_s >= max(a.wall_s for a in run.activations)
+            assert 0 <= run.critical_passing_s <= sum(a.passing_s for a in run.activations)
         # Nothing left: segments, Redis keys, pool objects of the run.
         assert not glob.glob("/dev/shm/ftb-*")
         assert not list(redis.Redis.from_url(controller.redis_url).scan_iter(match="ftb-*"))

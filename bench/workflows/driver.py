@@ -111,6 +111,7 @@ class Run:
     latency_s: float
     result: dict
     activations: list[Activation]
+    critical_passing_s: float    # data passing on the critical path (slowest parallel branch)
 
 
 class Deployment:
@@ -174,7 +175,7 @@ class Deployment:
             return 502, {"error": f"the reply is not the stage's CloudEvent: {headers}"}
         return status, json.loads(body) if body else {}
 
-    def invoke(self, stage: str, value: dict, record: list) -> dict:
+    def invoke(self, stage: str, value: dict, record: list) -> tuple[dict, Activation]:
         runtime = self._idle[stage].get()
         started = time.perf_counter()
         try:
@@ -186,8 +187,9 @@ class Deployment:
             raise WorkflowError(f"{self.workflow.name}/{stage} ({self.mode}, {self.platform}) failed: {status} {body} "
                                 f"(see {runtime.log_path})")
         timing = body.get("timing", {})
-        record.append(Activation(stage, wall, timing.get("total_s", 0.0), timing.get("passing_s", 0.0)))
-        return body
+        activation = Activation(stage, wall, timing.get("total_s", 0.0), timing.get("passing_s", 0.0))
+        record.append(activation)
+        return body, activation
 
     def run(self, seed: int) -> Run:
         """One request through the whole workflow; returns the last stage's result."""
@@ -195,13 +197,15 @@ class Deployment:
         record: list[Activation] = []
         started = time.perf_counter()
         value = {"run": run_id, "seed": seed}
+        critical = 0.0
         try:
             for step in self.workflow.steps:
-                value = self._step(step, value, record)
+                value, passing = self._step(step, value, record)
+                critical += passing
             latency = time.perf_counter() - started
         finally:
             self.cleanup(run_id)
-        return Run(seed, latency, value, record)
+        return Run(seed, latency, value, record, critical)
 
     def cleanup(self, run_id: str) -> None:
         """Free what a run left, outside its timing: shm segments and Redis keys; in the
@@ -210,22 +214,29 @@ class Deployment:
         if self._client is not None:
             self._client.request(protocol.CloseScope(run_id))
 
-    def _step(self, step, value: dict, record: list) -> dict:
+    def _step(self, step, value: dict, record: list) -> tuple[dict, float]:
+        """The step's result, and the data-passing seconds on its critical path (of parallel
+        branches, the one that took longest)."""
         if isinstance(step, str):
-            return self.invoke(step, value, record)
+            body, activation = self.invoke(step, value, record)
+            return body, activation.passing_s
         if isinstance(step, Parallel):
             inputs = [(chain, value) for chain in step.branches]
         else:
             base = {k: v for k, v in value.items() if k != step.key and k != "timing"}
             inputs = [(step.chain, {**base, "chunk": item}) for item in value[step.key]]
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(inputs)) as pool:
-            branches = list(pool.map(lambda job: self._chain(job[0], job[1], record), inputs))
-        return {"run": value["run"], "seed": value["seed"], "branches": branches}
+            done = list(pool.map(lambda job: self._chain(job[0], job[1], record), inputs))
+        slowest = max(done, key=lambda branch: sum(a.wall_s for a in branch[1]))
+        return ({"run": value["run"], "seed": value["seed"], "branches": [v for v, _a in done]},
+                sum(a.passing_s for a in slowest[1]))
 
-    def _chain(self, chain, value: dict, record: list) -> dict:
+    def _chain(self, chain, value: dict, record: list) -> tuple[dict, list[Activation]]:
+        activations = []
         for stage in chain:
-            value = self.invoke(stage, value, record)
-        return value
+            value, activation = self.invoke(stage, value, record)
+            activations.append(activation)
+        return value, activations
 
     def close(self) -> None:
         for runtime in self._all:

@@ -34,8 +34,8 @@ def rows(results) -> list[list[str]]:
 
 def table(results) -> str:
     lines = [f"== workflows ({', '.join(results['machine']['gpus']) or 'CPU only'}, {results['date']})",
-             "p50/p99 = one request at a time; passing = time in getting and putting tensors, summed "
-             "over every activation, over the p50 (parallel branches add up, so it can pass 100%); "
+             "p50/p99 = one request at a time; passing = time in getting and putting tensors on the "
+             "critical path (of parallel branches, the slowest), as a share of the mean latency; "
              "load = open-loop arrivals; SLO per workflow below; 'vs pool' = this mode's number over "
              "the pool's (p50: how much slower; max: how much less the mode carries)"]
     body = rows(results)
