@@ -105,8 +105,7 @@ def _bench(args) -> int:
         raise FaasTubeError(f"faastube bench runs from a source checkout of FaaSTube ({folder} is missing)")
     sys.path.insert(0, folder)
     import run
-    return run.main([a for a in args.rest if a != "--"][:1] + args.rest[1:] if args.rest[:1] != ["--"]
-                    else args.rest[1:])
+    return run.main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -140,3 +140,15 @@ def test_the_demo_runs_both_modes_and_cleans_up(redis_server):
     leftovers = subprocess.run(["pgrep", "-f", "faastube.cli controller --socket /tmp/faastube-demo"],
                                capture_output=True, text=True)
     assert leftovers.stdout == ""
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--modes", "pool,tcp"], "--modes takes pool, shm, redis; got ['pool', 'tcp']"),
+    (["--workflow", "chess"], "argument --workflow: invalid choice: 'chess'"),
+    (["--requests", "0"], "--requests must be at least 1"),
+    (["--duration", "2", "--warmup", "3"], "--duration must be longer than --warmup"),
+])
+def test_bench_refuses_bad_settings_before_starting_anything(args, text):
+    done = subprocess.run([sys.executable, "-m", "faastube.cli", "bench", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and text in done.stderr, done.stderr
