@@ -105,7 +105,8 @@ def plot(results, out: str) -> list[str]:
                     ax.barh(row, width, left=left, color=colour, edgecolor="white", linewidth=0.3)
                     left += width
         ax.set_yticks(range(len(w["modes"])), list(w["modes"]))
-        ax.set(xlabel="ms per request, stages in order (grey compute, colour data passing, olive platform)",
+        ax.set(xlabel="ms per request, stages in order, parallel branches one after another\n"
+                      "(grey compute, colour data passing, olive platform)",
                title=f"{name}: per-stage breakdown")
         paths.append(_save(fig, out, f"{name}-stages.png"))
     return paths
