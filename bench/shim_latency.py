@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
-import http.client
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-from faastube.local import free_port
+from faastube.local import LocalRuntime
 from report import write_json
 
 NOOP = "def main(args):\n    return {}\n"
@@ -32,30 +30,20 @@ WORK = "import time\ndef main(args):\n    t = time.monotonic() + args['ms'] / 10
 STOCK = {"p50_ms": (0.36, 0.43), "requests_per_s": (2300, 2600)}
 
 
-class Runtime:
-    def __init__(self, env):
-        self.port = free_port()
-        self.logs = tempfile.TemporaryFile()
-        self.process = subprocess.Popen([sys.executable, "-m", "faastube.cli", "shim"],
-                                        stdout=self.logs, stderr=self.logs,
-                                        env={**os.environ, "PORT": str(self.port), **env})
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def connection(self):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(30)
-        self.logs.close()
+@contextlib.contextmanager
+def shim_runtime(env: dict):
+    """A `faastube shim` on a free port, listening, logging to a temporary file; stopped
+    and its log removed on exit."""
+    log = tempfile.NamedTemporaryFile(prefix="shim-latency-", suffix=".log", delete=False)
+    log.close()
+    try:
+        runtime = LocalRuntime({**os.environ, **env}, log.name)
+        try:
+            yield runtime
+        finally:
+            runtime.stop()
+    finally:
+        os.unlink(log.name)
 
 
 def post(conn, path, body):
@@ -65,8 +53,7 @@ def post(conn, path, body):
 
 
 def latency(seconds):
-    runtime = Runtime({})
-    try:
+    with shim_runtime({}) as runtime:
         conn = runtime.connection()
         assert post(conn, "/init", {"value": {"code": NOOP, "main": "main"}})[0] == 200
         for _ in range(200):
@@ -82,13 +69,10 @@ def latency(seconds):
         total_s = sum(samples) / 1e9
         return {"p50_ms": samples[len(samples) // 2] / 1e6, "p99_ms": samples[int(len(samples) * 0.99)] / 1e6,
                 "requests_per_s": len(samples) / total_s, "n": len(samples)}
-    finally:
-        runtime.stop()
 
 
 def throughput(env, clients, seconds, work_ms):
-    runtime = Runtime(env)
-    try:
+    with shim_runtime(env) as runtime:
         conn = runtime.connection()
         assert post(conn, "/init", {"value": {"code": WORK, "main": "main"}})[0] == 200
         end = time.monotonic() + seconds
@@ -112,8 +96,6 @@ def throughput(env, clients, seconds, work_ms):
             elapsed = time.monotonic() - started
         return {"requests_per_s": sum(d for d, _ in results) / elapsed,
                 "wrong_results": sum(w for _, w in results), "requests": sum(d for d, _ in results)}
-    finally:
-        runtime.stop()
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, sig=signal.SIGTERM, timeout_s: float = 15.0) -> int:
+    """Send ``sig`` to a process still running, wait up to ``timeout_s``, then kill it;
+    returns its exit code."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class LocalRedis:
     """``with LocalRedis() as r: r.url`` — started, ready, and stopped on exit."""
 
@@ -68,13 +81,8 @@ class LocalRedis:
                 client.close()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s=5)
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
@@ -145,16 +153,10 @@ class LocalController:
         """Stop the controller; returns its exit code (killed if it outlives ``timeout_s``)."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        code = stop_process(self.process, sig, timeout_s)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
-        return self.process.returncode
+        return code
 
     def log(self) -> str:
         try:
@@ -196,7 +198,11 @@ class LocalRuntime:
                     self.stop()
                     raise FaasTubeError(f"the runtime did not listen within 30 s: see {log_path}") from None
                 time.sleep(0.01)
-        self._connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        self._connection = self.connection(timeout_s)
+
+    def connection(self, timeout_s: float = 60.0) -> http.client.HTTPConnection:
+        """A new keep-alive HTTP connection to this runtime (for callers that drive several)."""
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
 
     def post(self, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
         status, _headers, payload = self.request("POST", path, json.dumps(body).encode(), headers)
@@ -244,10 +250,4 @@ class LocalRuntime:
     def stop(self) -> None:
         if hasattr(self, "_connection"):
             self._connection.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s=20)
