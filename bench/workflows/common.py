@@ -60,6 +60,30 @@ def _redis():
 
 # -- passing tensors ----------------------------------------------------------------------
 
+def _new_segment(run: str, shape, dtype) -> tuple[str, np.ndarray]:
+    """A fresh POSIX shared-memory segment (/dev/shm, as shm_open makes it) named for
+    ``run``, mapped here as a writable array: its name and the array. The mapping lives as
+    long as the array, the segment until the driver unlinks it (``cleanup``)."""
+    import mmap
+    name = f"ftb-{run}-{os.getpid()}-{next(_counter)}"
+    nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapped = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    return name, np.ndarray(shape, dtype, buffer=mapped)
+
+
+def _from_numpy(array):
+    """A torch view of a numpy array that may be read-only (a got view, Redis bytes, a kept
+    input): the stages only read it, so torch's warning about that is silenced."""
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
 def send(tensor, run: str, consumers: int = 1):
     """Hand ``tensor`` (torch, on any device) to ``consumers`` later stages; returns what
     goes in the result JSON."""
@@ -70,14 +94,11 @@ def send(tensor, run: str, consumers: int = 1):
         value = tensor if tensor.is_cuda else tensor.numpy()
         return faastube.put(value, consumers=consumers, scope=run)
     host = tensor.cpu().numpy() if tensor.is_cuda else tensor.numpy()   # pageable GPU→host
-    name = f"ftb-{run}-{os.getpid()}-{next(_counter)}"
     if how == "shm":
-        from multiprocessing import resource_tracker, shared_memory
-        segment = shared_memory.SharedMemory(name=name, create=True, size=max(1, host.nbytes))
-        resource_tracker.unregister(segment._name, "shared_memory")     # the driver unlinks it
-        np.ndarray(host.shape, host.dtype, buffer=segment.buf)[...] = host
-        del segment   # closes this process's mapping; the segment stays until unlinked
+        name, segment = _new_segment(run, host.shape, host.dtype)
+        segment[...] = host
     else:
+        name = f"ftb-{run}-{os.getpid()}-{next(_counter)}"
         _redis().set(name, host.tobytes())
     return {"ftb": how, "name": name, "shape": list(host.shape), "dtype": str(host.dtype)}
 
@@ -97,16 +118,11 @@ def receive(handle, where: str):
             segment.close()
             return tensor
         data = _redis().get(handle["name"])
-        host = np.frombuffer(data, dtype).reshape(handle["shape"])
-        with warnings.catch_warnings():                  # read-only bytes; torch only reads them
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(host).to(where, copy=True)
+        return _from_numpy(np.frombuffer(data, dtype).reshape(handle["shape"])).to(where, copy=True)
     import faastube
     array = faastube.get(handle, device="cuda" if where == "cuda" else "cpu")
     if isinstance(array, np.ndarray):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(array)               # zero copy, read-only view
+        return _from_numpy(array)                        # zero copy, read-only view
     return torch.from_dlpack(array)                       # zero copy on the same GPU
 
 
@@ -157,26 +173,15 @@ class Stage:
         if how == "pool":
             import faastube
             array = faastube.empty(shape, "float32", consumers=consumers, scope=self.run)
-            self._own[id(array)] = ("pool", array)
+            own = ("pool", array)
         elif how == "shm":
-            # A POSIX segment (/dev/shm, as shm_open makes it) mapped here; the mapping lives
-            # as long as the array, the segment until the driver unlinks it.
-            import mmap
-            name = f"ftb-{self.run}-{os.getpid()}-{next(_counter)}"
-            nbytes = max(1, int(np.prod(shape)) * 4)
-            fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-            try:
-                os.ftruncate(fd, nbytes)
-                mapped = mmap.mmap(fd, nbytes)
-            finally:
-                os.close(fd)
-            array = np.ndarray(shape, np.float32, buffer=mapped)
-            self._own[id(array)] = ("shm", name)
+            name, array = _new_segment(self.run, shape, np.float32)
+            own = ("shm", name)
         else:
             self.passing_s += time.perf_counter() - started
             return torch.empty(shape, dtype=torch.float32)
         tensor = torch.from_numpy(array)
-        self._own[id(tensor)] = self._own.pop(id(array))
+        self._own[id(tensor)] = own
         self._keep.append((tensor, array))
         self.passing_s += time.perf_counter() - started
         return tensor
@@ -200,6 +205,25 @@ class Stage:
     def result(self, **fields) -> dict:
         return {"run": self.run, "seed": self.seed, **fields,
                 "timing": {"total_s": time.perf_counter() - self.started, "passing_s": self.passing_s}}
+
+
+def preprocess_frames(args: dict, count: int) -> dict:
+    """A CPU pre-processing stage: the request's ``count`` frames, normalised straight into
+    the stage's output, handed on as ``frames``."""
+    stage = Stage(args)
+    raw = frames(stage.seed, count)
+    return stage.result(frames=stage.put(normalise(raw, stage.empty((raw.shape[0], 3, *raw.shape[1:3])))))
+
+
+def classify(args: dict, role: str, source: str, output: str) -> dict:
+    """A GPU classifier stage: ``args[source]`` through the ``role`` model; the class
+    probabilities handed on as ``output``."""
+    import torch
+    stage = Stage(args)
+    images = stage.get(args[source], device())
+    with torch.no_grad():
+        probs = model(role)(images).softmax(dim=1)
+    return stage.result(**{output: stage.put(probs)})
 
 
 def top_crops(images, features, per_image: int, crop: int):
@@ -307,9 +331,7 @@ def normalise(batch_uint8, out=None):
     """CPU pre-processing every workflow starts with: NHWC uint8 → NCHW float32 in [-1, 1],
     written into ``out`` (N, 3, H, W) when given."""
     import torch
-    with warnings.catch_warnings():                  # read-only input; only read here
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).permute(0, 3, 1, 2)
+    x = _from_numpy(np.ascontiguousarray(batch_uint8)).permute(0, 3, 1, 2)
     if out is None:
         out = torch.empty(x.shape, dtype=torch.float32)
     out.copy_(x)

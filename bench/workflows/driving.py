@@ -10,10 +10,7 @@ BATCH = {"gpu": 2, "cpu": 2}
 
 
 def preprocess(args):
-    stage = common.Stage(args)
-    raw = common.frames(stage.seed, BATCH[common.size()])
-    frames = common.normalise(raw, stage.empty((raw.shape[0], 3, *raw.shape[1:3])))
-    return stage.result(frames=stage.put(frames))
+    return common.preprocess_frames(args, BATCH[common.size()])
 
 
 @torch.no_grad()

@@ -18,23 +18,16 @@ def preprocess(args):
     return stage.result(images=stage.put(images, consumers=3))
 
 
-@torch.no_grad()
-def _classify(args, role):
-    stage = common.Stage(args)
-    images = stage.get(args["images"], common.device())
-    return stage.result(probs=stage.put(common.model(role)(images).softmax(dim=1)))
-
-
 def classify_a(args):
-    return _classify(args, "classifier-a")
+    return common.classify(args, "classifier-a", "images", "probs")
 
 
 def classify_b(args):
-    return _classify(args, "classifier-b")
+    return common.classify(args, "classifier-b", "images", "probs")
 
 
 def classify_c(args):
-    return _classify(args, "classifier-c")
+    return common.classify(args, "classifier-c", "images", "probs")
 
 
 def vote(args):

@@ -14,10 +14,7 @@ OBJECTS = {"gpu": 8, "cpu": 3}     # crops per frame
 
 
 def preprocess(args):
-    stage = common.Stage(args)
-    raw = common.frames(stage.seed, BATCH[common.size()])
-    frames = common.normalise(raw, stage.empty((raw.shape[0], 3, *raw.shape[1:3])))
-    return stage.result(frames=stage.put(frames))
+    return common.preprocess_frames(args, BATCH[common.size()])
 
 
 @torch.no_grad()
@@ -30,19 +27,12 @@ def detect(args):
     return stage.result(crops=stage.put(crops, consumers=2), boxes=boxes)
 
 
-@torch.no_grad()
-def _classify(args, role):
-    stage = common.Stage(args)
-    crops = stage.get(args["crops"], common.device())
-    return stage.result(scores=stage.put(common.model(role)(crops).softmax(dim=1)))
-
-
 def classify_person(args):
-    return _classify(args, "classifier-a")
+    return common.classify(args, "classifier-a", "crops", "scores")
 
 
 def classify_car(args):
-    return _classify(args, "classifier-b")
+    return common.classify(args, "classifier-b", "crops", "scores")
 
 
 def merge(args):
