@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 
 from faastube import cuda
@@ -70,6 +71,7 @@ class TransferEngine:
         self.depth = depth
         self.multipath_min = multipath_min
         self._links: dict[str, Link] = {}
+        self._making = threading.Lock()
         self.topology, self.topology_source = discover(
             list(devices.uuids), PCIE_BYTES_PER_S / 1e9, NVLINK_BYTES_PER_S / 1e9)
         self.measured: dict[str, float] = {}      # link name → bytes/s (Note [Measured links])
@@ -88,27 +90,29 @@ class TransferEngine:
     def link(self, hops: tuple[str, ...]) -> Link:
         """The link along ``hops`` (devices: "host" or GPU UUIDs), made on first use. A
         direct link's copies run on its GPU end (the destination's when both are GPUs); a
-        two-hop route's on the middle GPU, through its staging ring. Links are made at start
-        (measure) or under the GIL by the first mover; a rare race makes one twice and keeps
-        one."""
+        two-hop route's on the middle GPU, through its staging ring (Note [Chunk size per
+        link] and Note [Multi-path moves] size their chunks)."""
         name = "→".join(hops)
-        link = self._links.get(name)
+        link = self._links.get(name)                  # made once; read without the lock
         if link is not None:
             return link
-        pcie = HOST in hops
-        bandwidth = self.measured.get(name) or (PCIE_BYTES_PER_S if pcie else NVLINK_BYTES_PER_S)
-        chunk = self.chunk_bytes * (1 if pcie else max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
-        if len(hops) == 3:
-            chunk = self.chunk_bytes * self.relay_factor
-        if len(hops) == 2:
-            gpu_end = hops[1] if hops[1] != HOST else hops[0]
-            copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
-        elif len(hops) == 3:
-            copier = cuda.RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
-        else:
-            raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
-        link = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
-        return self._links.setdefault(name, link)
+        with self._making:                            # streams and rings are made once per link
+            link = self._links.get(name)
+            if link is not None:
+                return link
+            bandwidth = self.measured.get(name) or (PCIE_BYTES_PER_S if HOST in hops else NVLINK_BYTES_PER_S)
+            if len(hops) == 3:
+                chunk = self.chunk_bytes * self.relay_factor
+                copier = cuda.RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
+            elif len(hops) == 2:
+                gpu_end = hops[1] if hops[1] != HOST else hops[0]
+                chunk = self.chunk_bytes * (1 if HOST in hops else
+                                            max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
+                copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
+            else:
+                raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
+            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
+            return link
 
     # -- moves -------------------------------------------------------------------------
 
