@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import logging
 import os
@@ -157,4 +158,6 @@ def run_controller(config: Config) -> None:
     controller = Controller(config)
     signal.signal(signal.SIGTERM, controller.stop)
     signal.signal(signal.SIGINT, controller.stop)
+    # kill -USR1 writes every thread's stack to stderr: how to see where a controller hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     controller.run()

@@ -29,14 +29,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def stop_process(process: subprocess.Popen, sig=signal.SIGTERM, timeout_s: float = 15.0) -> int:
+def stop_process(process: subprocess.Popen, sig=signal.SIGTERM, timeout_s: float = 15.0,
+                 dump_signal: int | None = None) -> int:
     """Send ``sig`` to a process still running, wait up to ``timeout_s``, then kill it;
-    returns its exit code."""
+    returns its exit code. ``dump_signal``: sent first when it outlives the wait, so a
+    process that dumps its threads' stacks on it (the controller: SIGUSR1) says where it
+    hung before it is killed."""
     if process.poll() is None:
         process.send_signal(sig)
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            if dump_signal is not None:
+                process.send_signal(dump_signal)
+                try:
+                    process.wait(1)          # time to write the stacks out
+                except subprocess.TimeoutExpired:
+                    pass
             process.kill()
             process.wait()
     return process.returncode
@@ -153,7 +162,7 @@ class LocalController:
         """Stop the controller; returns its exit code (killed if it outlives ``timeout_s``)."""
         if self.process is None:
             return 0
-        code = stop_process(self.process, sig, timeout_s)
+        code = stop_process(self.process, sig, timeout_s, dump_signal=signal.SIGUSR1)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
         return code

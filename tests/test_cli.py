@@ -12,7 +12,7 @@ import pytest
 from faastube import errors, protocol
 from faastube.config import DEFAULT_SOCKET, Config, parse_size
 
-from .conftest import ControllerProcess
+from .conftest import ControllerProcess, wait_for
 
 
 def faastube_cli(*args, env=None, timeout=60):
@@ -152,3 +152,10 @@ def test_bench_refuses_bad_settings_before_starting_anything(args, text):
     done = subprocess.run([sys.executable, "-m", "faastube.cli", "bench", *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and text in done.stderr, done.stderr
+
+
+def test_sigusr1_dumps_the_controllers_threads_and_it_serves_on(controller):
+    import signal
+    controller.process.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "serve_forever" in controller.log(), timeout=10, message="the stack dump in the log")
+    assert controller.request(protocol.Ping())["node"] == controller.node
