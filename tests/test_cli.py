@@ -146,6 +146,7 @@ def test_the_demo_runs_both_modes_and_cleans_up(redis_server):
     (["--modes", "pool,tcp"], "--modes takes pool, shm, redis; got ['pool', 'tcp']"),
     (["--workflow", "chess"], "argument --workflow: invalid choice: 'chess'"),
     (["--requests", "0"], "--requests must be at least 1"),
+    (["--cpus", "0"], "--cpus must be at least 1"),
     (["--duration", "2", "--warmup", "3"], "--duration must be longer than --warmup"),
 ])
 def test_bench_refuses_bad_settings_before_starting_anything(args, text):

@@ -218,11 +218,9 @@ def preprocess_frames(args: dict, count: int) -> dict:
 def classify(args: dict, role: str, source: str, output: str) -> dict:
     """A GPU classifier stage: ``args[source]`` through the ``role`` model; the class
     probabilities handed on as ``output``."""
-    import torch
     stage = Stage(args)
     images = stage.get(args[source], device())
-    with torch.no_grad():
-        probs = model(role)(images).softmax(dim=1)
+    probs = infer(role, images).softmax(dim=1)
     return stage.result(**{output: stage.put(probs)})
 
 
@@ -258,7 +256,27 @@ def model(role: str):
         net = _torchvision(role)
     else:
         net = _small(role)
-    return net.eval().to(device())
+    net = net.eval()
+    if device() == "cuda":
+        return net.to("cuda", memory_format=torch.channels_last)
+    return net.to("cpu")
+
+
+def infer(role: str, inputs):
+    """``inputs`` through the ``role`` network. On a GPU as production inference runs:
+    half-precision tensor-core kernels (autocast) on channels-last tensors; the outputs come
+    back as float32, so what a stage hands on has the same size and type in every mode. On
+    the CPU (the size CI runs) plainly in float32."""
+    import torch
+    net = model(role)
+    with torch.no_grad():
+        if not inputs.is_cuda:
+            return net(inputs)
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = net(inputs.contiguous(memory_format=torch.channels_last))
+    if isinstance(out, dict):
+        return {key: value.float() for key, value in out.items()}
+    return out.float()
 
 
 def _torchvision(role: str):

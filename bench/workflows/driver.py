@@ -18,6 +18,10 @@ Placement (documented in docs/benchmarks.md): replica *k* of every GPU stage run
 *k* mod *G* (``CUDA_VISIBLE_DEVICES``), so with one replica per stage a workflow runs on
 GPU 0 and its hand-offs stay on one GPU; CPU stages run without a GPU. An activation takes
 any idle replica of its action and waits if all are busy (an invoker's container pool).
+
+CPU limit: every container computes with ``cpus`` threads (``OMP_NUM_THREADS``), as a
+platform's CPU limit would hold it; without one, each of a dozen containers would start a
+thread per core of the machine and they would fight over the cores under load.
 """
 
 from __future__ import annotations
@@ -118,9 +122,12 @@ class Deployment:
     """``workflow``'s actions in data-passing ``mode``, ``replicas`` containers each."""
 
     def __init__(self, workflow: Workflow, mode: str, size: str, env: dict, log_dir: str,
-                 replicas: int = 1, gpus: int = 0, namespace: str = "bench", platform: str = "openwhisk"):
+                 replicas: int = 1, gpus: int = 0, namespace: str = "bench", platform: str = "openwhisk",
+                 cpus: int = 4):
         if platform not in PLATFORMS:
             raise ValueError(f"platform must be one of {', '.join(PLATFORMS)}, not {platform!r}")
+        if cpus < 1:
+            raise ValueError(f"cpus (threads per container) must be at least 1, not {cpus}")
         self.workflow, self.mode, self.namespace, self.platform = workflow, mode, namespace, platform
         config = Config.from_env(env, namespace=namespace)
         self._redis = redis.Redis.from_url(config.redis)
@@ -138,7 +145,8 @@ class Deployment:
             self._idle[stage] = queue.Queue()
             for k in range(replicas):
                 gpu = str(k % gpus) if gpus and stage in workflow.gpu_stages else ""
-                container_env = {**env, "CUDA_VISIBLE_DEVICES": gpu, "FAASTUBE_NAMESPACE": namespace}
+                container_env = {**env, "CUDA_VISIBLE_DEVICES": gpu, "FAASTUBE_NAMESPACE": namespace,
+                                 "OMP_NUM_THREADS": str(cpus), "MKL_NUM_THREADS": str(cpus)}
                 starts.append((stage, container_env, os.path.join(log_dir, f"{workflow.name}-{mode}-{stage}-{k}.log")))
         try:
             # Containers start and import their models in parallel, as a platform's would.

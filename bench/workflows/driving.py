@@ -13,11 +13,10 @@ def preprocess(args):
     return common.preprocess_frames(args, BATCH[common.size()])
 
 
-@torch.no_grad()
 def segment(args):
     stage = common.Stage(args)
     frames = stage.get(args["frames"], common.device())
-    logits = common.model("segmenter")(frames)["out"]            # (N, 19, H, W)
+    logits = common.infer("segmenter", frames)["out"]            # (N, 19, H, W)
     return stage.result(logits=stage.put(logits))
 
 

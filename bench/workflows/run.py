@@ -52,6 +52,8 @@ def parse(argv):
                    help="cpu: small models and inputs; gpu: torchvision models, frames of 720p "
                         "(default: gpu where CUDA is usable, else cpu)")
     p.add_argument("--replicas", type=int, default=1, help="containers per action")
+    p.add_argument("--cpus", type=int, default=4,
+                   help="CPU threads per container, as a platform's CPU limit (default 4)")
     p.add_argument("--platform", choices=driver.PLATFORMS, default="openwhisk",
                    help="drive the actions as OpenWhisk does (/init, /run, sequences) or as Knative "
                         "does (function loaded at start, CloudEvents, a Sequence)")
@@ -72,7 +74,7 @@ def parse(argv):
     bad = [m for m in args.modes if m not in driver.common.MODES]
     if bad or not args.modes:
         p.error(f"--modes takes {', '.join(driver.common.MODES)}; got {args.modes}")
-    for name in ("replicas", "requests"):
+    for name in ("replicas", "requests", "cpus"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.duration <= args.warmup:
@@ -122,7 +124,7 @@ def measure_workflow(name, args, env, log_dir, gpus) -> dict:
             print(f"{name}: starting {len(workflow.stages) * args.replicas} containers for {mode}", file=sys.stderr)
             deployments[mode] = driver.Deployment(workflow, mode, args.size, env,
                                                   os.path.join(log_dir, mode), args.replicas, gpus,
-                                                  platform=args.platform)
+                                                  platform=args.platform, cpus=args.cpus)
         for mode, deployment in deployments.items():
             for seed in range(3):
                 deployment.run(1000 + seed)                       # warm-up

@@ -17,12 +17,11 @@ def preprocess(args):
     return common.preprocess_frames(args, BATCH[common.size()])
 
 
-@torch.no_grad()
 def detect(args):
     stage = common.Stage(args)
     where = common.device()
     frames = stage.get(args["frames"], where)
-    features = common.model("backbone")(frames)
+    features = common.infer("backbone", frames)
     crops, boxes = common.top_crops(frames, features, OBJECTS[common.size()], common.CROP[common.size()])
     return stage.result(crops=stage.put(crops, consumers=2), boxes=boxes)
 

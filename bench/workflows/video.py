@@ -19,20 +19,18 @@ def split(args):
     return stage.result(chunks=[stage.put(clip[i:i + step]) for i in range(0, len(clip), step)])
 
 
-@torch.no_grad()
 def detect_faces(args):
     stage = common.Stage(args)
     frames = stage.get(args["chunk"], common.device())
-    features = common.model("backbone")(frames)
+    features = common.infer("backbone", frames)
     faces, boxes = common.top_crops(frames, features, FACES[common.size()], common.CROP[common.size()])
     return stage.result(faces=stage.put(faces), boxes=boxes)
 
 
-@torch.no_grad()
 def recognise(args):
     stage = common.Stage(args)
     faces = stage.get(args["faces"], common.device())
-    embeddings = torch.nn.functional.normalize(common.model("embedder")(faces), dim=1)
+    embeddings = torch.nn.functional.normalize(common.infer("embedder", faces), dim=1)
     return stage.result(embeddings=stage.put(embeddings))
 
 
