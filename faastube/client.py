@@ -143,6 +143,7 @@ class Client:
         self._init_connection_state()
         self._slabs: dict[int, SlabMapping] = {}
         self._writers: dict[int, tuple[str, int]] = {}   # id(flat array) → (object id, lease)
+        self._sealed: set[str] = set()     # sealed here while a writer array lives: a 2nd seal says so
         self._readers: dict[int, int] = {}               # id(flat array) → lease
         self._gpu_views: dict[int, tuple] = {}           # lease → (object id, start, end, writable, GPU)
         self._releases: collections.deque = collections.deque()
@@ -213,6 +214,7 @@ class Client:
         self._init_connection_state()
         self._releases.clear()
         self._writers.clear()
+        self._sealed.clear()
         self._readers.clear()
         self._gpu_views.clear()
         self._slabs.clear()             # CUDA mappings do not survive fork
@@ -394,7 +396,9 @@ class Client:
         return array
 
     def _gpu_view_gone(self, lease: int) -> None:
-        if self._gpu_views.pop(lease, None) is not None:
+        view = self._gpu_views.pop(lease, None)
+        if view is not None:
+            self._sealed.discard(view[0])
             self._lease_gone(lease)
 
     def _gpu_lookup(self, array, writable: bool) -> tuple[int, str, str] | None:
@@ -409,22 +413,28 @@ class Client:
 
     def seal(self, object_id: str, drop_writer: bool = False, wait: bool = True) -> None:
         """Seal an object; ``wait=False``: Note [Seal without waiting]."""
+        if not drop_writer:
+            self._sealed.add(object_id)
         if wait:
             self.request(protocol.Seal(object_id, drop_writer))
         else:
             self.send_only(protocol.Seal(object_id, drop_writer))
 
-    def writer_of(self, array) -> tuple[np.ndarray | None, str, str]:
+    def writer_of(self, array, sealing: bool = False) -> tuple[np.ndarray | None, str, str]:
         """(flat base, object id, device) of an array returned by ``create`` (or a view of
-        it); a GPU array has no flat base here (None)."""
+        it); a GPU array has no flat base here (None). ``sealing``: refuse one sealed already."""
         found = self._gpu_lookup(array, writable=True)
         if found is not None:
-            return None, found[1], found[2]
-        flat = self._tracked(array, self._writers)
-        if flat is None:
-            raise InvalidStateError("this array was not returned by faastube.empty in this process "
-                                    "(or it was sealed already): only pool-backed arrays can be sealed")
-        return flat, self._writers[id(flat)][0], cuda.HOST
+            flat, object_id, device = None, found[1], found[2]
+        else:
+            flat = self._tracked(array, self._writers)
+            if flat is None:
+                raise InvalidStateError("this array was not returned by faastube.empty in this process "
+                                        "(or it was sealed already): only pool-backed arrays can be sealed")
+            object_id, device = self._writers[id(flat)][0], cuda.HOST
+        if sealing and object_id in self._sealed:
+            raise InvalidStateError(f"object {object_id} is already sealed (a sealed object is immutable)")
+        return flat, object_id, device
 
     @staticmethod
     def _tracked(array, table: dict) -> np.ndarray | None:
@@ -482,7 +492,9 @@ class Client:
             self._wake_flusher()
 
     def _writer_gone(self, key: int, lease: int) -> None:
-        self._writers.pop(key, None)
+        writer = self._writers.pop(key, None)
+        if writer is not None:
+            self._sealed.discard(writer[0])
         self._lease_gone(lease)
 
     def _reader_gone(self, key: int, lease: int) -> None:

@@ -194,12 +194,13 @@ def seal(array) -> dict:
     Note [Seal publishes finished writes]: for a GPU array, seal first waits for every
     kernel and copy this process queued on that GPU, on any stream (CuPy's, PyTorch's), so a
     consumer can never read a half-written tensor. A host array (and the views of it that go
-    through it) turns read-only in this process."""
+    through it) turns read-only in this process. Like :func:`put`, it does not wait for the
+    controller's reply (Note [Seal without waiting], faastube/client.py)."""
     conn = client()
-    flat, object_id, device = conn.writer_of(array)
+    flat, object_id, device = conn.writer_of(array, sealing=True)
     if device != cuda.HOST:
         cuda.synchronize(device)
-    conn.seal(object_id)
+    conn.seal(object_id, wait=False)
     if flat is not None:
         array.flags.writeable = False
         flat.flags.writeable = False

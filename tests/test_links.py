@@ -1,6 +1,7 @@
 """Link executors (controller/links.py) with real threads and real memory: chunked moves
 arrive intact, concurrent moves share the link (their callers take turns driving it), a
-small move is not stuck behind a large one, and a failing copier fails its moves only."""
+small move is not stuck behind a large one (and one no larger than a chunk is issued at once:
+Note [Express moves]), and a failing copier fails its moves only."""
 
 import threading
 import time
@@ -92,28 +93,100 @@ def test_an_empty_move_is_done_at_once(link):
     assert link.move(0, 0, 0).transfer.finished_at is not None and link.bytes == 0
 
 
-def test_queued_batches_stay_within_depth_and_arrive_in_order():
-    """A copier that, like a GPU stream, returns at issue and copies later, in order."""
-    class Queued:
-        def __init__(self):
-            self.pending = []
-            self.most = 0
+class Queued:
+    """A copier that, like a GPU stream, returns at issue and copies later, in order; waiting
+    for a token that already arrived returns at once, as for a completed CUDA event."""
 
-        def issue(self, pieces):
-            self.pending.append(pieces)
+    def __init__(self):
+        self.pending = []
+        self.arrived = set()
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def issue(self, pieces):
+        with self.lock:
+            token = object()
+            self.pending.append((token, pieces))
             self.most = max(self.most, len(self.pending))
-            return pieces
+            return token
 
-        def wait(self, token):
-            while self.pending:                 # in order, up to and including ``token``
-                pieces = self.pending.pop(0)
+    def wait(self, token):
+        with self.lock:
+            while token not in self.arrived:      # in order, up to and including ``token``
+                if not self.pending:
+                    raise AssertionError("waited for a batch that was never issued")
+                done, pieces = self.pending.pop(0)
                 HostCopier.issue(pieces)
-                if pieces is token:
-                    return
-            raise AssertionError("waited for a batch that was never issued")
+                self.arrived.add(done)
 
+
+def test_queued_batches_stay_within_depth_and_arrive_in_order():
     copier = Queued()
     link = Link("queued", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=2, depth=3)
     sources = [np.random.default_rng(i).integers(0, 256, 5 * MiB + i, dtype=np.uint8) for i in range(4)]
     move_at_once(link, sources)
     assert 2 <= copier.most <= 3 and link.moves == 4 and link.queued == 0
+
+
+def test_a_move_of_one_chunk_is_issued_at_once_behind_at_most_depth_batches():
+    class Watching(Queued):
+        ahead = None
+
+        def issue(self, pieces):
+            if pieces[0][2] == 100_000:                 # the small move
+                self.ahead = len(self.pending)
+                started.set()
+            return super().issue(pieces)
+
+    copier = Watching()
+    link = Link("queued", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=1, depth=2)
+    big_src = np.random.default_rng(3).integers(0, 256, 64 * MiB, dtype=np.uint8)
+    big_dst = np.zeros_like(big_src)
+    started = threading.Event()
+    runner = threading.Thread(target=link.move, args=(address(big_dst), address(big_src), big_src.nbytes))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not copier.pending and time.monotonic() < deadline:   # the large move is queued
+        time.sleep(0.0005)
+    small_src = np.full(100_000, 9, np.uint8)
+    small_dst = np.zeros_like(small_src)
+    small = link.move(address(small_dst), address(small_src), small_src.nbytes)
+    runner.join(60)
+    assert started.is_set() and copier.ahead <= 2 and (small_dst == 9).all()
+    np.testing.assert_array_equal(big_dst, big_src)
+    assert small.wait_s >= 0 and small.service_s > 0
+    assert link.moves == 2 and link.bytes == big_src.nbytes + small_src.nbytes and link.queued == 0
+
+
+def test_one_express_move_at_a_time_the_next_goes_through_the_scheduler():
+    class Gated(HostCopier):
+        """Copies at issue; the first token is reported done only when the gate opens."""
+        def __init__(self):
+            self.first = None
+            self.gate = threading.Event()
+
+        def issue(self, pieces):
+            super().issue(pieces)
+            token = object()
+            self.first = self.first or token
+            return token
+
+        def wait(self, token):
+            if token is self.first:
+                assert self.gate.wait(60)
+
+    copier = Gated()
+    link = Link("gated", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=1, depth=2)
+    srcs = [np.full(MiB, v, np.uint8) for v in (1, 2)]
+    dsts = [np.zeros(MiB, np.uint8) for _ in srcs]
+    first = threading.Thread(target=link.move, args=(address(dsts[0]), address(srcs[0]), MiB))
+    first.start()
+    deadline = time.monotonic() + 60
+    while copier.first is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    second = link.move(address(dsts[1]), address(srcs[1]), MiB)   # while the first is held
+    assert (dsts[1] == 2).all() and second.transfer.finished_at is not None
+    assert first.is_alive() and link.moves == 1
+    copier.gate.set()
+    first.join(60)
+    assert (dsts[0] == 1).all() and link.moves == 2 and link.bytes == 2 * MiB
