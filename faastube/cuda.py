@@ -50,6 +50,51 @@ def _check(result):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+class _Issue:
+    """Note [Issuing holds the GIL]: the copy queues' short, non-blocking driver calls
+    (context push/pop, ``cuMemcpyAsync``, ``cuEventRecord``, ``cuStreamWaitEvent``) are made
+    through ``ctypes.PyDLL``, which keeps the GIL, instead of ``cuda.bindings``, which
+    releases and re-takes it around every call. Each release lets another thread that wants
+    the GIL (a link's leader whose event just completed) in, and taking it back then waits
+    for that thread: a 1 MB move issued next to a busy link lost ~100 µs that way on an H200
+    (docs/benchmarks.md). The calls take a few µs; ``cuEventSynchronize``, which blocks,
+    still releases the GIL. The functions are the driver's stable exported ABI names."""
+
+    def __init__(self):
+        import ctypes
+        lib = ctypes.PyDLL("libcuda.so.1")
+        pointer, status = ctypes.c_void_p, ctypes.c_int
+        self._popped = pointer()
+        self._popped_ref = ctypes.byref(self._popped)
+        for name, attr, argtypes in (
+                ("cuCtxPushCurrent_v2", "push", [pointer]),
+                ("cuCtxPopCurrent_v2", "pop", [ctypes.POINTER(pointer)]),
+                ("cuMemcpyAsync", "memcpy", [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, pointer]),
+                ("cuEventRecord", "record", [pointer, pointer]),
+                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint])):
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, status
+            setattr(self, attr, function)
+
+    @staticmethod
+    def check(code: int) -> None:
+        if code:
+            _check((cu.CUresult(code),))
+
+    def pop_context(self) -> None:
+        self.check(self.pop(self._popped_ref))
+
+
+_issue_calls: _Issue | None = None
+
+
+def _issue() -> _Issue:
+    global _issue_calls
+    if _issue_calls is None:
+        _issue_calls = _Issue()
+    return _issue_calls
+
+
 def format_uuid(raw: bytes) -> str:
     h = raw.hex()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
@@ -277,21 +322,28 @@ class CopyQueue:
     def __init__(self, ordinal: int):
         self.ordinal = ordinal
         self._free: list = []
-        with devices().current(ordinal):
+        self._calls = _issue()
+        with devices().current(ordinal) as ctx:
             self.stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+        self._context, self._stream = int(ctx), int(self.stream)
 
     def issue(self, pieces):
-        """Queue (destination, source, length) copies; returns their token."""
-        with devices().current(self.ordinal):
+        """Queue (destination, source, length) copies; returns their token (Note [Issuing
+        holds the GIL])."""
+        calls = self._calls
+        calls.check(calls.push(self._context))
+        try:
             for dst, src, nbytes in pieces:
-                _check(cu.cuMemcpyAsync(dst, src, nbytes, self.stream))
+                calls.check(calls.memcpy(dst, src, nbytes, self._stream))
             return self._token()
+        finally:
+            calls.pop_context()
 
     def _token(self):
-        """An event recorded after everything queued on the stream so far (current context)."""
+        """An event recorded after everything queued on the stream so far (context current)."""
         event = self._free.pop() if self._free else _check(
             cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-        _check(cu.cuEventRecord(event, self.stream))
+        self._calls.check(self._calls.record(int(event), self._stream))
         return event
 
     def wait(self, event) -> None:
@@ -323,11 +375,14 @@ class RelayQueue(CopyQueue):
         flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
         with devs.current(ordinal):
             self.first = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
-            self._filled = [_check(cu.cuEventCreate(flags)) for _ in range(slots)]
-            self._drained = [_check(cu.cuEventCreate(flags)) for _ in range(slots)]
+            self._filled = [int(_check(cu.cuEventCreate(flags))) for _ in range(slots)]
+            self._drained = [int(_check(cu.cuEventCreate(flags))) for _ in range(slots)]
+        self._first = int(self.first)
 
     def issue(self, pieces):
-        with devices().current(self.ordinal):
+        calls, check = self._calls, self._calls.check
+        check(calls.push(self._context))
+        try:
             for dst, src, nbytes in pieces:
                 for offset in range(0, nbytes, self.slot_bytes):
                     length = min(self.slot_bytes, nbytes - offset)
@@ -335,14 +390,16 @@ class RelayQueue(CopyQueue):
                     self._next = (slot + 1) % self.slots
                     staged = self.staging.address + slot * self.slot_bytes
                     if self._used[slot]:
-                        _check(cu.cuStreamWaitEvent(self.first, self._drained[slot], 0))
-                    _check(cu.cuMemcpyAsync(staged, src + offset, length, self.first))
-                    _check(cu.cuEventRecord(self._filled[slot], self.first))
-                    _check(cu.cuStreamWaitEvent(self.stream, self._filled[slot], 0))
-                    _check(cu.cuMemcpyAsync(dst + offset, staged, length, self.stream))
-                    _check(cu.cuEventRecord(self._drained[slot], self.stream))
+                        check(calls.stream_wait(self._first, self._drained[slot], 0))
+                    check(calls.memcpy(staged, src + offset, length, self._first))
+                    check(calls.record(self._filled[slot], self._first))
+                    check(calls.stream_wait(self._stream, self._filled[slot], 0))
+                    check(calls.memcpy(dst + offset, staged, length, self._stream))
+                    check(calls.record(self._drained[slot], self._stream))
                     self._used[slot] = True
             return self._token()
+        finally:
+            calls.pop_context()
 
 
 def synchronize(uuid: str) -> None:
