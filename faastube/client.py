@@ -15,13 +15,13 @@ ends the lease exactly when the last of them is gone; the holder keeps the mappi
 so a slab the controller retires stays mapped while a view uses it. Arrays are found again
 (seal, release) by their device address.
 
-Note [Seal without waiting]: ``put`` sends its seal and returns the ref without waiting for
-the reply, saving a round trip per put. The controller answers a connection's requests in
+Note [Seal without waiting]: ``put`` and ``seal`` send the seal and return the ref without
+waiting for the reply, saving a round trip per hand-off. The controller answers a connection's requests in
 order, so this process's later requests see the object sealed, and another process's get
 that arrives first waits for the seal. ``put`` made the object itself a moment earlier, so
 the seal can only fail if the controller died or the object was freed meanwhile (its scope
 closed, its ttl ran out); such a failure is logged, and a consumer's get says precisely
-what happened to the object.
+what happened to the object. A second seal of the same array is refused at once, here.
 
 Note [A finished process has consumed]: at a normal exit the client counts every array it
 still holds from ``get`` as consumed (Note [Consumers] in controller/objects.py); a process

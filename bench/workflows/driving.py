@@ -15,7 +15,7 @@ def preprocess(args):
 
 def segment(args):
     stage = common.Stage(args)
-    frames = stage.get(args["frames"], common.device())
+    frames = common.as_images(stage.get(args["frames"], common.device()))
     logits = common.infer("segmenter", frames)["out"]            # (N, 19, H, W)
     return stage.result(logits=stage.put(logits))
 

@@ -12,7 +12,7 @@ BATCH = {"gpu": 32, "cpu": 4}
 
 def preprocess(args):
     stage = common.Stage(args)
-    frames = common.normalise(common.frames(stage.seed, BATCH[common.size()]))
+    frames = common.as_images(common.normalise(common.frames(stage.seed, BATCH[common.size()])))
     side = common.CROP[common.size()]
     images = torch.nn.functional.interpolate(frames, size=(side, side), mode="bilinear", align_corners=False)
     return stage.result(images=stage.put(images, consumers=3))

@@ -20,7 +20,7 @@ def preprocess(args):
 def detect(args):
     stage = common.Stage(args)
     where = common.device()
-    frames = stage.get(args["frames"], where)
+    frames = common.as_images(stage.get(args["frames"], where))
     features = common.infer("backbone", frames)
     crops, boxes = common.top_crops(frames, features, OBJECTS[common.size()], common.CROP[common.size()])
     return stage.result(crops=stage.put(crops, consumers=2), boxes=boxes)

@@ -21,7 +21,7 @@ def split(args):
 
 def detect_faces(args):
     stage = common.Stage(args)
-    frames = stage.get(args["chunk"], common.device())
+    frames = common.as_images(stage.get(args["chunk"], common.device()))
     features = common.infer("backbone", frames)
     faces, boxes = common.top_crops(frames, features, FACES[common.size()], common.CROP[common.size()])
     return stage.result(faces=stage.put(faces), boxes=boxes)
