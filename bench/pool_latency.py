@@ -37,16 +37,15 @@ import redis
 import faastube
 from faastube import protocol
 from faastube.local import LocalController, LocalRedis
-from report import write_json
+from report import percentile, write_json
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
 HANDOFF_SIZES = [1 << 20, 16 << 20, 64 << 20]
 
 
 def percentiles(samples_ns):
-    samples = sorted(samples_ns)
-    pick = lambda q: samples[min(len(samples) - 1, int(q * len(samples)))] / 1e3
-    return {"p50_us": pick(0.5), "p99_us": pick(0.99), "n": len(samples)}
+    return {"p50_us": percentile(samples_ns, 0.5) / 1e3, "p99_us": percentile(samples_ns, 0.99) / 1e3,
+            "n": len(samples_ns)}
 
 
 def timed(fn, repeat):

@@ -19,6 +19,14 @@ def write_json(name: str, result: dict, out: str | None = None) -> str:
     return out
 
 
+def percentile(values, q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (NaN when there are none)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def elapsed(fn) -> float:
     """Seconds one call of ``fn`` took."""
     started = time.perf_counter()

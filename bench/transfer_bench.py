@@ -36,14 +36,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from report import elapsed, timed, write_json  # noqa: E402
+from report import elapsed, percentile, timed, write_json  # noqa: E402
 
 MB, GB = 1 << 20, 1 << 30
-
-
-def percentile(samples, q):
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def copy_once(queue, dst, src, nbytes) -> None:

@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
 import random
+import sys
 import threading
 import time
+
+_BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _BENCH not in sys.path:
+    sys.path.insert(0, _BENCH)
+from report import percentile  # noqa: E402  (bench/report.py: what every benchmark shares)
 
 BURST_FACTOR, BURST_SHARE, PHASE_S = 4.0, 0.2, 2.0
 
@@ -83,13 +90,6 @@ def open_loop(request, offsets: list[float], workers: int = 64, progress=None) -
                 time.sleep(delay)
             pool.submit(one, i)
     return outcomes
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(outcomes: list[Outcome], warmup_s: float, duration_s: float, slo_s: float) -> dict:

@@ -226,9 +226,9 @@ def main(argv=None) -> int:
                 measure_workflow(name, args, controller.env, os.path.join(out, "logs", name), gpus))
             with open(os.path.join(out, "results.json"), "w") as file:   # after each workflow
                 json.dump(results, file, indent=2)
-    import report
-    report.write(results, out)
-    print(report.table(results))
+    import render
+    render.write(results, out)
+    print(render.table(results))
     print(f"results: {out}/results.json, report: {out}/report.md")
     return 0 if all(w["identical_outputs"] for w in results["workflows"]) else 1
 

@@ -1,5 +1,5 @@
 """The workflow benchmark's table, PNG plots and markdown report, from its results JSON
-(bench/workflows/run.py writes it; ``python report.py results.json`` redraws)."""
+(bench/workflows/run.py writes it; ``python render.py results.json`` redraws)."""
 
 from __future__ import annotations
 
