@@ -64,6 +64,8 @@ class Controller:
             log.info("metrics on http://0.0.0.0:%d/metrics", self.config.metrics_port)
         listener = bind_unix_socket(self.config.socket, self.config.socket_mode)
         self.server = ControllerServer(listener, self.table, self.handlers, self.stats)
+        if self._stop.is_set():      # a SIGTERM during start-up found no server to stop
+            self.server.stop()
         log.info("faastube controller serving %s (node %s, epoch %s, redis %s)", self.config.socket,
                  self.config.node, self.epoch, redact(self.config.redis))
         for pool in self.pools:

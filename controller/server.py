@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
+import signal
 import socket
 import threading
 import time
@@ -54,23 +56,60 @@ class ControllerServer:
         self.handlers = handlers
         self.stats = stats or RequestStats()
         self._stopping = threading.Event()
+        self._wake_read, self._wake_write = os.pipe()      # Note [Signals wake the accept loop]
+        os.set_blocking(self._wake_read, False)
+        os.set_blocking(self._wake_write, False)
         self._admin_uids = {0, os.getuid()}
 
     def serve_forever(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
+        """Accept connections until :meth:`stop`. Note [Signals wake the accept loop]: the
+        kernel hands a process's SIGTERM to any of its threads, and CPython runs the handler
+        in the main thread only when that thread runs again; blocked in ``accept`` it would
+        not until the next connection. So the loop waits on the listener and on a wake-up
+        pipe together: :meth:`stop` writes to it, and so does CPython's C signal handler
+        (``signal.set_wakeup_fd``) whichever thread took the signal."""
+        previous_wakeup = None
+        if threading.current_thread() is threading.main_thread():
+            previous_wakeup = signal.set_wakeup_fd(self._wake_write)
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(self.listener, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            self.listener.setblocking(False)
+            while not self._stopping.is_set():
+                for key, _events in selector.select():
+                    if key.fileobj is self._wake_read:
+                        try:
+                            os.read(self._wake_read, 512)   # a signal's handler runs on return
+                        except BlockingIOError:
+                            pass
+                    elif not self._stopping.is_set():
+                        self._accept()
+        except (OSError, ValueError):
+            if not self._stopping.is_set():        # stop() closed the listener under us
                 raise
-            pid, uid, gid = protocol.peer_credentials(conn)
-            session = Session(pid, uid, gid, admin=uid in self._admin_uids)
-            threading.Thread(target=self._serve_connection, args=(conn, session),
-                             name=f"conn-{session.id}-pid{pid}", daemon=True).start()
+        finally:
+            selector.close()
+            if previous_wakeup is not None:
+                signal.set_wakeup_fd(previous_wakeup)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return                              # the peer gave up before we got to it
+        conn.setblocking(True)
+        pid, uid, gid = protocol.peer_credentials(conn)
+        session = Session(pid, uid, gid, admin=uid in self._admin_uids)
+        threading.Thread(target=self._serve_connection, args=(conn, session),
+                         name=f"conn-{session.id}-pid{pid}", daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
+        try:
+            os.write(self._wake_write, b"s")
+        except (BlockingIOError, OSError):
+            pass                                   # full (already woken) or closed
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:

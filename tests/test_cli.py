@@ -160,3 +160,29 @@ def test_sigusr1_dumps_the_controllers_threads_and_it_serves_on(controller):
     controller.process.send_signal(signal.SIGUSR1)
     wait_for(lambda: "serve_forever" in controller.log(), timeout=10, message="the stack dump in the log")
     assert controller.request(protocol.Ping())["node"] == controller.node
+
+
+def test_sigterm_stops_the_controller_whichever_of_its_threads_takes_it(tmp_path, redis_server):
+    """The kernel gives a process's signal to any thread not blocking it; CPython runs the
+    handler in the main thread only once that thread runs again. A SIGTERM sent to each of
+    the controller's other threads (a connection's, housekeeping's, the Redis writer's)
+    must still stop it, although no new connection wakes the accept loop."""
+    import signal
+    ctl = ControllerProcess(tmp_path, redis_server.url).start()
+    try:
+        client = ctl.client()
+        client.request(protocol.Ping())          # a connection thread, blocked in recv
+        pid = ctl.process.pid
+        others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        assert others
+        for tid in others:
+            try:
+                os.kill(tid, signal.SIGTERM)     # kill(2) with a thread id: that thread takes it
+            except ProcessLookupError:
+                pass
+        ctl.process.wait(10)
+        assert ctl.process.returncode == 0, ctl.log()
+        assert "faastube controller stopped" in ctl.log()
+        client.close()
+    finally:
+        ctl.stop(timeout_s=5)
