@@ -148,13 +148,9 @@ class Link:
         move.transfer.finished_at = finished
         with self._changed:
             self._express = False
-            self.busy_s += finished - max(move.started, self._last_finish)
-            self._last_finish = max(self._last_finish, finished)
+            self._count_busy(move.started, finished)
             self.bytes += move.transfer.nbytes
-            self.moves += 1
-            self.wait_s += move.wait_s
-            self.service_s += move.service_s
-        move.done.set()
+            self._count_finished(move)
         return move
 
     def _lead(self, mine: Move) -> None:
@@ -198,8 +194,7 @@ class Link:
         finished = self._clock()
         ended = False
         with self._changed:
-            self.busy_s += max(0.0, finished - max(issued, self._last_finish))   # queued batches overlap
-            self._last_finish = max(self._last_finish, finished)
+            self._count_busy(issued, finished)
             for chunk in batch:
                 move = chunk.transfer.payload
                 if error is not None and move.error is None:
@@ -213,13 +208,23 @@ class Link:
                 self.bytes += chunk.nbytes
                 self.scheduler.completed(chunk, finished)
                 if move.transfer.finished_at is not None:
-                    self.moves += 1
-                    self.wait_s += move.wait_s
-                    self.service_s += move.service_s
-                    move.done.set()
+                    self._count_finished(move)
                     ended = True
             if ended:               # waiters wait for their move or the lead: wake them only then
                 self._changed.notify_all()
+
+    def _count_busy(self, issued: float, finished: float) -> None:
+        """Add the link's busy time up to ``finished`` of copies issued at ``issued`` (lock
+        held): queued batches and an express move overlap, so count only what is new."""
+        self.busy_s += max(0.0, finished - max(issued, self._last_finish))
+        self._last_finish = max(self._last_finish, finished)
+
+    def _count_finished(self, move: Move) -> None:
+        """A move's last byte has arrived (lock held): count it and wake its caller."""
+        self.moves += 1
+        self.wait_s += move.wait_s
+        self.service_s += move.service_s
+        move.done.set()
 
     def stats(self) -> dict:
         with self._changed:
