@@ -94,7 +94,13 @@ class Handlers:
         return self._grant_reply(grant)
 
     def seal(self, session: Session, request: protocol.Seal):
-        self.table.seal(session, request.id, request.drop_writer)
+        if request.lifetime:
+            lifetime = (request.consumers, request.ttl, request.scope)
+        elif request.consumers is not None or request.ttl is not None or request.scope is not None:
+            raise InvalidArgumentError("consumers, ttl and scope go with a seal only with lifetime: true")
+        else:
+            lifetime = None
+        self.table.seal(session, request.id, request.drop_writer, lifetime)
         return {}, []
 
     def get(self, session: Session, request: protocol.Get, may_wait: bool = False):

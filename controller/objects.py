@@ -220,22 +220,28 @@ class ObjectTable:
         self.directory.require()      # fail before the caller writes, not at seal
         with self.lock:
             region = self.pool_for(device).allocate(session.namespace, nbytes)
-            now = time.monotonic()
             record = ObjectRecord(
                 id=secrets.token_hex(16), namespace=session.namespace, region=region,
-                dtype=dtype, shape=tuple(shape), consumers=consumers, scope=scope,
-                expires_at=now + ttl if ttl else None,
-                expiry_unix=round(time.time() + ttl, 3) if ttl else None,
-                created_unix=round(time.time(), 3), creator=session)
+                dtype=dtype, shape=tuple(shape), consumers=None, scope=None, expires_at=None,
+                expiry_unix=None, created_unix=round(time.time(), 3), creator=session)
             self.objects[record.id] = record
             session.pending.add(record.id)
-            if scope:
-                self._scopes.setdefault((record.namespace, scope), set()).add(record.id)
-            if ttl:
-                heapq.heappush(self._expiries, (record.expires_at, record.id))
+            self._set_lifetime(record, consumers, ttl, scope)
             return self._grant(session, record, writer=True)
 
-    def seal(self, session: Session, object_id: str, drop_writer: bool) -> ObjectRecord:
+    def _set_lifetime(self, record: ObjectRecord, consumers, ttl, scope) -> None:
+        record.consumers, record.scope = consumers, scope
+        if scope:
+            self._scopes.setdefault((record.namespace, scope), set()).add(record.id)
+        if ttl:
+            record.expires_at = time.monotonic() + ttl
+            record.expiry_unix = round(time.time() + ttl, 3)
+            heapq.heappush(self._expiries, (record.expires_at, record.id))
+
+    def seal(self, session: Session, object_id: str, drop_writer: bool,
+             lifetime: tuple | None = None) -> ObjectRecord:
+        """``lifetime``: (consumers, ttl, scope) for an object created without any (a spare,
+        Note [Spare objects] in faastube/client.py)."""
         with self.lock:
             record = self._require(session, object_id)
             if record.state != "pending":
@@ -243,6 +249,11 @@ class ObjectTable:
             if record.creator is not session:
                 raise InvalidStateError(f"object {object_id} can only be sealed by the process "
                                         f"that created it")
+            if lifetime is not None:
+                if record.consumers is not None or record.scope or record.expires_at is not None:
+                    raise InvalidStateError(f"object {object_id} got its consumers, ttl and scope "
+                                            f"when it was created; a seal cannot change them")
+                self._set_lifetime(record, *lifetime)
             record.state = "sealed"
             self.directory.publish(record)      # queued: Note [The local table answers first]
             session.pending.discard(object_id)

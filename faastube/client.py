@@ -23,6 +23,20 @@ the seal can only fail if the controller died or the object was freed meanwhile 
 closed, its ttl ran out); such a failure is logged, and a consumer's get says precisely
 what happened to the object. A second seal of the same array is refused at once, here.
 
+Note [Spare objects]: a ``put`` is create + copy + seal, and the create is a round trip the
+put waits for: on a node whose cores sleep between requests it costs 0.2–0.4 ms, more than
+the copy of tens of MB. A function usually puts the same shape again on every activation,
+so once a process has put an (shape, dtype, device) twice, the client asks for a *spare* of
+that signature right after the put, without waiting: a pending object created with no
+consumers, ttl or scope. The next put of the signature takes the spare (its reply came in
+long ago), writes it, and its seal (``lifetime``) gives it the put's consumers, ttl and
+scope; meanwhile the next spare is on its way. At most ``SPARE_COUNT`` signatures and
+``spare_bytes`` bytes (``FAASTUBE_SPARE_BYTES``, 0 turns spares off) are held per process; a
+spare unused for ``SPARE_IDLE_S`` is freed at the next put, all of them when a create finds
+the pool exhausted, and the controller aborts them with the process (Note [What a crash
+frees]). Only ``put`` uses spares: ``empty`` hands its array to user code, whose lifetime
+arguments are fixed when the array is made.
+
 Note [A finished process has consumed]: at a normal exit the client counts every array it
 still holds from ``get`` as consumed (Note [Consumers] in controller/objects.py); a process
 that dies of an unhandled exception or a signal consumes nothing, so a retry can get it.
@@ -41,6 +55,7 @@ import logging
 import math
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -53,12 +68,14 @@ import numpy as np
 from . import cuda, protocol
 from .config import Config
 from .errors import (ControllerUnavailableError, FaasTubeError, InvalidStateError,
-                     NotAnArrayError, from_wire)
+                     NotAnArrayError, PoolExhaustedError, from_wire)
 from .refs import dtype_name
 
 log = logging.getLogger("faastube")
 
 RELEASE_DELAY_S = 0.002       # let queued releases ride on the next request first
+SPARE_COUNT = 4               # signatures with a spare per process (Note [Spare objects])
+SPARE_IDLE_S = 10.0           # a spare unused this long is freed
 READ_TICK_S = 0.25            # how often a waiting reader re-checks its deadline
 REPLY_MARGIN_S = 10.0         # a controller slower than this past a request's own wait is hung
 DEFAULT_REPLY_TIMEOUT_S = 60.0
@@ -163,6 +180,12 @@ class Client:
         self._abandoned: set[int] = set()
         self._unawaited: set[int] = set()   # Note [Seal without waiting]
         self._seq = 0
+        # Note [Spare objects]: signature → (seq of its create, generation, time asked);
+        # signatures put before (the first put of a signature makes no spare).
+        self._spares: collections.OrderedDict = collections.OrderedDict()
+        self._put_before: collections.OrderedDict = collections.OrderedDict()
+        self._spare_lock = threading.RLock()
+        self._reaper: threading.Thread | None = None
 
     # -- connection -----------------------------------------------------------------------
 
@@ -221,8 +244,10 @@ class Client:
         self._flusher = None
 
     def close(self) -> None:
-        """Send any queued releases, then close. Leases of arrays still alive stay with the
-        controller until this process exits (Note [What a crash frees])."""
+        """Free the spares, send any queued releases, then close. Leases of arrays still
+        alive stay with the controller until this process exits (Note [What a crash frees])."""
+        if self._sock is not None and os.getpid() == self._pid:
+            self.drop_spares()
         if self._releases and self._sock is not None and os.getpid() == self._pid:
             try:
                 self.request(protocol.Release())
@@ -301,6 +326,14 @@ class Client:
 
     def _read_one(self, sock, reader, generation: int, deadline: float) -> None:
         """Read one reply frame (as the current reader) and file it under its seq."""
+        if self.config.reply_spin_us > 0 and not reader.has_frame():
+            # Poll before sleeping in recv: a thread that sleeps pays the wake-up (an idle
+            # core's, or a VM's halted vCPU's) when the reply lands.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            until = time.perf_counter() + self.config.reply_spin_us / 1e6
+            while not poller.poll(0) and time.perf_counter() < until:
+                pass
         try:
             reply = reader.read()
         except (BlockingIOError, TimeoutError):
@@ -354,24 +387,131 @@ class Client:
     # -- objects --------------------------------------------------------------------------
 
     def create(self, shape, dtype: np.dtype, consumers=None, ttl=None, scope=None,
-               track: bool = True, device: str = cuda.HOST):
-        """A writable array for a new pending object: (array, object id, writer lease) —
-        numpy on the host tier, CuPy on a GPU (``device``: a GPU's UUID).
-
-        With ``track`` the writer's lease ends when the array is collected and ``seal(array)``
-        works; without it the caller seals with ``drop_writer=True`` and drops the array.
-        """
+               device: str = cuda.HOST):
+        """A writable array for a new pending object (``empty``): (array, object id, writer
+        lease) — numpy on the host tier, CuPy on a GPU (``device``: a GPU's UUID). The
+        writer's lease ends when the array is collected; ``seal(array)`` finds it again.
+        ``put`` uses :meth:`create_for_put`."""
         shape = tuple(int(d) for d in shape)
         reply = self.request(protocol.Create(shape, dtype_name(dtype),
                                              math.prod(shape) * dtype.itemsize, consumers, ttl, scope,
                                              device))
         if reply.get("device", cuda.HOST) != cuda.HOST:
-            return self._gpu_view(reply, True, track).reshape(shape), reply["id"], reply["lease"]
+            return self._gpu_view(reply, True).reshape(shape), reply["id"], reply["lease"]
         flat = self._view(reply, writable=True)
-        if track:
-            self._writers[id(flat)] = (reply["id"], reply["lease"])
-            weakref.finalize(flat, self._writer_gone, id(flat), reply["lease"]).atexit = False
+        self._writers[id(flat)] = (reply["id"], reply["lease"])
+        weakref.finalize(flat, self._writer_gone, id(flat), reply["lease"]).atexit = False
         return flat.reshape(shape), reply["id"], reply["lease"]
+
+    def create_for_put(self, shape, dtype: np.dtype, consumers=None, ttl=None, scope=None,
+                       device: str = cuda.HOST):
+        """A writable array for ``put`` to fill and seal with ``drop_writer``, and drop: (array,
+        object id, lifetime). ``lifetime`` is None when the object already has the put's
+        consumers, ttl and scope, else what the seal must give it (Note [Spare objects])."""
+        shape = tuple(int(d) for d in shape)
+        key = (shape, dtype.str, device)
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._spare_lock:
+            reply = self._take_spare(key)
+        lifetime = (consumers, ttl, scope)
+        if reply is None:
+            try:
+                reply = self.request(protocol.Create(shape, dtype_name(dtype), nbytes, consumers,
+                                                     ttl, scope, device))
+            except PoolExhaustedError:
+                if not self._spares:
+                    raise
+                with self._spare_lock:
+                    self.drop_spares()
+                reply = self.request(protocol.Create(shape, dtype_name(dtype), nbytes, consumers,
+                                                     ttl, scope, device))
+            lifetime = None
+        with self._spare_lock:
+            self._note_put(key, nbytes)
+        if reply.get("device", cuda.HOST) != cuda.HOST:
+            array = self._gpu_view(reply, True, track=False)
+        else:
+            array = self._view(reply, writable=True)
+        return array.reshape(shape), reply["id"], lifetime
+
+    def _note_put(self, key, nbytes: int) -> None:
+        """Ask for a spare of a signature put before (spare lock held)."""
+        if 0 < nbytes <= self.config.spare_bytes:
+            if key in self._put_before:
+                self._put_before.move_to_end(key)
+                self._ask_spare(key, nbytes)
+            else:
+                self._put_before[key] = True
+                if len(self._put_before) > 4 * SPARE_COUNT:
+                    self._put_before.popitem(last=False)
+
+    def _take_spare(self, key) -> dict | None:
+        """The create reply of this process's spare for ``key``, or None (no spare, or its
+        create failed: the caller creates as usual). Spare lock held."""
+        now = time.monotonic()
+        for other, (_seq, _generation, nbytes, asked) in list(self._spares.items()):
+            if other != key and now - asked > SPARE_IDLE_S:
+                self._drop_spare(other)
+        spare = self._spares.pop(key, None)
+        if spare is None:
+            return None
+        seq, generation, _nbytes, _asked = spare
+        try:
+            return self._wait(seq, generation, DEFAULT_REPLY_TIMEOUT_S)
+        except FaasTubeError:
+            return None
+
+    def _ask_spare(self, key, nbytes: int) -> None:
+        if key in self._spares:
+            return
+        while self._spares and (len(self._spares) >= SPARE_COUNT or
+                                sum(s[2] for s in self._spares.values()) + nbytes > self.config.spare_bytes):
+            self._drop_spare(next(iter(self._spares)))
+        shape, dtype, device = key
+        with self._send_lock:
+            if self._sock is None:
+                return
+            generation = self._generation
+            seq = self._send(protocol.Create(shape, dtype_name(np.dtype(dtype)), nbytes, None, None,
+                                             None, device))
+        self._spares[key] = (seq, generation, nbytes, time.monotonic())
+        if self._reaper is None or not self._reaper.is_alive():
+            self._reaper = threading.Thread(target=self._reap_spares, name="faastube-spares", daemon=True)
+            self._reaper.start()
+
+    def _reap_spares(self) -> None:
+        """Free spares unused for SPARE_IDLE_S, so an idle process holds none for long."""
+        while True:
+            time.sleep(SPARE_IDLE_S / 4)
+            if os.getpid() != self._pid:
+                return
+            with self._spare_lock:
+                now = time.monotonic()
+                for key, (_seq, _generation, _nbytes, asked) in list(self._spares.items()):
+                    if now - asked > SPARE_IDLE_S:
+                        self._drop_spare(key)
+                if not self._spares:
+                    self._reaper = None
+                    return
+
+    def _drop_spare(self, key) -> None:
+        """Free one spare: its writer lease ends unused and the pending object is deleted."""
+        seq, generation, _nbytes, _asked = self._spares.pop(key)
+        try:
+            reply = self._wait(seq, generation, DEFAULT_REPLY_TIMEOUT_S)
+        except FaasTubeError:
+            return                    # never created, or gone with its connection
+        self._releases.append((reply["lease"], "abandon"))
+        try:
+            self.send_only(protocol.Delete(reply["id"]))
+        except FaasTubeError:
+            pass
+
+    def drop_spares(self) -> None:
+        """Free every spare of this process (Note [Spare objects])."""
+        with self._spare_lock:
+            while self._spares:
+                self._drop_spare(next(iter(self._spares)))
 
     def _gpu_view(self, reply: dict, writable: bool, track: bool = True):
         """A CuPy array over a GPU object (Note [GPU views])."""
@@ -411,14 +551,18 @@ class Client:
                 return lease, object_id, device
         return None
 
-    def seal(self, object_id: str, drop_writer: bool = False, wait: bool = True) -> None:
-        """Seal an object; ``wait=False``: Note [Seal without waiting]."""
+    def seal(self, object_id: str, drop_writer: bool = False, wait: bool = True,
+             lifetime: tuple | None = None) -> None:
+        """Seal an object; ``wait=False``: Note [Seal without waiting]; ``lifetime``:
+        (consumers, ttl, scope) for a spare (Note [Spare objects])."""
         if not drop_writer:
             self._sealed.add(object_id)
+        request = (protocol.Seal(object_id, drop_writer) if lifetime is None else
+                   protocol.Seal(object_id, drop_writer, True, *lifetime))
         if wait:
-            self.request(protocol.Seal(object_id, drop_writer))
+            self.request(request)
         else:
-            self.send_only(protocol.Seal(object_id, drop_writer))
+            self.send_only(request)
 
     def writer_of(self, array, sealing: bool = False) -> tuple[np.ndarray | None, str, str]:
         """(flat base, object id, device) of an array returned by ``create`` (or a view of

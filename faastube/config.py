@@ -111,6 +111,11 @@ class Config:
     get_timeout_s: float = 30.0             # FAASTUBE_GET_TIMEOUT_S: wait for a pending object
     connect_timeout_s: float = 5.0          # FAASTUBE_CONNECT_TIMEOUT_S
     slo_ms: float | None = None             # FAASTUBE_SLO_MS: default copy SLO of gets (docs/sdk.md)
+    spare_bytes: int = 128 << 20            # FAASTUBE_SPARE_BYTES: put's spares per process (0: none)
+    # FAASTUBE_REPLY_SPIN_US: poll for a reply this long before sleeping in recv (default:
+    # 100 where there are ≥ 8 cores; none on smaller machines, where the spinning client
+    # would take the core the controller needs to answer).
+    reply_spin_us: float = dataclasses.field(default_factory=lambda: 100.0 if (os.cpu_count() or 1) >= 8 else 0.0)
 
     _ENV = {
         "socket": ("FAASTUBE_SOCKET", str),
@@ -132,6 +137,8 @@ class Config:
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),
         "connect_timeout_s": ("FAASTUBE_CONNECT_TIMEOUT_S", float),
         "slo_ms": ("FAASTUBE_SLO_MS", parse_slo_ms),
+        "spare_bytes": ("FAASTUBE_SPARE_BYTES", parse_size),
+        "reply_spin_us": ("FAASTUBE_REPLY_SPIN_US", float),
     }
 
     @classmethod

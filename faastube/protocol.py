@@ -110,6 +110,11 @@ class FrameReader:
         del self._buffer[:_HEADER.size + length]
         return unpack_body(body)
 
+    def has_frame(self) -> bool:
+        """Whether a whole frame is buffered already (read() will not block)."""
+        return (len(self._buffer) >= _HEADER.size and
+                len(self._buffer) >= _HEADER.size + _HEADER.unpack_from(self._buffer)[0])
+
     def take_fds(self, count: int) -> list[int]:
         return [self._fds.popleft() for _ in range(min(count, len(self._fds)))]
 
@@ -232,11 +237,20 @@ class Create:
 
 @dataclasses.dataclass(frozen=True)
 class Seal:
-    """Make a pending object immutable and visible; optionally end the writer's lease."""
+    """Make a pending object immutable and visible; optionally end the writer's lease.
+
+    With ``lifetime``, the seal gives the object its ``consumers``, ``ttl`` and ``scope``
+    (absent: none), for an object created without any: a spare (Note [Spare objects],
+    faastube/client.py)."""
     op = "seal"
     id: str
     drop_writer: bool = False
-    _fields = {"id": _name, "drop_writer": lambda v, f: bool(v)}
+    lifetime: bool = False
+    consumers: int | None = None
+    ttl: float | None = None
+    scope: str | None = None
+    _fields = {"id": _name, "drop_writer": lambda v, f: bool(v), "lifetime": lambda v, f: bool(v),
+               "consumers": _optional_count, "ttl": _optional_positive, "scope": _optional_name}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,10 +94,10 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
             f"{type(array).__name__}; convert it with numpy.asarray(...) first")
     dtype = check_dtype(array.dtype)
     conn = client()
-    target, object_id, _lease = conn.create(array.shape, dtype, consumers, ttl, scope, track=False)
+    target, object_id, lifetime = conn.create_for_put(array.shape, dtype, consumers, ttl, scope)
     np.copyto(target, array, casting="no")
     del target   # Note [Leases pin memory]: drop the writer's view before its lease ends
-    conn.seal(object_id, drop_writer=True, wait=False)     # Note [Seal without waiting]
+    conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
     return make_ref(object_id, array.shape, dtype)
 
 
@@ -107,13 +107,12 @@ def _put_gpu(array, consumers, ttl, scope) -> dict:
     dtype = check_dtype(source.dtype)
     device = cuda.devices().uuids[source.device.id]
     conn = client()
-    target, object_id, _lease = conn.create(source.shape, dtype, consumers, ttl, scope,
-                                            track=False, device=device)
+    target, object_id, lifetime = conn.create_for_put(source.shape, dtype, consumers, ttl, scope, device)
     with source.device:
         cupy.copyto(target, source, casting="no")
     cuda.synchronize(device)          # Note [Seal publishes finished writes]
     del target
-    conn.seal(object_id, drop_writer=True, wait=False)     # Note [Seal without waiting]
+    conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
     return make_ref(object_id, source.shape, dtype, device)
 
 

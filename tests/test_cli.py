@@ -24,7 +24,7 @@ def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, f
     ft.put(np.zeros(1_000_000, np.uint8))
     other = controller.client("team-b")
     try:
-        target, object_id, _ = other.create((10,), np.dtype("float64"), track=False)
+        target, object_id, _ = other.create_for_put((10,), np.dtype("float64"))
         del target                                  # pending: created, not sealed
         result = faastube_cli("status", "--socket", controller.socket)
         assert result.returncode == 0, result.stderr
@@ -115,7 +115,7 @@ def test_namespaces_with_a_secret_need_it(tmp_path, redis_server, secrets_file):
                 client.create((1,), np.dtype("uint8"))
             client.close()
         good = ctl.client("locked", secret="s3cret")
-        target, object_id, _ = good.create((3,), np.dtype("uint8"), track=False)
+        target, object_id, _ = good.create_for_put((3,), np.dtype("uint8"))
         del target
         good.seal(object_id, drop_writer=True)
         good.close()

@@ -6,6 +6,7 @@ Run on the GPU machine with ``pytest -m gpu`` (scripts/gpu-check); skipped where
 no usable GPU, with the reason.
 """
 
+import hashlib
 import json
 import signal
 
@@ -176,6 +177,19 @@ def test_views_outlive_the_controller_that_made_them(tmp_path, redis_server, wor
         assert holder.wait(60) == 0
     finally:
         ctl.stop()
+
+
+def test_a_repeated_gpu_put_takes_its_spare_and_another_process_reads_each_put(ft, worker_env, controller):
+    # Note [Spare objects]: the third put of a shape fills the spare the second asked for.
+    import cupy
+    refs = []
+    for value in (1, 2, 3):
+        refs.append(ft.put(cupy.full(4 * MB, value, dtype=cupy.uint8), scope="gpu-run"))
+    assert controller.status()["namespaces"]["test"]["pending"] == 1       # the next spare
+    for value, ref in zip((1, 2, 3), refs):
+        got = worker_env.run("gpu_function.py", "get", json.dumps(ref))
+        assert got["sha"] == hashlib.sha256(bytes([value]) * (4 * MB)).hexdigest()
+    assert ft.close_scope("gpu-run") == 3             # the spare's seal put it in the scope
 
 
 def test_status_lists_a_pool_per_gpu(controller):

@@ -35,6 +35,7 @@ def scrape(port) -> dict:
 
 
 def test_metrics_show_pools_objects_leases_and_requests(ft, controller, metrics_port):
+    ft.connect(socket=controller.socket, namespace="test", spare_bytes=0)   # counts without spares
     refs = [ft.put(np.arange(1000, dtype=np.int64)) for _ in range(3)]
     held = ft.get(refs[0])
     pending = ft.empty(10, "uint8")

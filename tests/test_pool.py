@@ -33,6 +33,7 @@ def test_exhaustion_is_a_clear_error_and_other_objects_stay_intact(ft, controlle
 
 
 def test_the_pool_grows_on_demand_and_releases_idle_slabs(ft, controller):
+    ft.connect(socket=controller.socket, namespace="test", spare_bytes=0)   # slab counts without spares
     assert pool_of(controller)["slabs"] == 0
     refs = [ft.put(np.ones(600_000, np.uint8)) for _ in range(3)]
     assert pool_of(controller)["slabs"] == 3
@@ -63,8 +64,8 @@ def test_a_retired_slab_stays_readable_through_a_live_view(ft, controller):
 def test_slabs_are_never_shared_between_namespaces(controller):
     alice, bob = controller.client("alice"), controller.client("bob")
     try:
-        a, a_id, _ = alice.create((10,), np.dtype("uint8"), track=False)
-        b, b_id, _ = bob.create((10,), np.dtype("uint8"), track=False)
+        a, a_id, _ = alice.create_for_put((10,), np.dtype("uint8"))
+        b, b_id, _ = bob.create_for_put((10,), np.dtype("uint8"))
         del a, b
         alice.seal(a_id, drop_writer=True)
         bob.seal(b_id, drop_writer=True)

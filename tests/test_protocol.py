@@ -66,6 +66,24 @@ def test_reader_reassembles_frames_split_across_reads():
     b.close()
 
 
+def test_reader_says_whether_a_whole_frame_is_buffered():
+    a, b = socket.socketpair()
+    frames = protocol.pack({"n": 1}) + protocol.pack({"n": 2})
+    a.send(frames[:3])
+    reader = protocol.FrameReader(b)
+    reader._fill()
+    assert not reader.has_frame()                        # not even the length prefix yet
+    a.send(frames[3:])
+    while len(reader._buffer) < len(frames):
+        reader._fill()
+    assert reader.has_frame()
+    assert reader.read() == {"n": 1}
+    assert reader.has_frame() and reader.read() == {"n": 2}
+    assert not reader.has_frame()
+    a.close()
+    b.close()
+
+
 def test_oversized_length_prefix_is_refused():
     a, b = socket.socketpair()
     a.send(struct.pack(">I", protocol.MAX_FRAME + 1))

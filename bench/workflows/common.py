@@ -154,14 +154,20 @@ class Stage:
         self.seed = args["seed"]
         self.started = time.perf_counter()
         self.passing_s = 0.0
+        self.ops: dict[str, float] = {}            # passing seconds by kind: get, empty, put
         self._own: dict[int, tuple] = {}           # outputs made by empty(), by id of the tensor
         self._keep: list = []                      # ... and what backs them, alive until the end
 
     def get(self, handle, where: str):
         started = time.perf_counter()
         tensor = receive(handle, where)
-        self.passing_s += time.perf_counter() - started
+        self._passed("get", started)
         return tensor
+
+    def _passed(self, op: str, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.passing_s += seconds
+        self.ops[op] = self.ops.get(op, 0.0) + seconds
 
     def empty(self, shape, consumers: int = 1):
         """A float32 host tensor for this stage's output, written in place and handed on by
@@ -178,12 +184,12 @@ class Stage:
             name, array = _new_segment(self.run, shape, np.float32)
             own = ("shm", name)
         else:
-            self.passing_s += time.perf_counter() - started
+            self._passed("empty", started)
             return torch.empty(shape, dtype=torch.float32)
         tensor = torch.from_numpy(array)
         self._own[id(tensor)] = own
         self._keep.append((tensor, array))
-        self.passing_s += time.perf_counter() - started
+        self._passed("empty", started)
         return tensor
 
     def put(self, tensor, consumers: int = 1):
@@ -199,12 +205,13 @@ class Stage:
             handle = faastube.seal(own[1])
         else:
             handle = {"ftb": "shm", "name": own[1], "shape": list(tensor.shape), "dtype": "float32"}
-        self.passing_s += time.perf_counter() - started
+        self._passed("put", started)
         return handle
 
     def result(self, **fields) -> dict:
         return {"run": self.run, "seed": self.seed, **fields,
-                "timing": {"total_s": time.perf_counter() - self.started, "passing_s": self.passing_s}}
+                "timing": {"total_s": time.perf_counter() - self.started, "passing_s": self.passing_s,
+                           "passing_ops": self.ops}}
 
 
 def preprocess_frames(args: dict, count: int) -> dict:

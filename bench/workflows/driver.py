@@ -14,10 +14,14 @@ Fan-out and fan-in work as a conductor or Composer program (or a Knative Paralle
 parallel branches are invoked at once and the next stage gets ``{"branches": [their
 results]}``.
 
-Placement (documented in docs/benchmarks.md): replica *k* of every GPU stage runs on GPU
-*k* mod *G* (``CUDA_VISIBLE_DEVICES``), so with one replica per stage a workflow runs on
-GPU 0 and its hand-offs stay on one GPU; CPU stages run without a GPU. An activation takes
-any idle replica of its action and waits if all are busy (an invoker's container pool).
+Placement (documented in docs/benchmarks.md): the GPU stages' containers are dealt to the
+node's *G* GPUs in turn (``CUDA_VISIBLE_DEVICES``), in workflow order, replica by replica:
+container *i* of all of them runs on GPU *i* mod *G*. So the replicas of an action, and the
+parallel branches after a stage, spread over the GPUs instead of time-sharing one (CUDA
+time-slices the contexts of processes that share a GPU), and a hand-off crosses NVLink
+where consecutive stages landed on different GPUs. CPU stages run without a GPU. An
+activation takes any idle replica of its action and waits if all are busy (an invoker's
+container pool).
 
 CPU limit: every container computes with ``cpus`` threads (``OMP_NUM_THREADS``), as a
 platform's CPU limit would hold it; without one, each of a dozen containers would start a
@@ -97,6 +101,15 @@ WORKFLOWS = {w.name: w for w in (
 )}
 
 
+def place(workflow: Workflow, replicas: int, gpus: int) -> dict[str, list[str]]:
+    """The placement policy: for each stage, its containers' ``CUDA_VISIBLE_DEVICES`` ("" =
+    no GPU). GPU stages' containers are dealt to the GPUs in turn, in workflow order."""
+    dealt = itertools.count()
+    return {stage: [str(next(dealt) % gpus) if gpus and stage in workflow.gpu_stages else ""
+                    for _k in range(replicas)]
+            for stage in workflow.stages}
+
+
 class WorkflowError(FaasTubeError):
     """An activation of a workflow failed."""
 
@@ -107,6 +120,7 @@ class Activation:
     wall_s: float          # the /run round trip, as the invoker sees it
     total_s: float         # inside the action
     passing_s: float       # of which getting and putting tensors
+    passing_ops: dict = dataclasses.field(default_factory=dict)   # ... by kind (get, empty, put)
 
 
 @dataclasses.dataclass
@@ -141,10 +155,9 @@ class Deployment:
         python_path = os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p)
         init_env = {"PYTHONPATH": python_path, "FAASTUBE_BENCH_MODE": mode, "FAASTUBE_BENCH_SIZE": size}
         starts = []
-        for stage in workflow.stages:
+        for stage, where in place(workflow, replicas, gpus).items():
             self._idle[stage] = queue.Queue()
-            for k in range(replicas):
-                gpu = str(k % gpus) if gpus and stage in workflow.gpu_stages else ""
+            for k, gpu in enumerate(where):
                 container_env = {**env, "CUDA_VISIBLE_DEVICES": gpu, "FAASTUBE_NAMESPACE": namespace,
                                  "OMP_NUM_THREADS": str(cpus), "MKL_NUM_THREADS": str(cpus)}
                 starts.append((stage, container_env, os.path.join(log_dir, f"{workflow.name}-{mode}-{stage}-{k}.log")))
@@ -195,7 +208,8 @@ class Deployment:
             raise WorkflowError(f"{self.workflow.name}/{stage} ({self.mode}, {self.platform}) failed: {status} {body} "
                                 f"(see {runtime.log_path})")
         timing = body.get("timing", {})
-        activation = Activation(stage, wall, timing.get("total_s", 0.0), timing.get("passing_s", 0.0))
+        activation = Activation(stage, wall, timing.get("total_s", 0.0), timing.get("passing_s", 0.0),
+                                timing.get("passing_ops", {}))
         record.append(activation)
         return body, activation
 

@@ -98,15 +98,18 @@ def bar(args, total, description):
 
 
 def breakdown(runs) -> dict:
-    """Mean seconds per request of each stage: compute, data passing, platform (HTTP,
-    runtime); and data passing's share of the end-to-end latency, on the critical path
+    """Mean seconds per request of each stage: compute, data passing (and by kind: get,
+    empty, put), platform (HTTP, runtime); and data passing's share of the end-to-end latency, on the critical path
     (of parallel branches, the slowest) and summed over every activation."""
     stages: dict[str, dict] = {}
     for run in runs:
         for a in run.activations:
-            s = stages.setdefault(a.stage, {"compute_s": 0.0, "passing_s": 0.0, "platform_s": 0.0})
+            s = stages.setdefault(a.stage, {"compute_s": 0.0, "passing_s": 0.0, "platform_s": 0.0,
+                                            "passing_ops_s": {}})
             s["compute_s"] += (a.total_s - a.passing_s) / len(runs)
             s["passing_s"] += a.passing_s / len(runs)
+            for op, seconds in a.passing_ops.items():
+                s["passing_ops_s"][op] = s["passing_ops_s"].get(op, 0.0) + seconds / len(runs)
             s["platform_s"] += (a.wall_s - a.total_s) / len(runs)
     latency = statistics.mean(r.latency_s for r in runs)
     summed = sum(s["passing_s"] for s in stages.values())

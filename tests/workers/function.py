@@ -6,6 +6,8 @@
     function.py pending SIZE [DEVICE]       empty() (on DEVICE, e.g. cuda) and half-write,
                                             print ref, never seal
     function.py held-put SIZE SEED          put, print, then keep running until stdin closes
+    function.py held-puts SIZE COUNT        put SIZE bytes COUNT times, print, keep running
+                                            until stdin closes (its spare is pending meanwhile)
 """
 
 import hashlib
@@ -33,6 +35,10 @@ def main(op, *args):
         report(ref=ref, sha=hashlib.sha256(data).hexdigest())
         if op == "held-put":
             sys.stdin.read()
+    elif op == "held-puts":
+        refs = [faastube.put(random_bytes(args[0], i)) for i in range(int(args[1]))]
+        report(refs=refs)
+        sys.stdin.read()
     elif op in ("get", "hold"):
         view = faastube.get(json.loads(args[0]))
         report(sha=hashlib.sha256(view).hexdigest(), shape=list(view.shape), dtype=str(view.dtype))

@@ -1,0 +1,130 @@
+"""Spare objects (Note [Spare objects] in faastube/client.py): a process that puts one
+signature again gets the next object's create made ahead, without waiting; the seal gives
+it the put's consumers, ttl and scope. Real controller, real Redis, real processes."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from faastube import errors, protocol
+from tests.conftest import wait_for
+
+
+def pending(controller, namespace="test") -> int:
+    return controller.status()["namespaces"].get(namespace, {}).get("pending", 0)
+
+
+def test_the_second_put_of_a_shape_asks_for_a_spare_and_the_third_takes_it(ft, controller):
+    conn = ft.client()
+    first = ft.put(np.full(1000, 1, np.int32))
+    assert not conn._spares                                  # one put says nothing yet
+    second = ft.put(np.full(1000, 2, np.int32))
+    assert wait_for(lambda: pending(controller) == 1, message="the spare's create")
+    spare_seq = next(iter(conn._spares.values()))[0]
+    conn.request(protocol.Ping())          # replies come in order: the spare's is filed by now
+    spare = conn._replies[spare_seq]                         # the create reply it will take
+    third = ft.put(np.full(1000, 3, np.int32), scope="run-1", ttl=60)
+    assert third["id"] == spare["id"]
+    assert pending(controller) == 1                          # the next spare, already asked for
+    for ref, value in ((first, 1), (second, 2), (third, 3)):
+        assert (ft.get(ref) == value).all()
+    # The seal gave the spare the put's lifetime: its scope frees it ...
+    assert ft.close_scope("run-1") == 1
+    with pytest.raises(errors.ObjectDeletedError):
+        ft.get(third)
+
+
+def test_a_spare_takes_the_puts_consumers_and_ttl(ft, controller):
+    for _ in range(2):
+        ft.put(np.zeros(64, np.uint8))
+    counted = ft.put(np.arange(64, dtype=np.uint8), consumers=1)
+    view = ft.get(counted)
+    assert (view == np.arange(64)).all()
+    ft.release(view)
+    wait_for(lambda: not _gets(ft, counted), message="the consumed spare to go")
+    short = ft.put(np.ones(64, np.uint8), ttl=0.2)
+    wait_for(lambda: isinstance(_error(ft, short), errors.ObjectExpiredError), timeout=5,
+             message="the spare's ttl to run out")
+    del view
+
+
+def _gets(ft, ref) -> bool:
+    return _error(ft, ref) is None
+
+
+def _error(ft, ref):
+    try:
+        ft.get(ref, timeout=0)
+    except errors.ObjectNotFoundError as exc:
+        return exc
+    return None
+
+
+def test_an_idle_spare_is_freed(ft, controller, monkeypatch):
+    # faastube.client is also the SDK's client() function: the module by its import name.
+    monkeypatch.setattr(importlib.import_module("faastube.client"), "SPARE_IDLE_S", 0.2)
+    for _ in range(2):
+        ft.put(np.zeros(1000, np.uint8))
+    assert wait_for(lambda: pending(controller) == 1, message="the spare")
+    wait_for(lambda: pending(controller) == 0 and controller.leases() == 0, timeout=5,
+             message="the idle spare to be freed")
+    assert not ft.client()._spares
+
+
+def test_spares_are_off_with_no_spare_bytes_and_for_arrays_above_them(ft, controller):
+    ft.connect(socket=controller.socket, namespace="test", spare_bytes=0)
+    for _ in range(3):
+        ft.put(np.zeros(1000, np.uint8))
+    ft.connect(socket=controller.socket, namespace="test", spare_bytes=4096)
+    for _ in range(3):
+        ft.put(np.zeros(8192, np.uint8))                      # bigger than spare_bytes
+    assert pending(controller) == 0 and not ft.client()._spares
+
+
+def test_a_full_pool_frees_the_spares_before_it_fails_a_put(tmp_path, redis_server):
+    from tests.conftest import ControllerProcess
+    with ControllerProcess(tmp_path, redis_server.url, slab_size="1MiB", pool_limit="2MiB") as ctl:
+        conn = ctl.client()
+        try:
+            def put(shape):
+                target, object_id, lifetime = conn.create_for_put(shape, np.dtype("uint8"))
+                target[...] = 7
+                del target
+                conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)
+                return object_id
+            conn.request(protocol.Delete(put((700_000,))))
+            conn.request(protocol.Delete(put((700_000,))))   # a spare of 700 kB now holds a slab
+            assert conn._spares
+            kept = put((700, 1000))                          # another signature: the other slab
+            last = put((1000, 700))                          # no room left but the spare's
+            assert not conn._spares
+            assert (conn.get(last, 1) == 7).all() and (conn.get(kept, 1) == 7).all()
+        finally:
+            conn.close()
+
+
+def test_a_seal_gives_a_lifetime_only_to_an_object_created_without_one(controller):
+    conn = controller.client()
+    try:
+        with pytest.raises(errors.InvalidArgumentError, match="only with lifetime: true"):
+            conn.request(protocol.Seal("0" * 32, True, False, 2))
+        target, object_id, _lease = conn.create((4,), np.dtype("uint8"), scope="run")
+        with pytest.raises(errors.InvalidStateError, match="got its consumers, ttl and scope when it was created"):
+            conn.request(protocol.Seal(object_id, False, True, 1))
+        conn.seal(object_id)                                # still pending, sealable as usual
+        del target
+    finally:
+        conn.close()
+
+
+def test_a_killed_process_leaves_no_spare(controller, worker_env):
+    workers = worker_env
+    process = workers.start("function.py", "held-puts", 5000, 3)
+    assert len(workers.read_json(process)["refs"]) == 3
+    assert wait_for(lambda: pending(controller) == 1, message="the worker's spare")
+    process.kill()
+    process.wait()
+    wait_for(lambda: pending(controller) == 0 and controller.leases() == 0, timeout=10,
+             message="the killed process's spare to go")
+    assert controller.status()["namespaces"]["test"]["sealed"] == 3
