@@ -32,9 +32,10 @@ consumers, ttl or scope. The next put of the signature takes the spare (its repl
 long ago), writes it, and its seal (``lifetime``) gives it the put's consumers, ttl and
 scope; meanwhile the next spare is on its way. At most ``SPARE_COUNT`` signatures and
 ``spare_bytes`` bytes (``FAASTUBE_SPARE_BYTES``, 0 turns spares off) are held per process; a
-spare unused for ``SPARE_IDLE_S`` is freed at the next put, all of them when a create finds
-the pool exhausted, and the controller aborts them with the process (Note [What a crash
-frees]). Only ``put`` uses spares: ``empty`` hands its array to user code, whose lifetime
+thread frees a spare unused for ``SPARE_IDLE_S``; all of them go when a create finds the
+pool exhausted (the create is then tried again) and on ``close``, and the controller aborts
+them with the process (Note [What a crash frees]). A forked child never takes its
+parent's spares. Only ``put`` uses spares: ``empty`` hands its array to user code, whose lifetime
 arguments are fixed when the array is made.
 
 Note [A finished process has consumed]: at a normal exit the client counts every array it
@@ -180,8 +181,8 @@ class Client:
         self._abandoned: set[int] = set()
         self._unawaited: set[int] = set()   # Note [Seal without waiting]
         self._seq = 0
-        # Note [Spare objects]: signature → (seq of its create, generation, time asked);
-        # signatures put before (the first put of a signature makes no spare).
+        # Note [Spare objects]: signature → (seq of its create, generation, bytes, time
+        # asked); signatures put before (the first put of a signature makes no spare).
         self._spares: collections.OrderedDict = collections.OrderedDict()
         self._put_before: collections.OrderedDict = collections.OrderedDict()
         self._spare_lock = threading.RLock()
@@ -408,6 +409,8 @@ class Client:
         """A writable array for ``put`` to fill and seal with ``drop_writer``, and drop: (array,
         object id, lifetime). ``lifetime`` is None when the object already has the put's
         consumers, ttl and scope, else what the seal must give it (Note [Spare objects])."""
+        if os.getpid() != self._pid:
+            self._after_fork()                 # the parent's spares are not this process's
         shape = tuple(int(d) for d in shape)
         key = (shape, dtype.str, device)
         nbytes = math.prod(shape) * dtype.itemsize
@@ -421,8 +424,7 @@ class Client:
             except PoolExhaustedError:
                 if not self._spares:
                     raise
-                with self._spare_lock:
-                    self.drop_spares()
+                self.drop_spares()
                 reply = self.request(protocol.Create(shape, dtype_name(dtype), nbytes, consumers,
                                                      ttl, scope, device))
             lifetime = None
@@ -448,10 +450,6 @@ class Client:
     def _take_spare(self, key) -> dict | None:
         """The create reply of this process's spare for ``key``, or None (no spare, or its
         create failed: the caller creates as usual). Spare lock held."""
-        now = time.monotonic()
-        for other, (_seq, _generation, nbytes, asked) in list(self._spares.items()):
-            if other != key and now - asked > SPARE_IDLE_S:
-                self._drop_spare(other)
         spare = self._spares.pop(key, None)
         if spare is None:
             return None

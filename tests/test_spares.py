@@ -128,3 +128,24 @@ def test_a_killed_process_leaves_no_spare(controller, worker_env):
     wait_for(lambda: pending(controller) == 0 and controller.leases() == 0, timeout=10,
              message="the killed process's spare to go")
     assert controller.status()["namespaces"]["test"]["sealed"] == 3
+
+
+def test_a_forked_child_never_takes_its_parents_spare(ft, controller):
+    import os
+    for value in (1, 2):
+        ft.put(np.full(1000, value, np.int32))               # the parent now holds a spare
+    spare_seq = next(iter(ft.client()._spares.values()))[0]
+    ft.client().request(protocol.Ping())
+    spare_id = ft.client()._replies[spare_seq]["id"]
+    pid = os.fork()
+    if pid == 0:                                             # the child: its own connection
+        code = 1
+        try:
+            ref = ft.put(np.full(1000, 7, np.int32))
+            code = 0 if ref["id"] != spare_id and int(ft.get(ref).sum()) == 7000 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    mine = ft.put(np.full(1000, 3, np.int32))                # the parent's spare is intact
+    assert mine["id"] == spare_id and int(ft.get(mine).sum()) == 3000
