@@ -221,6 +221,13 @@ def gets(consumer: Consumer, controller, sizes, gpus: int, quick: bool) -> list[
 
 # -- the 64 MB hand-off -------------------------------------------------------------------
 
+def start_controller(redis_url: str):
+    """The controller every GPU data-plane benchmark measures (this one, handoff_spin.py)."""
+    from faastube.local import LocalController
+    return LocalController(redis_url, gpus="auto", slab_size="256MiB", pool_limit="8GiB",
+                           gpu_slab_size="256MiB", gpu_pool_limit="16GiB").start(timeout_s=60)
+
+
 def handoffs(consumer: Consumer, redis_url: str, size: int, runs: int) -> dict:
     import cupy
     import redis
@@ -288,15 +295,14 @@ def main() -> int:
 
     import faastube
     from faastube import cuda
-    from faastube.local import LocalController, LocalRedis
+    from faastube.local import LocalRedis
 
     devices = cuda.devices()
     gpus = len(devices.uuids)
     sizes = [KB, MB, 64 * MB, GB] if args.quick else [KB, 64 * KB, MB, 16 * MB, 64 * MB, 256 * MB, GB]
     print(f"{gpus} GPU(s): {', '.join(devices.name(i) for i in range(gpus))}", flush=True)
     with LocalRedis() as store:
-        controller = LocalController(store.url, gpus="auto", slab_size="256MiB", pool_limit="8GiB",
-                                     gpu_slab_size="256MiB", gpu_pool_limit="16GiB").start(timeout_s=60)
+        controller = start_controller(store.url)
         consumer = None
         try:
             faastube.connect(socket=controller.socket, namespace="bench")

@@ -35,11 +35,10 @@ def main() -> int:
 
     import faastube
     from faastube import cuda
-    from faastube.local import LocalController, LocalRedis
+    from faastube.local import LocalRedis
     rows = []
     with LocalRedis() as store:
-        controller = LocalController(store.url, gpus="auto", slab_size="256MiB", pool_limit="8GiB",
-                                     gpu_slab_size="256MiB", gpu_pool_limit="16GiB").start(timeout_s=60)
+        controller = gpu_bench.start_controller(store.url)
         try:
             for round_ in range(args.rounds):
                 for spin in spins:

@@ -418,15 +418,14 @@ class Client:
             reply = self._take_spare(key)
         lifetime = (consumers, ttl, scope)
         if reply is None:
+            create = protocol.Create(shape, dtype_name(dtype), nbytes, consumers, ttl, scope, device)
             try:
-                reply = self.request(protocol.Create(shape, dtype_name(dtype), nbytes, consumers,
-                                                     ttl, scope, device))
+                reply = self.request(create)
             except PoolExhaustedError:
                 if not self._spares:
                     raise
                 self.drop_spares()
-                reply = self.request(protocol.Create(shape, dtype_name(dtype), nbytes, consumers,
-                                                     ttl, scope, device))
+                reply = self.request(create)
             lifetime = None
         with self._spare_lock:
             self._note_put(key, nbytes)

@@ -99,8 +99,9 @@ def bar(args, total, description):
 
 def breakdown(runs) -> dict:
     """Mean seconds per request of each stage: compute, data passing (and by kind: get,
-    empty, put), platform (HTTP, runtime); and data passing's share of the end-to-end latency, on the critical path
-    (of parallel branches, the slowest) and summed over every activation."""
+    empty, put), platform (HTTP, runtime); and data passing's share of the end-to-end
+    latency, on the critical path (of parallel branches, the slowest) and summed over every
+    activation."""
     stages: dict[str, dict] = {}
     for run in runs:
         for a in run.activations:
