@@ -64,8 +64,9 @@ PROBE_RUNS = 3
 class TransferEngine:
     def __init__(self, devices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = DEFAULT_DEPTH,
                  multipath_min: int = MULTIPATH_MIN_BYTES, measure: bool = True,
-                 relay_factor: int = RELAY_CHUNK_FACTOR):
+                 relay_factor: int = RELAY_CHUNK_FACTOR, express_kernel: bool = True):
         self.devices = devices
+        self.express_kernel = express_kernel      # links.py, Note [Express moves]
         self.chunk_bytes = chunk_bytes
         self.relay_factor = relay_factor
         self.depth = depth
@@ -104,14 +105,17 @@ class TransferEngine:
             if len(hops) == 3:
                 chunk = self.chunk_bytes * self.relay_factor
                 copier = cuda.RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
+                beside = False                        # relays carry only large moves
             elif len(hops) == 2:
-                gpu_end = hops[1] if hops[1] != HOST else hops[0]
+                gpu_end = self.devices.ordinal(hops[1] if hops[1] != HOST else hops[0])
                 chunk = self.chunk_bytes * (1 if HOST in hops else
                                             max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
-                copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
+                copier = cuda.CopyQueue(gpu_end)
+                beside = self.express_kernel and (HOST not in hops or self.devices.reads_host_pointers(gpu_end))
             else:
                 raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
-            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
+            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth,
+                                            beside=beside)
             return link
 
     # -- moves -------------------------------------------------------------------------

@@ -7,8 +7,20 @@ import os
 import json
 import sys
 
-from .config import DEFAULT_SOCKET, Config, format_size, parse_gpus, parse_share, parse_size
+from .config import DEFAULT_SOCKET, Config, format_size, parse_gpus, parse_on_off, parse_share, parse_size
 from .errors import FaasTubeError
+
+
+def _words(parse):
+    """``parse`` as an argparse type that reports its own words: argparse turns a plain
+    ValueError into "invalid parse_size value"."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _controller(args) -> int:
@@ -19,6 +31,7 @@ def _controller(args) -> int:
                              secrets_file=args.secrets_file, gpus=args.gpus,
                              gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
                              metrics_port=args.metrics_port, chunk_size=args.chunk_size,
+                             express_kernel=args.express_kernel,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -116,22 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help=f"Unix socket to serve (FAASTUBE_SOCKET; default {DEFAULT_SOCKET})")
     p.add_argument("--redis", help="Redis URL for metadata (FAASTUBE_REDIS; default redis://127.0.0.1:6379/0)")
     p.add_argument("--node", help="this node's name in the directory (FAASTUBE_NODE; default hostname)")
-    p.add_argument("--slab-size", type=parse_size, help="bytes per host slab (FAASTUBE_SLAB_SIZE; default 64MiB)")
-    p.add_argument("--pool-limit", type=parse_size,
+    p.add_argument("--slab-size", type=_words(parse_size), help="bytes per host slab (FAASTUBE_SLAB_SIZE; default 64MiB)")
+    p.add_argument("--pool-limit", type=_words(parse_size),
                    help="most bytes the host pool may hold, e.g. 8GiB (FAASTUBE_POOL_LIMIT; default 1/4 of RAM)")
     p.add_argument("--idle-release", type=float, metavar="SECONDS",
                    help="release a slab after it stayed empty this long (FAASTUBE_IDLE_RELEASE_S; default 30)")
     p.add_argument("--tombstone-ttl", type=int, metavar="SECONDS",
                    help="how long Redis remembers why an object is gone (FAASTUBE_TOMBSTONE_TTL_S; default 3600)")
-    p.add_argument("--gpus", type=parse_gpus, help="'auto': a pool on every GPU the controller sees; "
+    p.add_argument("--gpus", type=_words(parse_gpus), help="'auto': a pool on every GPU the controller sees; "
                    "'none': host tier only (FAASTUBE_GPUS; default auto)")
-    p.add_argument("--gpu-slab-size", type=parse_size, help="bytes per GPU slab (FAASTUBE_GPU_SLAB_SIZE; default 256MiB)")
-    p.add_argument("--gpu-pool-limit", type=parse_share,
+    p.add_argument("--gpu-slab-size", type=_words(parse_size), help="bytes per GPU slab (FAASTUBE_GPU_SLAB_SIZE; default 256MiB)")
+    p.add_argument("--gpu-pool-limit", type=_words(parse_share),
                    help="most bytes each GPU pool may hold: a size, or a share of the GPU's memory "
                         "such as 50%% (FAASTUBE_GPU_POOL_LIMIT; default 50%%)")
-    p.add_argument("--chunk-size", type=parse_size,
+    p.add_argument("--chunk-size", type=_words(parse_size),
                    help="bytes per chunk on PCIe links; NVLink links use chunks as many times larger "
                         "as they are faster (FAASTUBE_CHUNK_SIZE; default 4MiB)")
+    p.add_argument("--express-kernel", type=_words(parse_on_off), metavar="on|off",
+                   help="a move of at most one chunk that finds its GPU link's copy engine busy goes "
+                        "beside it as a copy kernel (FAASTUBE_EXPRESS_KERNEL; default on)")
     p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
