@@ -7,12 +7,9 @@
    against the same 1 MB copy on a second stream during a 1 GB copy without any scheduler
    (what gpu-facts.md measured as 17 ms);
 
-for host→GPU 0 and GPU 0→host over PCIe and, with two GPUs, GPU 0→GPU 1 over NVLink, for several chunk /
-batch / depth settings (the engine's defaults are marked), with the small move going beside
-the busy copy engine as a copy kernel (the default) and through its queue;
+for host→GPU 0 over PCIe (and GPU 0→host, engine defaults only) and, with two GPUs, GPU 0→GPU 1 over NVLink, for several chunk /
+batch / depth settings (the engine's defaults are marked);
 
-2b. the same small move on host→GPU 0 while another process runs matrix products on GPU 0,
-   beside and queued (a copy kernel shares the GPU with that process's context);
 3. with two GPUs, multi-path: 1 GB host→GPU 0 and GPU 0→host through the controller's own
    transfer engine (its measured topology, every route at once) against one plain 1 GB
    ``cuMemcpyAsync`` over the GPU's own link and the engine's single chunked link, with the
@@ -87,15 +84,14 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
               "raw_1MB_p50_us": statistics.median(alone) * 1e6,
               "unscheduled_1MB_during_p50_us": statistics.median(unscheduled) * 1e6,
               "unscheduled_1MB_during_p99_us": percentile(unscheduled, 0.99) * 1e6, "configs": []}
-    for chunk, batch, depth, beside, default in configs:
-        link = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk, batch, depth, beside=beside)
+    for chunk, batch, depth, default in configs:
+        link = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk, batch, depth)
         big = timed(lambda: link.move(dst_big, src_big, GB), repeat)
         small_alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
         during = small_during_big(lambda: link.move(dst_big, src_big, GB),
                                   lambda: link.move(dst_small, src_small, MB), samples)
         result["configs"].append({
-            "chunk_MB": chunk / MB, "batch": batch, "depth": depth, "beside": beside, "default": default,
-            "small_moves_beside": link.besides, "small_moves": len(small_alone) + len(during),
+            "chunk_MB": chunk / MB, "batch": batch, "depth": depth, "default": default,
             "big_GBps": GB / big / 1e9, "big_share_of_raw": raw / big,
             "small_alone_p50_us": statistics.median(small_alone) * 1e6,
             "small_alone_p99_us": percentile(small_alone, 0.99) * 1e6,
@@ -103,48 +99,6 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
             "small_during_p99_us": percentile(during, 0.99) * 1e6,
             "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone)})
     return result
-
-
-COMPUTE_LOAD = """
-import cupy, sys
-a = cupy.random.random((8192, 8192), dtype=cupy.float32)
-print("ready", flush=True)
-while True:
-    a = a @ a
-    a /= cupy.abs(a).max()
-"""
-
-
-def under_compute_load(dst_big, src_big, dst_small, src_small, ordinal, bandwidth, quick) -> dict:
-    """Section 2b: the 1 MB move during 1 GB moves while another process keeps GPU
-    ``ordinal``'s multiprocessors busy with matrix products (a function computing): a copy
-    kernel must then share the GPU with another context, the copy engine need not."""
-    import subprocess
-
-    from controller.links import Link
-    from controller.transfer import DEFAULT_BATCH_CHUNKS, DEFAULT_CHUNK_BYTES
-    from faastube import cuda
-    samples = 30 if quick else 100
-    load = subprocess.Popen([sys.executable, "-c", COMPUTE_LOAD], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": cuda.devices().uuids[ordinal]})
-    try:
-        if load.stdout.readline().strip() != "ready":
-            raise RuntimeError("the compute load did not start")
-        result = {}
-        for beside in (True, False):
-            link = Link("load", cuda.CopyQueue(ordinal), bandwidth, DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS,
-                        beside=beside)
-            alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
-            during = small_during_big(lambda: link.move(dst_big, src_big, GB),
-                                      lambda: link.move(dst_small, src_small, MB), samples)
-            result["beside" if beside else "queued"] = {
-                "small_alone_p50_us": statistics.median(alone) * 1e6,
-                "small_during_p50_us": statistics.median(during) * 1e6,
-                "small_during_p99_us": percentile(during, 0.99) * 1e6, "small_moves_beside": link.besides}
-        return result
-    finally:
-        load.kill()
-        load.wait()
 
 
 def multipath(engine, devices, quick: bool) -> dict:
@@ -251,15 +205,11 @@ def main() -> int:
     devices = cuda.devices()
     gpus = len(devices.uuids)
     peer_factor = round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)
-    # (chunk, batch, depth, small moves beside a busy copy engine, engine default)
-    pcie_configs = [(DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True, True),
-                    (DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, False, False)]
-    nvlink_configs = [(DEFAULT_CHUNK_BYTES * peer_factor, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True, True),
-                      (DEFAULT_CHUNK_BYTES * peer_factor, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, False, False)]
+    pcie_configs = [(DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
+    nvlink_configs = [(DEFAULT_CHUNK_BYTES * peer_factor, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
     if not args.quick:
-        pcie_configs += [(2 * MB, 1, 2, True, False), (8 * MB, 1, 2, True, False), (4 * MB, 1, 3, True, False)]
-        nvlink_configs += [(16 * MB, 1, 2, True, False), (64 * MB, 1, 2, True, False),
-                           (16 * MB, 2, 2, True, False)]
+        pcie_configs += [(2 * MB, 1, 2, False), (8 * MB, 1, 2, False), (4 * MB, 1, 3, False)]
+        nvlink_configs += [(16 * MB, 1, 2, False), (64 * MB, 1, 2, False), (16 * MB, 2, 2, False)]
 
     host_big = cupy.cuda.alloc_pinned_memory(GB)
     host_small = cupy.cuda.alloc_pinned_memory(MB)
@@ -270,9 +220,7 @@ def main() -> int:
     paths = [measure_path("host→GPU 0 (PCIe)", gpu0_big.data.ptr, host_big.ptr, gpu0_small.data.ptr,
                           host_small.ptr, 0, PCIE_BYTES_PER_S, pcie_configs, args.quick)]
     paths.append(measure_path("GPU 0→host (PCIe)", host_big.ptr, gpu0_big.data.ptr, host_small.ptr,
-                              gpu0_small.data.ptr, 0, PCIE_BYTES_PER_S, pcie_configs[:2], args.quick))
-    loaded = under_compute_load(gpu0_big.data.ptr, host_big.ptr, gpu0_small.data.ptr, host_small.ptr,
-                                0, PCIE_BYTES_PER_S, args.quick)
+                              gpu0_small.data.ptr, 0, PCIE_BYTES_PER_S, pcie_configs[:1], args.quick))
     if gpus > 1:
         with cupy.cuda.Device(1):
             gpu1_big = cupy.zeros(GB, cupy.uint8)
@@ -300,7 +248,7 @@ def main() -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"gpus": [devices.name(i) for i in range(gpus)], "python": platform.python_version(),
                           "cupy": cupy.__version__, "cpus": os.cpu_count()},
-              "paths": paths, "under_compute_load": loaded, "multipath": multi, "slo": slo,
+              "paths": paths, "multipath": multi, "slo": slo,
               "measured_links_GBps": {name: rate / 1e9 for name, rate in engine.measured.items()},
               "topology_source": engine.topology_source,
               "targets": {"small_during_p99_over_alone": 3, "big_share_of_raw": 0.95,
@@ -310,25 +258,18 @@ def main() -> int:
 
     print(f"\n== transfer engine ({devices.name(0)} ×{gpus}, {result['date']})")
     print("big = one 1 GB move through a link vs one plain 1 GB cuMemcpyAsync (raw); small = a 1 MB "
-          "move alone, and during back-to-back 1 GB moves on the same link; beside = small moves that went "
-          "beside the busy copy engine as a copy kernel; * = engine default")
+          "move alone, and during back-to-back 1 GB moves on the same link; * = engine default")
     for path in paths:
         print(f"{path['path']}: raw 1 GB {path['raw_1GB_GBps']:.1f} GB/s, raw 1 MB p50 "
               f"{path['raw_1MB_p50_us']:.0f} µs; without a scheduler a 1 MB copy during a 1 GB copy: "
               f"p50 {path['unscheduled_1MB_during_p50_us']:.0f} µs, p99 {path['unscheduled_1MB_during_p99_us']:.0f} µs")
-        print(f"  {'chunk':>6}{'batch':>6}{'depth':>6}{'beside':>8}{'big GB/s':>10}{'share':>7}{'1MB alone p50':>15}"
+        print(f"  {'chunk':>6}{'batch':>6}{'depth':>6}{'big GB/s':>10}{'share':>7}{'1MB alone p50':>15}"
               f"{'p99':>7}{'during p50':>12}{'p99':>8}{'p99/alone':>10}")
         for c in path["configs"]:
-            beside = f"{c['small_moves_beside']}/{c['small_moves']}" if c["beside"] else "off"
-            print(f"  {c['chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}{beside:>8}{c['big_GBps']:>10.1f}"
+            print(f"  {c['chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}{c['big_GBps']:>10.1f}"
                   f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
                   f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
                   f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")
-    for mode, c in loaded.items():
-        print(f"host→GPU 0 with a matrix-product loop in another process on GPU 0, small moves {mode}: "
-              f"1 MB alone p50 {c['small_alone_p50_us']:.0f} µs, during 1 GB moves p50 "
-              f"{c['small_during_p50_us']:.0f} µs, p99 {c['small_during_p99_us']:.0f} µs "
-              f"({c['small_moves_beside']} went beside)")
     print(f"topology: {engine.topology_source}")
     if multi:
         for name in ("host→GPU 0", "GPU 0→host"):

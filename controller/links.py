@@ -2,9 +2,8 @@
 waiting], controller/scheduler.py), has its copier carry them, and reports each move's wait
 and service time.
 
-A copier has ``issue(pieces) -> token`` (queue (destination, source, length) copies),
-``wait(token)`` (block until they arrived), and ``issue_beside`` / ``prepare_beside`` for
-express moves that must not queue behind its batches: :class:`HostCopier` copies host memory with
+A copier has ``issue(pieces) -> token`` (queue (destination, source, length) copies) and
+``wait(token)`` (block until they arrived): :class:`HostCopier` copies host memory with
 ``memmove`` at issue; ``faastube.cuda.CopyQueue`` queues ``cuMemcpyAsync`` on the link's own
 stream and waits on an event.
 
@@ -22,10 +21,7 @@ waits for its own token and accounts it. Waking a thread at a batch boundary, th
 its chunk has landed, cost a 1 MB move ~140 µs of Python hand-offs on top of its ~20 µs copy
 (measured on an H200, docs/benchmarks.md); the copy engine's queue is what it must wait for,
 and that is bounded by ``depth``. One express move at a time per link: a stream of small
-moves still goes through the scheduler and shares the link with a large one. On a GPU link
-whose copy engine is busy (a leader is driving it), the express move does not even queue
-behind those batches: it goes beside them, as a copy kernel on a stream of its own
-(``beside``; faastube/cuda.py, Note [Copies beside the queue]).
+moves still goes through the scheduler and shares the link with a large one.
 """
 
 from __future__ import annotations
@@ -48,12 +44,6 @@ class HostCopier:
     def issue(pieces) -> None:
         for dst, src, nbytes in pieces:
             ctypes.memmove(dst, src, nbytes)
-
-    issue_beside = issue                # the memory bus has no queue to go beside
-
-    @staticmethod
-    def prepare_beside() -> None:
-        pass
 
     @staticmethod
     def wait(token) -> None:
@@ -85,16 +75,13 @@ class Link:
 
     def __init__(self, name: str, copier, bandwidth: float, chunk_bytes: int = DEFAULT_CHUNK,
                  batch_chunks: int = DEFAULT_BATCH, depth: int = DEFAULT_DEPTH,
-                 clock=time.perf_counter, beside: bool = False):
+                 clock=time.perf_counter):
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self.name = name
         self.copier = copier
         self.scheduler = LinkScheduler(bandwidth, chunk_bytes, batch_chunks)
         self.depth = depth
-        self.beside = beside              # express moves beside a busy copier (copier.issue_beside)
-        if beside:
-            copier.prepare_beside()
         self._clock = clock
         self._changed = threading.Condition()
         self._issuing = threading.Lock()        # the leader and an express move share the copier
@@ -107,7 +94,6 @@ class Link:
         self.busy_s = 0.0
         self.wait_s = 0.0                 # summed over finished moves
         self.service_s = 0.0
-        self.besides = 0                  # express moves that went beside the busy copier
 
     @property
     def queued(self) -> int:
@@ -148,16 +134,10 @@ class Link:
 
     def _move_express(self, move: Move) -> Move:
         """Note [Express moves]."""
-        pieces = [(move.dst, move.src, move.transfer.nbytes)]
         try:
-            if self.beside and self._leading:       # read without the lock: only a hint
+            with self._issuing:
                 move.started = self._clock()
-                token = self.copier.issue_beside(pieces)
-                self.besides += 1
-            else:
-                with self._issuing:
-                    move.started = self._clock()
-                    token = self.copier.issue(pieces)
+                token = self.copier.issue([(move.dst, move.src, move.transfer.nbytes)])
             self.copier.wait(token)
         except BaseException:
             with self._changed:
@@ -250,6 +230,5 @@ class Link:
         with self._changed:
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
-                    "service_s": self.service_s, "besides": self.besides,
-                    "bandwidth": self.scheduler.bandwidth,
+                    "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
                     "chunk_bytes": self.scheduler.chunk_bytes}

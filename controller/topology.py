@@ -79,6 +79,30 @@ class Topology:
             raise ValueError(f"{gpu} is not a GPU of this node ({', '.join(self.gpus)})")
 
 
+def plan(topology: Topology, measured_GBps: dict[str, float], peer_access) -> dict[tuple[str, str], list[Path]]:
+    """The routes of every move between two devices of the node, best path first, with
+    measured bandwidths (``measured_GBps``: link name such as "host→GPU-a" → GB/s) where
+    there are any. ``peer_access(a, b)`` says whether GPU ``b`` can read GPU ``a``'s memory
+    directly (over NVLink or PCIe): a pair without NVLink then takes that direct link, and
+    only a pair without it goes through host memory. A move smaller than the engine's
+    multi-path minimum takes the first path only."""
+    def measured(path: Path) -> Path:
+        return dataclasses.replace(path, GBps=measured_GBps.get("→".join(path.hops), path.GBps))
+
+    routes = {}
+    for gpu in topology.gpus:
+        routes[(HOST, gpu)] = [measured(p) for p in topology.host_to_gpu(gpu)]
+        routes[(gpu, HOST)] = [measured(p) for p in topology.gpu_to_host(gpu)]
+        for other in topology.gpus:
+            if other == gpu:
+                continue
+            paths = topology.gpu_to_gpu(gpu, other)
+            if paths[0].hops[1] == HOST and peer_access(gpu, other):
+                paths = [Path((gpu, other), min(topology.pcie_GBps[gpu], topology.pcie_GBps[other]))]
+            routes[(gpu, other)] = [measured(p) for p in paths]
+    return routes
+
+
 # NVML's common-ancestor levels (nvmlGpuTopologyLevel_t) up to which two GPUs share a PCIe
 # switch (or a board): their host links then share one uplink.
 _SAME_SWITCH_LEVEL = 20          # NVML_TOPOLOGY_MULTIPLE

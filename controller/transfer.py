@@ -29,6 +29,14 @@ moves take relays, so no small move waits on a relay link; but a relay link and 
 own host link share that peer's PCIe wire without knowing of each other: the peer's own
 small moves may wait behind a relay chunk (~0.3 ms) as well as behind their own link's.
 
+GPU→GPU moves are planned the same way (topology.plan): the direct link where it is strong;
+where the direct NVLink is weak, large moves add routes through intermediate GPUs, and where
+it is missing, every move takes the best such route. Two GPUs with neither NVLink nor any
+route reach each other directly if the driver grants peer access (PCIe), else through a
+pinned ring in host memory: a relay link whose first hop runs down from the source GPU on a
+stream of that GPU and whose second runs up into the target (faastube.cuda.RelayQueue with
+``source_ordinal``).
+
 Note [Measured links]: at start the engine moves a probe buffer over every direct link and
 every planned route, and keeps the best of a few runs as that link's bandwidth: it sizes
 multi-path shares and the schedulers' SLO arithmetic, and ``faastube status`` shows it.
@@ -37,7 +45,6 @@ multi-path shares and the schedulers' SLO arithmetic, and ``faastube status`` sh
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import threading
 import time
@@ -47,7 +54,7 @@ from faastube import cuda
 from .links import DEFAULT_DEPTH, Link
 from .pool import Region
 from .slabs import CudaSlab, MemfdSlab
-from .topology import HOST, Path, Topology, discover, shares
+from .topology import HOST, Path, Topology, discover, plan, shares
 
 log = logging.getLogger("faastube.controller")
 
@@ -64,17 +71,23 @@ PROBE_RUNS = 3
 class TransferEngine:
     def __init__(self, devices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = DEFAULT_DEPTH,
                  multipath_min: int = MULTIPATH_MIN_BYTES, measure: bool = True,
-                 relay_factor: int = RELAY_CHUNK_FACTOR, express_kernel: bool = True):
+                 relay_factor: int = RELAY_CHUNK_FACTOR, topology: Topology | None = None,
+                 peer_access=None):
+        """``topology`` and ``peer_access(source, target)`` stand in for what NVML and the
+        driver report (tests force paths this node's links would never take)."""
         self.devices = devices
-        self.express_kernel = express_kernel      # links.py, Note [Express moves]
+        self._peer_access = peer_access or self._can_access_peer
         self.chunk_bytes = chunk_bytes
         self.relay_factor = relay_factor
         self.depth = depth
         self.multipath_min = multipath_min
         self._links: dict[str, Link] = {}
         self._making = threading.Lock()
-        self.topology, self.topology_source = discover(
-            list(devices.uuids), PCIE_BYTES_PER_S / 1e9, NVLINK_BYTES_PER_S / 1e9)
+        if topology is not None:
+            self.topology, self.topology_source = topology, "given"
+        else:
+            self.topology, self.topology_source = discover(
+                list(devices.uuids), PCIE_BYTES_PER_S / 1e9, NVLINK_BYTES_PER_S / 1e9)
         self.measured: dict[str, float] = {}      # link name → bytes/s (Note [Measured links])
         self.routes: dict[tuple[str, str], list[Path]] = {}
         self._helpers = concurrent.futures.ThreadPoolExecutor(
@@ -102,20 +115,21 @@ class TransferEngine:
             if link is not None:
                 return link
             bandwidth = self.measured.get(name) or (PCIE_BYTES_PER_S if HOST in hops else NVLINK_BYTES_PER_S)
-            if len(hops) == 3:
+            if len(hops) == 3 and hops[1] == HOST:        # between GPUs that cannot reach each other
+                chunk = self.chunk_bytes * self.relay_factor
+                copier = cuda.RelayQueue(self.devices.ordinal(hops[2]), chunk, self.depth + 2,
+                                         source_ordinal=self.devices.ordinal(hops[0]))
+            elif len(hops) == 3:
                 chunk = self.chunk_bytes * self.relay_factor
                 copier = cuda.RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
-                beside = False                        # relays carry only large moves
             elif len(hops) == 2:
-                gpu_end = self.devices.ordinal(hops[1] if hops[1] != HOST else hops[0])
+                gpu_end = hops[1] if hops[1] != HOST else hops[0]
                 chunk = self.chunk_bytes * (1 if HOST in hops else
                                             max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
-                copier = cuda.CopyQueue(gpu_end)
-                beside = self.express_kernel and (HOST not in hops or self.devices.reads_host_pointers(gpu_end))
+                copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
             else:
                 raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
-            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth,
-                                            beside=beside)
+            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
             return link
 
     # -- moves -------------------------------------------------------------------------
@@ -131,9 +145,9 @@ class TransferEngine:
                    slo_s: float | None = None) -> None:
         """Copy ``nbytes`` from address ``src`` on ``src_device`` to ``dst`` on
         ``dst_device``, over several paths if it is large (Note [Multi-path moves])."""
-        paths = self.routes.get((src_device, dst_device)) if nbytes >= self.multipath_min else None
-        if not paths or len(paths) == 1:
-            self.link((src_device, dst_device)).move(dst, src, nbytes, slo_s)
+        paths = self.routes.get((src_device, dst_device)) or [Path((src_device, dst_device), 0.0)]
+        if len(paths) == 1 or nbytes < self.multipath_min:
+            self.link(paths[0].hops).move(dst, src, nbytes, slo_s)
             return
         ranges = shares(nbytes, paths, self.chunk_bytes)
         try:
@@ -142,7 +156,7 @@ class TransferEngine:
         except cuda.CudaError as exc:              # a relay's staging ring could not be made
             log.warning("multi-path %s→%s off (%s): one path from now on", src_device, dst_device, exc)
             self.routes[(src_device, dst_device)] = paths[:1]
-            self.link((src_device, dst_device)).move(dst, src, nbytes, slo_s)
+            self.link(paths[0].hops).move(dst, src, nbytes, slo_s)
             return
         others = [self._helpers.submit(link.move, dst + offset, src + offset, length, slo_s)
                   for link, offset, length in jobs[1:]]
@@ -163,13 +177,12 @@ class TransferEngine:
     # -- topology ----------------------------------------------------------------------
 
     def _plan(self) -> None:
-        """Routes for host↔GPU moves from the topology, with measured path bandwidths."""
-        topology = self.topology
-        for gpu in topology.gpus:
-            for key, paths in (((HOST, gpu), topology.host_to_gpu(gpu)),
-                               ((gpu, HOST), topology.gpu_to_host(gpu))):
-                self.routes[key] = [dataclasses.replace(
-                    p, GBps=self.measured.get("→".join(p.hops), p.GBps * 1e9) / 1e9) for p in paths]
+        """Routes for every pair of devices from the topology, with measured bandwidths."""
+        self.routes = plan(self.topology, {name: rate / 1e9 for name, rate in self.measured.items()},
+                           self._peer_access)
+
+    def _can_access_peer(self, source: str, target: str) -> bool:
+        return self.devices.can_access_peer(self.devices.ordinal(target), self.devices.ordinal(source))
 
     def measure(self) -> None:
         """Note [Measured links]: time a probe over every direct link, then over every route
@@ -193,9 +206,10 @@ class TransferEngine:
                 {pair: self.measured.get(f"{pair[0]}→{pair[1]}", 0.0) / 1e9
                  for pair in self.topology.nvlink_GBps},
                 self.topology.pcie_switch)
-            for gpu in gpus:
-                for path in self.topology.host_to_gpu(gpu)[1:] + self.topology.gpu_to_host(gpu)[1:]:
-                    self._probe(path.hops, buffers)
+            for paths in plan(self.topology, {}, self._peer_access).values():
+                for path in paths:
+                    if len(path.hops) == 3 and "→".join(path.hops) not in self.measured:
+                        self._probe(path.hops, buffers)
         finally:
             for slab in scratch:                  # the links (streams, relay rings) stay
                 slab.close()
@@ -224,7 +238,7 @@ class TransferEngine:
 
     def topology_report(self) -> dict:
         """What ``faastube status`` shows of the node: how the topology was learnt, each
-        GPU's PCIe switch, the NVLinks, and the routes of host↔GPU moves with their
+        GPU's PCIe switch, the NVLinks, and the routes of host↔GPU and GPU↔GPU moves with their
         measured bandwidths."""
         t = self.topology
         return {"source": self.topology_source, "multipath_min": self.multipath_min,

@@ -7,7 +7,7 @@ import os
 import json
 import sys
 
-from .config import DEFAULT_SOCKET, Config, format_size, parse_gpus, parse_on_off, parse_share, parse_size
+from .config import DEFAULT_SOCKET, Config, format_size, parse_gpus, parse_share, parse_size
 from .errors import FaasTubeError
 
 
@@ -31,7 +31,6 @@ def _controller(args) -> int:
                              secrets_file=args.secrets_file, gpus=args.gpus,
                              gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
                              metrics_port=args.metrics_port, chunk_size=args.chunk_size,
-                             express_kernel=args.express_kernel,
                              socket_mode=args.socket_mode)
     run_controller(config)
     return 0
@@ -145,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=_words(parse_size),
                    help="bytes per chunk on PCIe links; NVLink links use chunks as many times larger "
                         "as they are faster (FAASTUBE_CHUNK_SIZE; default 4MiB)")
-    p.add_argument("--express-kernel", type=_words(parse_on_off), metavar="on|off",
-                   help="a move of at most one chunk that finds its GPU link's copy engine busy goes "
-                        "beside it as a copy kernel (FAASTUBE_EXPRESS_KERNEL; default on)")
     p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
     p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",

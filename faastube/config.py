@@ -37,16 +37,6 @@ def parse_gpus(text: str) -> str:
     return text
 
 
-def parse_on_off(text: str) -> bool:
-    """``on``/``off`` (also ``1``/``0``, ``true``/``false``, ``yes``/``no``)."""
-    value = text.strip().lower()
-    if value in ("on", "1", "true", "yes"):
-        return True
-    if value in ("off", "0", "false", "no"):
-        return False
-    raise ValueError("write 'on' or 'off'")
-
-
 def parse_share(text: str) -> float:
     """``0.5`` or ``50%`` (a share of each GPU's memory) or a size such as ``40GiB``."""
     text = text.strip()
@@ -115,7 +105,6 @@ class Config:
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
     metrics_port: int = 0                   # FAASTUBE_METRICS_PORT: Prometheus /metrics (0: off)
     chunk_size: int = 4 << 20               # FAASTUBE_CHUNK_SIZE: PCIe links' chunk (controller/transfer.py)
-    express_kernel: bool = True             # FAASTUBE_EXPRESS_KERNEL: small moves beside a busy copy engine
     # Client (SDK) side.
     namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
@@ -143,7 +132,6 @@ class Config:
         "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
         "metrics_port": ("FAASTUBE_METRICS_PORT", int),
         "chunk_size": ("FAASTUBE_CHUNK_SIZE", parse_size),
-        "express_kernel": ("FAASTUBE_EXPRESS_KERNEL", parse_on_off),
         "namespace": ("FAASTUBE_NAMESPACE", str),
         "secret": ("FAASTUBE_SECRET", str),
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),

@@ -21,7 +21,6 @@ cannot be used.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import threading
 
@@ -62,6 +61,7 @@ class _Issue:
     still releases the GIL. The functions are the driver's stable exported ABI names."""
 
     def __init__(self):
+        import ctypes
         lib = ctypes.PyDLL("libcuda.so.1")
         pointer, status = ctypes.c_void_p, ctypes.c_int
         self._popped = pointer()
@@ -71,8 +71,7 @@ class _Issue:
                 ("cuCtxPopCurrent_v2", "pop", [ctypes.POINTER(pointer)]),
                 ("cuMemcpyAsync", "memcpy", [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, pointer]),
                 ("cuEventRecord", "record", [pointer, pointer]),
-                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint]),
-                ("cuLaunchKernel", "launch", [pointer] + [ctypes.c_uint] * 7 + [pointer, pointer, pointer])):
+                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint])):
             function = getattr(lib, name)
             function.argtypes, function.restype = argtypes, status
             setattr(self, attr, function)
@@ -144,13 +143,6 @@ class Devices:
 
     def can_access_peer(self, ordinal: int, peer: int) -> bool:
         return ordinal == peer or bool(_check(cu.cuDeviceCanAccessPeer(self.handles[ordinal], self.handles[peer])))
-
-    def reads_host_pointers(self, ordinal: int) -> bool:
-        """Whether kernels on the GPU can use a registered host buffer's own address (Note
-        [Copies beside the queue])."""
-        return bool(_check(cu.cuDeviceGetAttribute(
-            cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM,
-            self.handles[ordinal])))
 
     def granularity(self, ordinal: int) -> int:
         return int(_check(cu.cuMemGetAllocationGranularity(
@@ -310,104 +302,15 @@ class VmmMapping:
 
 
 def register_host(address: int, size: int) -> None:
-    """Pin host memory in place (page-locked, visible to every GPU) for full-speed copies,
-    and map it into the GPUs' address space, so kernels can read and write it (Note [Copies
-    beside the queue])."""
+    """Pin host memory in place (page-locked, visible to every GPU) for full-speed copies."""
     with devices().current(0):
-        _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE | cu.CU_MEMHOSTREGISTER_DEVICEMAP))
+        _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE))
 
 
 def unregister_host(address: int) -> None:
     if cu is not None:
         with devices().current(0):
             cu.cuMemHostUnregister(address)
-
-
-# Note [Copies beside the queue]: a copy engine drains its queue in order (gpu-facts.md), so a
-# small move issued while a link's chunks are queued waits for them, up to ``depth`` chunks
-# (~0.15 ms on PCIe). A kernel whose threads load and store the bytes themselves does not go
-# through that queue: its loads of pinned host memory (mapped at registration) or of a peer
-# GPU's memory travel the same wire beside the copy engine's. The link uses it for an express
-# move while the copy engine is busy (controller/links.py, Note [Express moves]). The kernel
-# is written in PTX, so the driver compiles it for whatever GPU it finds: no compiler and no
-# NVRTC are needed at run time. Each thread copies 16-byte vectors (grid-stride), then the
-# tail bytes; the launch uses enough blocks to have the whole of a small move in flight.
-_COPY_PTX = r"""
-.version 7.0
-.target sm_70
-.address_size 64
-
-.visible .entry faastube_copy(
-	.param .u64 dst,
-	.param .u64 src,
-	.param .u64 vectors,
-	.param .u64 nbytes
-)
-{
-	.reg .pred 	%p<3>;
-	.reg .b16 	%rs<2>;
-	.reg .b32 	%r<9>;
-	.reg .b64 	%rd<16>;
-
-	ld.param.u64 	%rd1, [dst];
-	ld.param.u64 	%rd2, [src];
-	ld.param.u64 	%rd3, [vectors];
-	ld.param.u64 	%rd4, [nbytes];
-	cvta.to.global.u64 	%rd1, %rd1;
-	cvta.to.global.u64 	%rd2, %rd2;
-	mov.u32 	%r1, %ctaid.x;
-	mov.u32 	%r2, %ntid.x;
-	mov.u32 	%r3, %tid.x;
-	mov.u32 	%r4, %nctaid.x;
-	mul.wide.u32 	%rd5, %r1, %r2;
-	cvt.u64.u32 	%rd6, %r3;
-	add.s64 	%rd5, %rd5, %rd6;
-	mul.wide.u32 	%rd7, %r4, %r2;
-	mov.u64 	%rd8, %rd5;
-VECTORS:
-	setp.ge.u64 	%p1, %rd8, %rd3;
-	@%p1 bra 	TAIL;
-	shl.b64 	%rd9, %rd8, 4;
-	add.s64 	%rd10, %rd2, %rd9;
-	add.s64 	%rd11, %rd1, %rd9;
-	ld.global.v4.u32 	{%r5, %r6, %r7, %r8}, [%rd10];
-	st.global.v4.u32 	[%rd11], {%r5, %r6, %r7, %r8};
-	add.s64 	%rd8, %rd8, %rd7;
-	bra.uni 	VECTORS;
-TAIL:
-	shl.b64 	%rd12, %rd3, 4;
-	add.s64 	%rd12, %rd12, %rd5;
-BYTES:
-	setp.ge.u64 	%p2, %rd12, %rd4;
-	@%p2 bra 	DONE;
-	add.s64 	%rd13, %rd2, %rd12;
-	add.s64 	%rd14, %rd1, %rd12;
-	ld.global.u8 	%rs1, [%rd13];
-	st.global.u8 	[%rd14], %rs1;
-	add.s64 	%rd12, %rd12, %rd7;
-	bra.uni 	BYTES;
-DONE:
-	ret;
-}
-"""
-_COPY_THREADS = 256
-_copy_kernels: dict[int, tuple[int, int]] = {}
-_copy_kernels_lock = threading.Lock()
-
-
-def _copy_kernel(ordinal: int) -> tuple[int, int]:
-    """The copy kernel loaded into GPU ``ordinal``'s primary context (once per process), and
-    the most blocks a launch uses (four per multiprocessor)."""
-    with _copy_kernels_lock:
-        if ordinal not in _copy_kernels:
-            devs = devices()
-            with devs.current(ordinal):
-                module = _check(cu.cuModuleLoadData(_COPY_PTX.encode() + b"\0"))
-                function = _check(cu.cuModuleGetFunction(module, b"faastube_copy"))
-            processors = _check(cu.cuDeviceGetAttribute(
-                cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, devs.handles[ordinal]))
-            _copy_kernels[ordinal] = (int(function), 4 * int(processors))
-        return _copy_kernels[ordinal]
 
 
 class CopyQueue:
@@ -423,11 +326,6 @@ class CopyQueue:
         with devices().current(ordinal) as ctx:
             self.stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
         self._context, self._stream = int(ctx), int(self.stream)
-        self._beside = None                     # issue_beside's stream and kernel, made on first use
-        self._kernel = None
-        self._kernel_args = (ctypes.c_uint64 * 4)()
-        self._kernel_params = (ctypes.c_void_p * 4)(
-            *(ctypes.addressof(self._kernel_args) + 8 * i for i in range(4)))
 
     def issue(self, pieces):
         """Queue (destination, source, length) copies; returns their token (Note [Issuing
@@ -455,70 +353,48 @@ class CopyQueue:
         finally:
             self._free.append(event)
 
-    def prepare_beside(self) -> None:
-        """Make ``issue_beside``'s stream and load its kernel now, off the request path (the
-        first load costs milliseconds)."""
-        if self._beside is None:
-            self._kernel = _copy_kernel(self.ordinal)
-            with devices().current(self.ordinal):
-                self._beside = int(_check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)))
-
-    def issue_beside(self, pieces):
-        """Queue (destination, source, length) copies as a copy kernel on a second stream of
-        this GPU (Note [Copies beside the queue]); returns their token for ``wait``. Pieces
-        whose addresses are not 16-byte aligned go to the copy engine on that stream. One
-        caller at a time (the link's express move)."""
-        calls = self._calls
-        if self._beside is None:
-            self.prepare_beside()
-        function, max_blocks = self._kernel
-        args, params = self._kernel_args, self._kernel_params
-        calls.check(calls.push(self._context))
-        try:
-            for dst, src, nbytes in pieces:
-                if (dst | src) & 15:
-                    calls.check(calls.memcpy(dst, src, nbytes, self._beside))
-                    continue
-                vectors = nbytes >> 4
-                blocks = max(1, min(max_blocks, -(-vectors // _COPY_THREADS)))
-                args[0], args[1], args[2], args[3] = dst, src, vectors, nbytes
-                calls.check(calls.launch(function, blocks, 1, 1, _COPY_THREADS, 1, 1, 0,
-                                         self._beside, params, None))
-            event = self._free.pop() if self._free else _check(
-                cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-            calls.check(calls.record(int(event), self._beside))
-            return event
-        finally:
-            calls.pop_context()
-
 
 class RelayQueue(CopyQueue):
-    """Copies that travel through another GPU (a multi-path route, controller/topology.py):
-    each piece goes into a slot of a staging ring on GPU ``ordinal`` on one stream, then on
-    from the slot on a second stream. The streams order themselves with events (a slot is
-    refilled only after it drained), so no thread waits between the two hops and the hops of
-    consecutive pieces overlap. ``issue``/``wait`` as :class:`CopyQueue`; the token is
-    recorded on the second stream."""
+    """Copies that travel through a staging ring (a route of two hops, controller/topology.py):
+    each piece goes into a slot of the ring on one stream, then on from the slot on a second
+    stream. The streams order themselves with events (a slot is refilled only after it
+    drained), so no thread waits between the two hops and the hops of consecutive pieces
+    overlap. ``issue``/``wait`` as :class:`CopyQueue`; the token is recorded on the second
+    stream.
 
-    def __init__(self, ordinal: int, slot_bytes: int, slots: int):
+    The ring is on GPU ``ordinal``, and both hops run on its streams (a route through a peer
+    GPU), or, with ``source_ordinal``, in pinned host memory: the first hop then runs down
+    from the source GPU on a stream of that GPU, the second up into GPU ``ordinal`` (a move
+    between two GPUs that cannot reach each other's memory)."""
+
+    def __init__(self, ordinal: int, slot_bytes: int, slots: int, source_ordinal: int | None = None):
         super().__init__(ordinal)
         devs = devices()
-        granularity = devs.granularity(ordinal)
-        size = -(-slot_bytes * slots // granularity) * granularity
-        self.staging, fd = VmmMapping.create(size, ordinal)
-        os.close(fd)
         self.slot_bytes, self.slots = slot_bytes, slots
         self._next = 0
         self._used = [False] * slots
         flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
-        with devs.current(ordinal):
+        first_ordinal = ordinal if source_ordinal is None else source_ordinal
+        with devs.current(first_ordinal) as first_context:
+            if source_ordinal is None:
+                granularity = devs.granularity(ordinal)
+                size = -(-slot_bytes * slots // granularity) * granularity
+                self.staging, fd = VmmMapping.create(size, ordinal)
+                os.close(fd)
+                self._staging = self.staging.address
+            else:                     # made once per link, like the copy queues' streams
+                self.staging = int(_check(cu.cuMemHostAlloc(slot_bytes * slots, cu.CU_MEMHOSTALLOC_PORTABLE)))
+                self._staging = self.staging
             self.first = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
             self._filled = [int(_check(cu.cuEventCreate(flags))) for _ in range(slots)]
+        with devs.current(ordinal):
             self._drained = [int(_check(cu.cuEventCreate(flags))) for _ in range(slots)]
         self._first = int(self.first)
+        self._first_context = int(first_context)
 
     def issue(self, pieces):
         calls, check = self._calls, self._calls.check
+        apart = self._first_context != self._context    # the hops run in two GPUs' contexts
         check(calls.push(self._context))
         try:
             for dst, src, nbytes in pieces:
@@ -526,11 +402,17 @@ class RelayQueue(CopyQueue):
                     length = min(self.slot_bytes, nbytes - offset)
                     slot = self._next
                     self._next = (slot + 1) % self.slots
-                    staged = self.staging.address + slot * self.slot_bytes
-                    if self._used[slot]:
-                        check(calls.stream_wait(self._first, self._drained[slot], 0))
-                    check(calls.memcpy(staged, src + offset, length, self._first))
-                    check(calls.record(self._filled[slot], self._first))
+                    staged = self._staging + slot * self.slot_bytes
+                    if apart:
+                        check(calls.push(self._first_context))
+                    try:
+                        if self._used[slot]:
+                            check(calls.stream_wait(self._first, self._drained[slot], 0))
+                        check(calls.memcpy(staged, src + offset, length, self._first))
+                        check(calls.record(self._filled[slot], self._first))
+                    finally:
+                        if apart:
+                            calls.pop_context()
                     check(calls.stream_wait(self._stream, self._filled[slot], 0))
                     check(calls.memcpy(dst + offset, staged, length, self._stream))
                     check(calls.record(self._drained[slot], self._stream))

@@ -96,16 +96,12 @@ def test_config_defaults_and_errors():
         parse_size("12 parsecs")
     with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_SLAB_SIZE='big' is not valid"):
         Config.from_env({"FAASTUBE_SLAB_SIZE": "big"})
-    assert config.express_kernel and not Config.from_env({"FAASTUBE_EXPRESS_KERNEL": "off"}).express_kernel
-    with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_EXPRESS_KERNEL='sometimes' is not valid: write 'on' or 'off'"):
-        Config.from_env({"FAASTUBE_EXPRESS_KERNEL": "sometimes"})
 
 
 @pytest.mark.parametrize("args, text", [
     (["--chunk-size", "huge"], "argument --chunk-size: 'huge': cannot read 'huge' as a size"),
     (["--gpus", "some"], "argument --gpus: 'some': write 'auto' (every GPU the controller sees) or 'none'"),
     (["--gpu-pool-limit", "150%"], "argument --gpu-pool-limit: '150%': write a share in (0, 1]"),
-    (["--express-kernel", "maybe"], "argument --express-kernel: 'maybe': write 'on' or 'off'"),
 ])
 def test_controller_flags_refuse_bad_values_in_their_own_words(args, text):
     done = subprocess.run([sys.executable, "-m", "faastube.cli", "controller", *args],

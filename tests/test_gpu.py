@@ -267,84 +267,62 @@ def test_large_host_moves_take_every_route_and_arrive_intact(worker_env, control
     assert all(link["queued"] == 0 for link in links.values())
 
 
-@pytest.mark.parametrize("path", ["host→gpu", "gpu→host", "gpu→gpu"])
-def test_the_copy_kernel_copies_every_size_and_alignment_exactly(path):
-    """Note [Copies beside the queue]: the PTX copy kernel, compiled by this machine's driver,
-    copies 16-byte vectors and tail bytes exactly and writes nothing outside its range;
-    misaligned pieces take the copy engine on the same stream. Bytes are staged and checked
-    through plain copy-engine copies."""
+def moves_between_gpus_arrive_intact(topology, peer_access, source: int, target: int) -> dict:
+    """Moves of several sizes from GPU ``source`` to GPU ``target`` through an engine that
+    plans with ``topology`` and ``peer_access`` instead of what this node reports; bytes are
+    staged and checked with plain copies. Returns the bytes each link carried."""
     import ctypes
 
     import numpy as np
 
     from controller.slabs import CudaSlab, MemfdSlab
-    if path == "gpu→gpu" and gpu_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    size = 16 * MB
-    source, back = MemfdSlab("t", size, pin=True), MemfdSlab("t", size, pin=True)
-    gpus = [CudaSlab("t", size, i, uuid(i)) for i in range(2 if path == "gpu→gpu" else 1)]
+    from controller.transfer import TransferEngine
+    devices = cuda.devices()
+    engine = TransferEngine(devices, measure=False, topology=topology, peer_access=peer_access)
+    size = 128 * MB
+    host, back = MemfdSlab("t", size, pin=True), MemfdSlab("t", size, pin=True)
+    gpus = {i: CudaSlab("t", size, i, uuid(i)) for i in (source, target)}
     try:
-        data = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(source.address))
-        data[:] = np.random.default_rng(11).integers(0, 256, size, dtype=np.uint8)
+        data = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(host.address))
+        data[:] = np.random.default_rng(21).integers(0, 256, size, dtype=np.uint8)
         seen = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(back.address))
-        engine = cuda.CopyQueue(0)                       # plain copies that stage and read back
-        kernel = cuda.CopyQueue(1 if path == "gpu→gpu" else 0)
-        src, dst = {"host→gpu": (source.address, gpus[0].address),
-                    "gpu→host": (gpus[0].address, back.address),
-                    "gpu→gpu": (gpus[0].address, gpus[-1].address)}[path]
-        if src != source.address:
-            engine.wait(engine.issue([(src, source.address, size)]))
-        for nbytes, src_at, dst_at in [(1, 0, 0), (15, 0, 16), (16, 32, 48), (17, 16, 4096),
-                                       (4096 + 5, 48, 0), (MB, 0, 0), (4 * MB + 3, 1 * MB, 2 * MB),
-                                       (MB + 7, 1, 3), (3 * MB + 16, 16, 8 * MB)]:
+        queue = cuda.CopyQueue(source)
+        queue.wait(queue.issue([(gpus[source].address, host.address, size)]))
+        for nbytes in (MB + 3, 96 * MB + 4099):
+            engine.move_bytes(uuid(source), gpus[source].address, uuid(target), gpus[target].address, nbytes)
             seen[:] = 0
-            if dst != back.address:                      # the target range starts zeroed
-                engine.wait(engine.issue([(dst, back.address, size)]))
-            kernel.wait(kernel.issue_beside([(dst + dst_at, src + src_at, nbytes)]))
-            if dst != back.address:
-                engine.wait(engine.issue([(back.address, dst, size)]))
-            expected = np.zeros(size, np.uint8)
-            expected[dst_at:dst_at + nbytes] = data[src_at:src_at + nbytes]
-            assert np.array_equal(seen, expected), f"{nbytes} bytes from +{src_at} to +{dst_at}"
+            queue.wait(queue.issue([(back.address, gpus[target].address, nbytes)]))
+            assert np.array_equal(seen[:nbytes], data[:nbytes]), f"{nbytes} bytes"
+        return {name: link["bytes"] for name, link in engine.link_stats().items()}
     finally:
-        for slab in [source, back, *gpus]:
+        engine.close()
+        for slab in [host, back, *gpus.values()]:
             slab.close()
 
 
-def test_a_small_move_during_a_large_one_goes_beside_the_copy_engine_and_arrives_intact():
-    """Note [Express moves]: a 1 MB host→GPU move issued while a leader drives 256 MB over
-    the same link goes beside it as a copy kernel; both arrive intact."""
-    import ctypes
-    import threading
+@two_gpus
+def test_gpus_that_cannot_reach_each_other_move_through_a_pinned_host_ring():
+    """Issue 5: with neither NVLink nor peer access (forced here), a GPU→GPU move goes down
+    into a pinned host ring on the source GPU's stream and up on the target's."""
+    from controller.topology import HOST, Topology
+    a, b = uuid(0), uuid(1)
+    alone = Topology((a, b), {a: 50.0, b: 50.0}, {}, {a: "sw0", b: "sw1"})
+    carried = moves_between_gpus_arrive_intact(alone, lambda x, y: False, 0, 1)
+    assert carried == {f"{a}→{HOST}→{b}": MB + 3 + 96 * MB + 4099}
 
-    import numpy as np
 
-    from controller.links import Link
-    from controller.slabs import CudaSlab, MemfdSlab
-    size = 256 * MB
-    host, back = MemfdSlab("t", size + 2 * MB, pin=True), MemfdSlab("t", size + 2 * MB, pin=True)
-    gpu = CudaSlab("t", size + 2 * MB, 0, uuid(0))          # whole multiples of the 2 MiB granularity
-    try:
-        data = np.ctypeslib.as_array((ctypes.c_uint8 * (size + MB)).from_address(host.address))
-        data[:] = np.random.default_rng(12).integers(0, 256, size + MB, dtype=np.uint8)
-        link = Link("host→gpu", cuda.CopyQueue(0), 50e9, 4 * MB, 1, 2, beside=True)
-        small_at = size                                  # the 1 MB lands after the large range
-        besides = 0
-        for _ in range(20):                              # until one finds the link busy
-            runner = threading.Thread(target=link.move, args=(gpu.address, host.address, size))
-            runner.start()
-            wait_for(lambda: link.bytes > 0 or not runner.is_alive(), timeout=30, message="the large move")
-            link.move(gpu.address + small_at, host.address + small_at, MB)
-            runner.join(60)
-            besides = link.besides
-            if besides:
-                break
-        assert besides >= 1, "no small move found the link busy"
-        queue = cuda.CopyQueue(0)
-        queue.wait(queue.issue([(back.address, gpu.address, size + MB)]))
-        seen = np.ctypeslib.as_array((ctypes.c_uint8 * (size + MB)).from_address(back.address))
-        assert np.array_equal(seen, data)
-        assert link.queued == 0 and link.stats()["besides"] == besides
-    finally:
-        for slab in (host, back, gpu):
-            slab.close()
+@pytest.mark.skipif(NO_GPU is None and gpu_count() < 3, reason="needs 3 GPUs")
+@pytest.mark.parametrize("direct_GBps", [20.0, 0.0])
+def test_a_weak_or_missing_nvlink_between_two_gpus_is_helped_by_a_relay_through_a_third(direct_GBps):
+    """Issue 5: where GPU 0→1's direct NVLink is weak (forced here), large moves also take
+    the route through GPU 2; where it is missing, every move does."""
+    from controller.topology import Topology
+    gpus = tuple(uuid(i) for i in range(3))
+    links = {(x, y): 300.0 for x in gpus for y in gpus if x != y}
+    links[(gpus[0], gpus[1])] = direct_GBps
+    topology = Topology(gpus, {g: 50.0 for g in gpus}, {k: v for k, v in links.items() if v},
+                        {g: f"sw{i}" for i, g in enumerate(gpus)})
+    carried = moves_between_gpus_arrive_intact(topology, lambda x, y: True, 0, 1)
+    relay, direct = f"{gpus[0]}→{gpus[2]}→{gpus[1]}", f"{gpus[0]}→{gpus[1]}"
+    assert carried[relay] > 0 and sum(carried.values()) == MB + 3 + 96 * MB + 4099
+    assert (carried.get(direct, 0) > 0) == bool(direct_GBps)

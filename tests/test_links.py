@@ -190,38 +190,3 @@ def test_one_express_move_at_a_time_the_next_goes_through_the_scheduler():
     copier.gate.set()
     first.join(60)
     assert (dsts[0] == 1).all() and link.moves == 2 and link.bytes == 2 * MiB
-
-
-def test_an_express_move_goes_beside_a_busy_copier_and_through_it_when_idle():
-    """Note [Express moves]: with ``beside``, a move of one chunk that finds a leader driving
-    the link is issued with ``issue_beside`` (on a GPU, a copy kernel beside the copy
-    engine's queue); on an idle link it takes the copier's own queue."""
-    class Counting(HostCopier):
-        def __init__(self):
-            self.beside = 0
-
-        def issue_beside(self, pieces):
-            self.beside += 1
-            super().issue(pieces)
-
-    copier = Counting()
-    link = Link("beside", copier, bandwidth=5e9, chunk_bytes=MiB, batch_chunks=1, depth=2, beside=True)
-    small_src = np.full(MiB, 5, np.uint8)
-    small_dst = np.zeros_like(small_src)
-    link.move(address(small_dst), address(small_src), MiB)
-    assert copier.beside == 0 and link.besides == 0 and (small_dst == 5).all()
-
-    big_src = np.full(768 * MiB, 3, np.uint8)
-    big_dst = np.zeros_like(big_src)
-    runner = threading.Thread(target=link.move, args=(address(big_dst), address(big_src), big_src.nbytes))
-    runner.start()
-    deadline = time.monotonic() + 60
-    while link.bytes < 2 * MiB and time.monotonic() < deadline:    # a leader is driving the link
-        time.sleep(0.0005)
-    small_dst[:] = 0
-    link.move(address(small_dst), address(small_src), MiB)
-    assert link.bytes < MiB + big_src.nbytes          # the large move was still running
-    runner.join(60)
-    assert copier.beside == 1 and link.stats()["besides"] == 1 and (small_dst == 5).all()
-    assert (big_dst == 3).all()
-    assert link.moves == 3 and link.queued == 0

@@ -3,7 +3,7 @@ the 2-GPU NV18 machines of gpu-facts.md, and 4- and 8-GPU layouts with shared PC
 
 import pytest
 
-from controller.topology import HOST, Path, Topology, discover, shares
+from controller.topology import HOST, Path, Topology, discover, plan, shares
 
 PCIE, NVL = 55.0, 390.0
 
@@ -55,6 +55,28 @@ def test_gpu_to_gpu_adds_relays_where_the_direct_link_is_weak_or_missing():
     assert missing.gpu_to_gpu("GPU-0", "GPU-1") == [Path(("GPU-0", "GPU-2", "GPU-1"), 50.0)]
     none = node(2, nvlink=lambda i, j: 0.0)
     assert none.gpu_to_gpu("GPU-0", "GPU-1") == [Path(("GPU-0", HOST, "GPU-1"), PCIE)]
+
+
+def test_plan_routes_every_pair_of_devices_with_measured_bandwidths():
+    topo = node(2)
+    routes = plan(topo, {"host→GPU-1→GPU-0": 48.5, "GPU-0→GPU-1": 380.0}, lambda a, b: True)
+    assert set(routes) == {(HOST, "GPU-0"), ("GPU-0", HOST), (HOST, "GPU-1"), ("GPU-1", HOST),
+                           ("GPU-0", "GPU-1"), ("GPU-1", "GPU-0")}
+    assert routes[(HOST, "GPU-0")] == [Path((HOST, "GPU-0"), PCIE), Path((HOST, "GPU-1", "GPU-0"), 48.5)]
+    assert routes[("GPU-0", "GPU-1")] == [Path(("GPU-0", "GPU-1"), 380.0)]
+    assert routes[("GPU-1", "GPU-0")] == [Path(("GPU-1", "GPU-0"), NVL)]      # not measured: the estimate
+
+
+def test_plan_sends_gpus_without_nvlink_directly_with_peer_access_and_through_host_memory_without():
+    topo = node(3, nvlink=lambda i, j: 0.0 if 2 in (i, j) else NVL)
+    peer = {("GPU-0", "GPU-2")}                                  # PCIe peer access one way only
+    routes = plan(topo, {}, lambda a, b: (a, b) in peer)
+    assert routes[("GPU-0", "GPU-2")] == [Path(("GPU-0", "GPU-2"), PCIE)]
+    assert routes[("GPU-2", "GPU-0")] == [Path(("GPU-2", HOST, "GPU-0"), PCIE)]
+    assert routes[("GPU-1", "GPU-2")] == [Path(("GPU-1", HOST, "GPU-2"), PCIE)]
+    assert routes[("GPU-0", "GPU-1")] == [Path(("GPU-0", "GPU-1"), NVL)]   # NVLink needs no peer check
+    missing = node(3, nvlink=lambda i, j: 0.0 if {i, j} == {0, 1} else 50.0)
+    assert plan(missing, {}, lambda a, b: False)[("GPU-0", "GPU-1")] == [Path(("GPU-0", "GPU-2", "GPU-1"), 50.0)]
 
 
 def test_unknown_gpus_and_self_moves_are_refused():
