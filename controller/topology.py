@@ -103,6 +103,17 @@ def plan(topology: Topology, measured_GBps: dict[str, float], peer_access) -> di
     return routes
 
 
+def report(topology: Topology, routes: dict[tuple[str, str], list[Path]], source: str,
+           multipath_min: int) -> dict:
+    """The topology and its routes as JSON for ``faastube status`` (faastube/cli.py
+    renders it)."""
+    return {"source": source, "multipath_min": multipath_min,
+            "pcie_switch": dict(topology.pcie_switch),
+            "nvlink_GBps": {f"{a}→{b}": rate for (a, b), rate in topology.nvlink_GBps.items()},
+            "routes": {f"{src}→{dst}": [{"hops": list(p.hops), "GBps": p.GBps} for p in paths]
+                       for (src, dst), paths in routes.items()}}
+
+
 # NVML's common-ancestor levels (nvmlGpuTopologyLevel_t) up to which two GPUs share a PCIe
 # switch (or a board): their host links then share one uplink.
 _SAME_SWITCH_LEVEL = 20          # NVML_TOPOLOGY_MULTIPLE

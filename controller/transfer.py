@@ -54,7 +54,7 @@ from faastube import cuda
 from .links import DEFAULT_DEPTH, Link
 from .pool import Region
 from .slabs import CudaSlab, MemfdSlab
-from .topology import HOST, Path, Topology, discover, plan, shares
+from .topology import HOST, Path, Topology, discover, plan, report, shares
 
 log = logging.getLogger("faastube.controller")
 
@@ -240,12 +240,7 @@ class TransferEngine:
         """What ``faastube status`` shows of the node: how the topology was learnt, each
         GPU's PCIe switch, the NVLinks, and the routes of host↔GPU and GPU↔GPU moves with their
         measured bandwidths."""
-        t = self.topology
-        return {"source": self.topology_source, "multipath_min": self.multipath_min,
-                "pcie_switch": dict(t.pcie_switch),
-                "nvlink_GBps": {f"{a}→{b}": rate for (a, b), rate in t.nvlink_GBps.items()},
-                "routes": {f"{src}→{dst}": [{"hops": list(p.hops), "GBps": p.GBps} for p in paths]
-                           for (src, dst), paths in self.routes.items()}}
+        return report(self.topology, self.routes, self.topology_source, self.multipath_min)
 
     def close(self) -> None:
         self._helpers.shutdown(wait=True)

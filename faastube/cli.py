@@ -67,6 +67,8 @@ def render_status(status: dict) -> str:
         for name, rate in sorted(topology["nvlink_GBps"].items()):
             lines.append(f"  NVLink {name}: {rate:.1f} GB/s")
         for name, paths in sorted(topology["routes"].items()):
+            if len(paths) == 1 and len(paths[0]["hops"]) == 2 and "host" not in paths[0]["hops"]:
+                continue          # a direct GPU pair: nothing to route
             routes = " + ".join(f"{'→'.join(p['hops'])} {p['GBps']:.1f} GB/s" for p in paths)
             lines.append(f"  route {name}: {routes}")
     for name, link in sorted(status.get("links", {}).items()):

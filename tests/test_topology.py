@@ -3,7 +3,7 @@ the 2-GPU NV18 machines of gpu-facts.md, and 4- and 8-GPU layouts with shared PC
 
 import pytest
 
-from controller.topology import HOST, Path, Topology, discover, plan, shares
+from controller.topology import HOST, Path, Topology, discover, plan, report, shares
 
 PCIE, NVL = 55.0, 390.0
 
@@ -77,6 +77,20 @@ def test_plan_sends_gpus_without_nvlink_directly_with_peer_access_and_through_ho
     assert routes[("GPU-0", "GPU-1")] == [Path(("GPU-0", "GPU-1"), NVL)]   # NVLink needs no peer check
     missing = node(3, nvlink=lambda i, j: 0.0 if {i, j} == {0, 1} else 50.0)
     assert plan(missing, {}, lambda a, b: False)[("GPU-0", "GPU-1")] == [Path(("GPU-0", "GPU-2", "GPU-1"), 50.0)]
+
+
+def test_status_shows_the_routes_a_move_can_take_and_not_the_direct_gpu_pairs():
+    from faastube.cli import render_status
+    topo = node(3, nvlink=lambda i, j: 0.0 if {i, j} == {0, 1} else NVL)
+    routes = plan(topo, {"GPU-0→GPU-2→GPU-1": 370.0}, lambda a, b: False)
+    status = {"node": "n1", "epoch": "e", "clients": 0, "pools": [], "namespaces": {},
+              "topology": report(topo, routes, "given", 32 << 20)}
+    text = render_status(status)
+    assert "topology (given); moves of 32.0 MiB or more take every route:" in text
+    assert "  route GPU-0→GPU-1: GPU-0→GPU-2→GPU-1 370.0 GB/s" in text
+    assert f"  route host→GPU-0: host→GPU-0 {PCIE:.1f} GB/s + host→GPU-2→GPU-0 {PCIE:.1f} GB/s" in text
+    assert "  NVLink GPU-0→GPU-2: 390.0 GB/s" in text
+    assert "route GPU-0→GPU-2:" not in text          # a direct pair: nothing to route
 
 
 def test_unknown_gpus_and_self_moves_are_refused():
