@@ -94,6 +94,7 @@ def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
     for mode in driving["modes"].values():
         assert len(mode["isolated"]["latencies_ms"]) == 3
         assert set(mode["isolated"]["stages"]) == set(driver.WORKFLOWS["driving"].stages)
+        assert mode["isolated"]["links"] == {}          # no GPU here: the controller moved nothing
         assert mode["load"]["requests"] >= 0 and mode["load"]["failed"] == 0
         assert mode["max"]["max_rps_within_slo"] > 0 and mode["max"]["trials"]   # a 5 s SLO holds
     for plot in ("driving-cdf.png", "driving-load.png", "driving-stages.png"):
@@ -101,6 +102,19 @@ def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "driving" in report and "![driving-cdf.png](driving-cdf.png)" in report
     assert "outputs identical across modes: True" in done.stdout
+
+
+def test_links_per_request_splits_the_controllers_moves_by_link():
+    import run
+    before = {"host→GPU-0": {"transfers": 4, "bytes": 400, "wait_s": 0.001, "service_s": 0.004}}
+    after = {"host→GPU-0": {"transfers": 8, "bytes": 1200, "wait_s": 0.003, "service_s": 0.012},
+             "host→GPU-1→GPU-0": {"transfers": 2, "bytes": 600, "wait_s": 0.0, "service_s": 0.002},
+             "GPU-0→host": {"transfers": 0, "bytes": 0, "wait_s": 0.0, "service_s": 0.0}}
+    assert run.links_per_request(before, after, 2) == {
+        "host→GPU-0": {"moves_per_request": 2.0, "bytes_per_request": 400.0,
+                       "wait_ms": pytest.approx(0.5), "service_ms": pytest.approx(2.0)},
+        "host→GPU-1→GPU-0": {"moves_per_request": 1.0, "bytes_per_request": 300.0,
+                             "wait_ms": 0.0, "service_ms": pytest.approx(1.0)}}
 
 
 def test_placement_deals_gpu_containers_to_the_gpus_in_turn():

@@ -119,6 +119,34 @@ def breakdown(runs) -> dict:
             "passing_share_summed": summed / latency if latency else 0.0}
 
 
+def link_counters(env) -> dict:
+    """The controller's per-link counters now (``faastube status``)."""
+    from faastube import protocol
+    from faastube.client import Client
+    from faastube.config import Config
+    client = Client(Config.from_env(socket=env["FAASTUBE_SOCKET"]), anonymous=True)
+    try:
+        return client.request(protocol.Status()).get("links", {})
+    finally:
+        client.close()
+
+
+def links_per_request(before: dict, after: dict, requests: int) -> dict:
+    """What the controller's links did for each request between two snapshots: moves and
+    bytes per request, and each move's mean wait (for its first chunk) and service time (first
+    chunk to last), so a get's time splits into the copy and everything around it."""
+    out = {}
+    for name, link in after.items():
+        old = before.get(name, {})
+        moves = link["transfers"] - old.get("transfers", 0)
+        if moves:
+            out[name] = {"moves_per_request": moves / requests,
+                         "bytes_per_request": (link["bytes"] - old.get("bytes", 0)) / requests,
+                         "wait_ms": (link["wait_s"] - old.get("wait_s", 0.0)) / moves * 1e3,
+                         "service_ms": (link["service_s"] - old.get("service_s", 0.0)) / moves * 1e3}
+    return out
+
+
 def measure_workflow(name, args, env, log_dir, gpus) -> dict:
     workflow = driver.WORKFLOWS[name]
     deployments = {}
@@ -133,6 +161,7 @@ def measure_workflow(name, args, env, log_dir, gpus) -> dict:
             for seed in range(3):
                 deployment.run(1000 + seed)                       # warm-up
             runs = []
+            links_before = link_counters(env)
             with bar(args, args.requests, f"{name}/{mode} isolated") as progress:
                 for i in range(args.requests):
                     runs.append(deployment.run(i % 4))
@@ -144,6 +173,7 @@ def measure_workflow(name, args, env, log_dir, gpus) -> dict:
                              "p99_ms": load.percentile(latencies, 0.99) * 1e3,
                              "latencies_ms": [x * 1e3 for x in latencies],
                              "checksums": {str(r.seed): r.result["checksum"] for r in runs},
+                             "links": links_per_request(links_before, link_counters(env), len(runs)),
                              **breakdown(runs)}}
         sums = {mode: m["isolated"]["checksums"] for mode, m in result["modes"].items()}
         result["identical_outputs"] = all(s == next(iter(sums.values())) for s in sums.values())
