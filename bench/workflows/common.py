@@ -153,8 +153,7 @@ class Stage:
         self.run = args["run"]
         self.seed = args["seed"]
         self.started = time.perf_counter()
-        self.passing_s = 0.0
-        self.ops: dict[str, float] = {}            # passing seconds by kind: get, empty, put
+        self.ops: dict[str, float] = {}            # data passing seconds by kind: get, empty, put
         self._own: dict[int, tuple] = {}           # outputs made by empty(), by id of the tensor
         self._keep: list = []                      # ... and what backs them, alive until the end
 
@@ -164,10 +163,12 @@ class Stage:
         self._passed("get", started)
         return tensor
 
+    @property
+    def passing_s(self) -> float:
+        return sum(self.ops.values())
+
     def _passed(self, op: str, started: float) -> None:
-        seconds = time.perf_counter() - started
-        self.passing_s += seconds
-        self.ops[op] = self.ops.get(op, 0.0) + seconds
+        self.ops[op] = self.ops.get(op, 0.0) + time.perf_counter() - started
 
     def empty(self, shape, consumers: int = 1):
         """A float32 host tensor for this stage's output, written in place and handed on by

@@ -119,18 +119,6 @@ def breakdown(runs) -> dict:
             "passing_share_summed": summed / latency if latency else 0.0}
 
 
-def link_counters(env) -> dict:
-    """The controller's per-link counters now (``faastube status``)."""
-    from faastube import protocol
-    from faastube.client import Client
-    from faastube.config import Config
-    client = Client(Config.from_env(socket=env["FAASTUBE_SOCKET"]), anonymous=True)
-    try:
-        return client.request(protocol.Status()).get("links", {})
-    finally:
-        client.close()
-
-
 def links_per_request(before: dict, after: dict, requests: int) -> dict:
     """What the controller's links did for each request between two snapshots: moves and
     bytes per request, and each move's mean wait (for its first chunk) and service time (first
@@ -147,21 +135,21 @@ def links_per_request(before: dict, after: dict, requests: int) -> dict:
     return out
 
 
-def measure_workflow(name, args, env, log_dir, gpus) -> dict:
+def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
     workflow = driver.WORKFLOWS[name]
     deployments = {}
     result = {"workflow": name, "stages": workflow.stages, "modes": {}}
     try:
         for mode in args.modes:
             print(f"{name}: starting {len(workflow.stages) * args.replicas} containers for {mode}", file=sys.stderr)
-            deployments[mode] = driver.Deployment(workflow, mode, args.size, env,
+            deployments[mode] = driver.Deployment(workflow, mode, args.size, controller.env,
                                                   os.path.join(log_dir, mode), args.replicas, gpus,
                                                   platform=args.platform, cpus=args.cpus)
         for mode, deployment in deployments.items():
             for seed in range(3):
                 deployment.run(1000 + seed)                       # warm-up
             runs = []
-            links_before = link_counters(env)
+            links_before = controller.status().get("links", {})
             with bar(args, args.requests, f"{name}/{mode} isolated") as progress:
                 for i in range(args.requests):
                     runs.append(deployment.run(i % 4))
@@ -173,7 +161,7 @@ def measure_workflow(name, args, env, log_dir, gpus) -> dict:
                              "p99_ms": load.percentile(latencies, 0.99) * 1e3,
                              "latencies_ms": [x * 1e3 for x in latencies],
                              "checksums": {str(r.seed): r.result["checksum"] for r in runs},
-                             "links": links_per_request(links_before, link_counters(env), len(runs)),
+                             "links": links_per_request(links_before, controller.status().get("links", {}), len(runs)),
                              **breakdown(runs)}}
         sums = {mode: m["isolated"]["checksums"] for mode, m in result["modes"].items()}
         result["identical_outputs"] = all(s == next(iter(sums.values())) for s in sums.values())
@@ -257,7 +245,7 @@ def main(argv=None) -> int:
             gpus="auto" if gpus else "none", pool_limit="8GiB", slab_size="256MiB") as controller:
         for name in args.workflow:
             results["workflows"].append(
-                measure_workflow(name, args, controller.env, os.path.join(out, "logs", name), gpus))
+                measure_workflow(name, args, controller, os.path.join(out, "logs", name), gpus))
             with open(os.path.join(out, "results.json"), "w") as file:   # after each workflow
                 json.dump(results, file, indent=2)
     import render
