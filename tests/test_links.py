@@ -190,3 +190,72 @@ def test_one_express_move_at_a_time_the_next_goes_through_the_scheduler():
     copier.gate.set()
     first.join(60)
     assert (dsts[0] == 1).all() and link.moves == 2 and link.bytes == 2 * MiB
+
+
+class Gating(HostCopier):
+    """Records what a gating copier (a CUDA link, faastube.cuda.CopyQueue) is asked to do:
+    each issue's piece lengths and whether they were gated, and the express issues apart."""
+    gates = True
+
+    def __init__(self):
+        self.batches: list[tuple[list[int], bool]] = []
+        self.express: list[list[int]] = []
+
+    def issue(self, pieces, gated=False):
+        self.batches.append(([n for _d, _s, n in pieces], gated))
+        super().issue(pieces)
+
+    def issue_express(self, pieces):
+        self.express.append([n for _d, _s, n in pieces])
+        super().issue(pieces)
+
+
+def test_chunks_are_short_and_gated_only_while_small_moves_are_about():
+    now = [100.0]
+    copier = Gating()
+    link = Link("gating", copier, bandwidth=5e9, chunk_bytes=4 * MiB, batch_chunks=1, depth=2,
+                latency_chunk_bytes=MiB, latency_window_s=1.0, clock=lambda: now[0])
+    src = np.random.default_rng(4).integers(0, 256, 16 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+
+    link.move(address(dst), address(src), src.nbytes)             # no small move yet: long, ungated
+    assert copier.batches == [([4 * MiB], False)] * 4 and copier.express == []
+
+    small_src, small_dst = np.full(MiB, 5, np.uint8), np.zeros(MiB, np.uint8)
+    link.move(address(small_dst), address(small_src), MiB)         # express, past the gate
+    assert copier.express == [[MiB]] and (small_dst == 5).all()
+
+    copier.batches.clear()
+    dst[:] = 0
+    now[0] += 0.5                                                   # within the window
+    link.move(address(dst), address(src), src.nbytes)
+    assert copier.batches == [([MiB] * 4, True)] * 4               # short chunks, 4 a batch, gated
+    np.testing.assert_array_equal(dst, src)
+
+    copier.batches.clear()
+    now[0] += 1.5                                                   # the window has passed
+    link.move(address(dst), address(src), src.nbytes)
+    assert copier.batches == [([4 * MiB], False)] * 4
+    assert link.stats()["short_chunk_bytes"] == MiB and link.moves == 4
+
+
+def test_moves_larger_than_a_short_chunk_are_scheduled_and_do_not_open_the_window():
+    copier = Gating()
+    link = Link("gating", copier, bandwidth=5e9, chunk_bytes=4 * MiB, batch_chunks=1,
+                latency_chunk_bytes=MiB)
+    src, dst = np.ones(3 * MiB, np.uint8), np.zeros(3 * MiB, np.uint8)
+    link.move(address(dst), address(src), src.nbytes)
+    link.move(address(dst), address(src), src.nbytes)
+    assert copier.express == [] and copier.batches == [([3 * MiB], False)] * 2
+
+
+def test_a_copier_without_a_gate_keeps_its_chunks_long():
+    copier = Queued()
+    link = Link("plain", copier, bandwidth=5e9, chunk_bytes=4 * MiB, latency_chunk_bytes=MiB)
+    assert link.latency_chunk_bytes == 4 * MiB      # short chunks would not let a small move by
+
+
+@pytest.mark.parametrize("short", [0 * MiB - 1, 5 * MiB])
+def test_a_short_chunk_must_be_positive_and_no_longer_than_the_chunk(short):
+    with pytest.raises(ValueError, match="short chunk"):
+        Link("bad", HostCopier(), bandwidth=5e9, chunk_bytes=4 * MiB, latency_chunk_bytes=short)
