@@ -7,12 +7,8 @@
    against the same 1 MB copy on a second stream during a 1 GB copy without any scheduler
    (what gpu-facts.md measured as 17 ms);
 
-for host→GPU 0 over PCIe (and GPU 0→host, engine defaults only) and, with two GPUs, GPU 0→GPU 1
-over NVLink, for several chunk / short chunk / batch / depth settings (the engine's defaults are
-marked; a short chunk equal to the chunk is the engine without its gate). A link cuts short
-gated chunks for a while after a small move (Note [Short chunks while small moves are about]),
-so "big" is measured before any small move and "short" right after the small ones; the first
-small move after a quiet window is measured apart;
+for host→GPU 0 over PCIe (and GPU 0→host, engine defaults only) and, with two GPUs, GPU 0→GPU 1 over NVLink, for several chunk /
+batch / depth settings (the engine's defaults are marked);
 
 3. with two GPUs, multi-path: 1 GB host→GPU 0 and GPU 0→host through the controller's own
    transfer engine (its measured topology, every route at once) against one plain 1 GB
@@ -50,8 +46,8 @@ def copy_once(queue, dst, src, nbytes) -> None:
     queue.wait(queue.issue([(dst, src, nbytes)]))
 
 
-def small_during_big(move_big, move_small, samples: int, pause_s: float = 0.002) -> list[float]:
-    """Latency of ``move_small`` issued every ``pause_s`` while ``move_big`` runs back to back."""
+def small_during_big(move_big, move_small, samples: int) -> list[float]:
+    """Latency of ``move_small`` issued every ~2 ms while ``move_big`` runs back to back."""
     stop = threading.Event()
 
     def run_big():
@@ -60,20 +56,19 @@ def small_during_big(move_big, move_small, samples: int, pause_s: float = 0.002)
 
     runner = threading.Thread(target=run_big)
     runner.start()
-    time.sleep(max(0.05, pause_s))                     # the large moves are under way
+    time.sleep(0.05)                                   # the large moves are under way
     times = []
     try:
         for _ in range(samples):
             times.append(elapsed(move_small))
-            time.sleep(pause_s)
+            time.sleep(0.002)
     finally:
         stop.set()
         runner.join()
     return times
 
 
-def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidth, configs, quick,
-                 gated=True):
+def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidth, configs, quick):
     from controller.links import Link
     from faastube import cuda
     repeat = 3 if quick else 5
@@ -90,31 +85,21 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
               "unscheduled_1MB_during_p50_us": statistics.median(unscheduled) * 1e6,
               "unscheduled_1MB_during_p99_us": percentile(unscheduled, 0.99) * 1e6, "configs": []}
     print(f"{name}: raw 1 GB {result['raw_1GB_GBps']:.1f} GB/s", flush=True)
-    for chunk, short, batch, depth, default in configs:
-        print(f"  chunk {chunk / MB:g} MiB, short {short / MB:g} MiB …", flush=True)
-        link = Link(name, cuda.CopyQueue(ordinal, gated=gated), bandwidth, chunk, batch, depth,
-                    latency_chunk_bytes=short)
-        big = timed(lambda: link.move(dst_big, src_big, GB), repeat)     # no small move yet: long chunks
+    for chunk, batch, depth, default in configs:
+        print(f"  chunk {chunk / MB:g} MiB, batch {batch}, depth {depth} …", flush=True)
+        link = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk, batch, depth)
+        big = timed(lambda: link.move(dst_big, src_big, GB), repeat)
         small_alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
-        big_short = timed(lambda: link.move(dst_big, src_big, GB), repeat)  # within the window: short
         during = small_during_big(lambda: link.move(dst_big, src_big, GB),
                                   lambda: link.move(dst_small, src_small, MB), samples)
-        row = {"chunk_MB": chunk / MB, "short_chunk_MB": short / MB, "batch": batch, "depth": depth,
-               "default": default, "big_GBps": GB / big / 1e9, "big_share_of_raw": raw / big,
-               "big_short_GBps": GB / big_short / 1e9, "big_short_share_of_raw": raw / big_short,
-               "small_alone_p50_us": statistics.median(small_alone) * 1e6,
-               "small_alone_p99_us": percentile(small_alone, 0.99) * 1e6,
-               "small_during_p50_us": statistics.median(during) * 1e6,
-               "small_during_p99_us": percentile(during, 0.99) * 1e6,
-               "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone)}
-        if default and short < chunk:
-            # Note [Short chunks while small moves are about]: the first small move after a
-            # quiet window finds long chunks queued; a few such moves, a window apart.
-            first = small_during_big(lambda: link.move(dst_big, src_big, GB),
-                                     lambda: link.move(dst_small, src_small, MB), 3,
-                                     pause_s=link.latency_window_s + 0.1)
-            row["first_after_quiet_us"] = [t * 1e6 for t in first]
-        result["configs"].append(row)
+        result["configs"].append({
+            "chunk_MB": chunk / MB, "batch": batch, "depth": depth, "default": default,
+            "big_GBps": GB / big / 1e9, "big_share_of_raw": raw / big,
+            "small_alone_p50_us": statistics.median(small_alone) * 1e6,
+            "small_alone_p99_us": percentile(small_alone, 0.99) * 1e6,
+            "small_during_p50_us": statistics.median(during) * 1e6,
+            "small_during_p99_us": percentile(during, 0.99) * 1e6,
+            "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone)})
     return result
 
 
@@ -214,24 +199,19 @@ def main() -> int:
 
     import cupy
 
-    from controller.links import DEFAULT_DEPTH, LATENCY_WINDOW_S
+    from controller.links import DEFAULT_DEPTH
     from controller.transfer import (DEFAULT_BATCH_CHUNKS, DEFAULT_CHUNK_BYTES, NVLINK_BYTES_PER_S,
-                                     PCIE_BYTES_PER_S, SHORT_CHUNK_PARTS)
+                                     PCIE_BYTES_PER_S)
     from faastube import cuda
 
     devices = cuda.devices()
     gpus = len(devices.uuids)
     peer_factor = round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)
-    # (chunk, short chunk while small moves are about, batch, depth, engine default); a short
-    # chunk equal to the chunk is the engine before short chunks (no gate)
-    pcie, nvlink = DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES * peer_factor
-    pcie_configs = [(pcie, pcie // SHORT_CHUNK_PARTS, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True),
-                    (pcie, pcie, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, False)]
-    nvlink_configs = [(nvlink, nvlink, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]    # not gated
+    pcie_configs = [(DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
+    nvlink_configs = [(DEFAULT_CHUNK_BYTES * peer_factor, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
     if not args.quick:
-        pcie_configs += [(4 * MB, 1 * MB, 1, 2, False), (8 * MB, 2 * MB, 1, 2, False),
-                         (2 * MB, 2 * MB, 1, 2, False), (8 * MB, 8 * MB, 1, 2, False)]
-        nvlink_configs += [(16 * MB, 16 * MB, 1, 2, False), (64 * MB, 64 * MB, 1, 2, False)]
+        pcie_configs += [(2 * MB, 1, 2, False), (8 * MB, 1, 2, False), (4 * MB, 1, 3, False)]
+        nvlink_configs += [(16 * MB, 1, 2, False), (64 * MB, 1, 2, False), (16 * MB, 2, 2, False)]
 
     host_big = cupy.cuda.alloc_pinned_memory(GB)
     host_small = cupy.cuda.alloc_pinned_memory(MB)
@@ -252,7 +232,7 @@ def main() -> int:
             cupy.cuda.runtime.deviceEnablePeerAccess(1)
         paths.append(measure_path("GPU 0→GPU 1 (NVLink)", gpu1_big.data.ptr, gpu0_big.data.ptr,
                                   gpu1_small.data.ptr, gpu0_small.data.ptr, 1, NVLINK_BYTES_PER_S,
-                                  nvlink_configs, args.quick, gated=False))
+                                  nvlink_configs, args.quick))
 
     del host_big, host_small, gpu0_big, gpu0_small
     if gpus > 1:
@@ -285,17 +265,13 @@ def main() -> int:
         print(f"{path['path']}: raw 1 GB {path['raw_1GB_GBps']:.1f} GB/s, raw 1 MB p50 "
               f"{path['raw_1MB_p50_us']:.0f} µs; without a scheduler a 1 MB copy during a 1 GB copy: "
               f"p50 {path['unscheduled_1MB_during_p50_us']:.0f} µs, p99 {path['unscheduled_1MB_during_p99_us']:.0f} µs")
-        print(f"  {'chunk':>6}{'short':>6}{'batch':>6}{'depth':>6}{'big GB/s':>10}{'share':>7}{'short':>7}"
-              f"{'1MB alone p50':>15}{'p99':>7}{'during p50':>12}{'p99':>8}{'p99/alone':>10}")
+        print(f"  {'chunk':>6}{'batch':>6}{'depth':>6}{'big GB/s':>10}{'share':>7}{'1MB alone p50':>15}"
+              f"{'p99':>7}{'during p50':>12}{'p99':>8}{'p99/alone':>10}")
         for c in path["configs"]:
-            print(f"  {c['chunk_MB']:>5.0f}M{c['short_chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}"
-                  f"{c['big_GBps']:>10.1f}{c['big_share_of_raw']:>7.0%}{c['big_short_share_of_raw']:>7.0%}"
-                  f"{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
+            print(f"  {c['chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}{c['big_GBps']:>10.1f}"
+                  f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
                   f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
                   f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")
-            if "first_after_quiet_us" in c:
-                print(f"  {'':>6}first 1 MB move after {LATENCY_WINDOW_S:g} s without one (long chunks queued): "
-                      + ", ".join(f"{t:.0f}" for t in c["first_after_quiet_us"]) + " µs")
     print(f"topology: {engine.topology_source}")
     if multi:
         for name in ("host→GPU 0", "GPU 0→host"):

@@ -15,25 +15,13 @@ thread hand-off (its caller copies), and every queued chunk has a waiting thread
 it. ``depth`` ≥ 2 keeps the copy engine busy while the leader refills; small, so a newly
 arrived move waits behind at most ``depth`` batches.
 
-Note [Express moves]: a move no larger than one short chunk does not wait for a batch
-boundary and a leader's turn: its caller issues it at once (``copier.issue_express`` where
-the copier has one), waits for its own token and accounts it. Waking a thread at a batch
-boundary, then again when its chunk has landed, cost a 1 MB move ~140 µs of Python
-hand-offs on top of its ~20 µs copy (measured on an H200, docs/benchmarks.md). One express
-move at a time per link: a stream of small moves still goes through the scheduler and shares
-the link with a large one.
-
-Note [Short chunks while small moves are about]: a copy engine carries what is queued on it
-in order, so an express move issued behind queued chunks waits for all of them. A CUDA link
-therefore holds its queued chunks behind a gate (``faastube.cuda.CopyQueue``: the bulk stream
-waits on a word in GPU memory before each chunk; the express stream closes it, copies, and
-opens it), and the express move waits only for the chunk already running. That chunk's time
-is what is left, so while express moves are about (one in the last ``latency_window_s``) the
-link cuts its chunks ``latency_chunk_bytes`` long, ``chunk_bytes / latency_chunk_bytes``
-of them per batch (the leader wakes as often as before). Without express moves it issues
-``chunk_bytes`` chunks ungated: each copy and each gate costs the copy engine a few µs, so
-short gated chunks carry ~5% fewer bytes per second (docs/benchmarks.md). The first express
-move after a quiet window still waits for up to ``depth`` long chunks.
+Note [Express moves]: a move no larger than one chunk does not wait for a batch boundary
+and a leader's turn: its caller issues it at once, behind at most ``depth`` queued batches,
+waits for its own token and accounts it. Waking a thread at a batch boundary, then again when
+its chunk has landed, cost a 1 MB move ~140 µs of Python hand-offs on top of its ~20 µs copy
+(measured on an H200, docs/benchmarks.md); the copy engine's queue is what it must wait for,
+and that is bounded by ``depth``. One express move at a time per link: a stream of small
+moves still goes through the scheduler and shares the link with a large one.
 """
 
 from __future__ import annotations
@@ -41,21 +29,19 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
-import math
 import threading
 import time
 
 from .scheduler import DEFAULT_BATCH, DEFAULT_CHUNK, LinkScheduler, Transfer
 
 DEFAULT_DEPTH = 2
-LATENCY_WINDOW_S = 1.0        # Note [Short chunks while small moves are about]
 
 
 class HostCopier:
     """Copies between host addresses (the CPU's memory bus is the link)."""
 
     @staticmethod
-    def issue(pieces, gated: bool = False) -> None:
+    def issue(pieces) -> None:
         for dst, src, nbytes in pieces:
             ctypes.memmove(dst, src, nbytes)
 
@@ -89,23 +75,13 @@ class Link:
 
     def __init__(self, name: str, copier, bandwidth: float, chunk_bytes: int = DEFAULT_CHUNK,
                  batch_chunks: int = DEFAULT_BATCH, depth: int = DEFAULT_DEPTH,
-                 latency_chunk_bytes: int | None = None, latency_window_s: float = LATENCY_WINDOW_S,
                  clock=time.perf_counter):
-        """``latency_chunk_bytes`` (default ``chunk_bytes``: never shorter) is the chunk while
-        express moves are about; it applies only where the copier gates its queue
-        (``copier.gates``), since elsewhere short chunks would not let an express move by."""
         if depth < 1:
             raise ValueError("depth must be at least 1")
-        latency_chunk_bytes = latency_chunk_bytes or chunk_bytes
-        if not 0 < latency_chunk_bytes <= chunk_bytes:
-            raise ValueError("the short chunk must be positive and no longer than the chunk")
         self.name = name
         self.copier = copier
         self.scheduler = LinkScheduler(bandwidth, chunk_bytes, batch_chunks)
         self.depth = depth
-        self.latency_chunk_bytes = latency_chunk_bytes if getattr(copier, "gates", False) else chunk_bytes
-        self.latency_window_s = latency_window_s
-        self._last_express = -math.inf
         self._clock = clock
         self._changed = threading.Condition()
         self._issuing = threading.Lock()        # the leader and an express move share the copier
@@ -135,10 +111,8 @@ class Link:
             move.transfer.finished_at = now
             return move
         with self._changed:
-            express = nbytes <= self.latency_chunk_bytes and not self._express
+            express = nbytes <= self.scheduler.chunk_bytes and not self._express
             self._express |= express
-            if nbytes <= self.latency_chunk_bytes:
-                self._last_express = now
         if express:
             return self._move_express(move)
         with self._changed:
@@ -161,10 +135,9 @@ class Link:
     def _move_express(self, move: Move) -> Move:
         """Note [Express moves]."""
         try:
-            issue = getattr(self.copier, "issue_express", self.copier.issue)
             with self._issuing:
                 move.started = self._clock()
-                token = issue([(move.dst, move.src, move.transfer.nbytes)])
+                token = self.copier.issue([(move.dst, move.src, move.transfer.nbytes)])
             self.copier.wait(token)
         except BaseException:
             with self._changed:
@@ -198,15 +171,8 @@ class Link:
         """Queue batches on the copier until ``depth`` are in flight or nothing is left."""
         fresh = []
         with self._changed:
-            now = self._clock()
-            short = (self.latency_chunk_bytes < self.scheduler.chunk_bytes
-                     and now - self._last_express < self.latency_window_s)
-            cut = per_batch = None              # the scheduler's own chunks
-            if short:                           # Note [Short chunks while small moves are about]
-                cut = self.latency_chunk_bytes
-                per_batch = self.scheduler.batch_chunks * (self.scheduler.chunk_bytes // cut)
             while len(self._in_flight) + len(fresh) < self.depth:
-                batch = self.scheduler.next_batch(now, cut, per_batch)
+                batch = self.scheduler.next_batch(self._clock())
                 if not batch:
                     break
                 fresh.append(batch)
@@ -219,8 +185,7 @@ class Link:
                     if chunk.transfer.payload.started is None:
                         chunk.transfer.payload.started = issued
                 try:
-                    token, error = (self.copier.issue(pieces, gated=True) if short
-                                    else self.copier.issue(pieces)), None
+                    token, error = self.copier.issue(pieces), None
                 except BaseException as exc:          # a failed copy fails its moves, not the link
                     token, error = None, exc
             self._in_flight.append((batch, issued, token, error))
@@ -266,5 +231,4 @@ class Link:
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
                     "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
-                    "chunk_bytes": self.scheduler.chunk_bytes,
-                    "short_chunk_bytes": self.latency_chunk_bytes}
+                    "chunk_bytes": self.scheduler.chunk_bytes}

@@ -76,21 +76,16 @@ class LinkScheduler:
     def add(self, transfer: Transfer) -> None:
         self.active.append(transfer)
 
-    def next_batch(self, now: float, chunk_bytes: int | None = None,
-                   batch_chunks: int | None = None) -> list[Chunk]:
-        """Up to ``batch_chunks`` chunks of ``chunk_bytes`` (the scheduler's own unless given:
-        a link cuts finer while small moves are about, Note [Short chunks while small moves
-        are about] in controller/links.py) for the link to carry next (Note [Shares])."""
-        chunk_bytes = chunk_bytes or self.chunk_bytes
-        batch_chunks = batch_chunks or self.batch_chunks
+    def next_batch(self, now: float) -> list[Chunk]:
+        """Up to ``batch_chunks`` chunks for the link to carry next (Note [Shares])."""
         waiting = [t for t in self.active if t.unsent > 0 and t.arrival <= now]
         if not waiting:
             return []
-        self._earn(waiting, now, batch_chunks)
+        self._earn(waiting, now)
         batch: list[Chunk] = []
-        while len(batch) < batch_chunks and waiting:
+        while len(batch) < self.batch_chunks and waiting:
             best = max(waiting, key=lambda t: (t.credit, -t.deadline, -t.unsent, -t.arrival, -t.id))
-            size = min(chunk_bytes, best.unsent)
+            size = min(self.chunk_bytes, best.unsent)
             batch.append(Chunk(best, best.sent, size))
             best.sent += size
             best.credit -= 1.0
@@ -107,8 +102,8 @@ class LinkScheduler:
             transfer.finished_at = now
             self.active.remove(transfer)
 
-    def _earn(self, waiting: list[Transfer], now: float, batch_chunks: int) -> None:
-        slots = float(batch_chunks)
+    def _earn(self, waiting: list[Transfer], now: float) -> None:
+        slots = float(self.batch_chunks)
         with_slo = [t for t in waiting if t.slo_s is not None]
         needs = {t.id: (t.nbytes - t.done) / max(t.deadline - now, 1e-9) / self.bandwidth
                  for t in with_slo}

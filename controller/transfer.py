@@ -14,10 +14,7 @@ refills a link needs tens of µs of Python per batch. So a chunk is sized by tim
 ``--chunk-size`` (4 MiB, ~75 µs of PCIe 5) is the PCIe links' chunk, and a faster link's
 chunk is that many times larger (NVLink: 8× → 32 MiB). One chunk per batch, two batches
 queued: a newly arrived move waits for at most two chunks' time (docs/benchmarks.md, the
-transfer engine's table, has the sweep behind these numbers). While small moves are about, a
-host↔GPU link cuts its chunks in ``SHORT_CHUNK_PARTS`` behind a gate, so a small move waits
-for one short chunk (Note [Short chunks while small moves are about], controller/links.py);
-GPU↔GPU links are not gated (faastube.cuda, Note [The gate]).
+transfer engine's table, has the sweep behind these numbers).
 
 Note [Multi-path moves]: a host↔GPU move of at least ``multipath_min`` bytes is cut into one
 contiguous share per path the topology plans (controller/topology.py: the GPU's own PCIe
@@ -67,7 +64,6 @@ DEFAULT_CHUNK_BYTES = 4 << 20    # Note [Chunk size per link]
 DEFAULT_BATCH_CHUNKS = 1
 MULTIPATH_MIN_BYTES = 32 << 20   # smaller moves take one path: a share would be a few chunks
 RELAY_CHUNK_FACTOR = 4          # Note [Multi-path moves]: relays move big chunks
-SHORT_CHUNK_PARTS = 2           # Note [Chunk size per link]: 2 MiB on PCIe while small moves are about
 PROBE_BYTES = 64 << 20           # Note [Measured links]
 PROBE_RUNS = 3
 
@@ -130,11 +126,10 @@ class TransferEngine:
                 gpu_end = hops[1] if hops[1] != HOST else hops[0]
                 chunk = self.chunk_bytes * (1 if HOST in hops else
                                             max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
-                copier = cuda.CopyQueue(self.devices.ordinal(gpu_end), gated=HOST in hops)   # Note [The gate]
+                copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
             else:
                 raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
-            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth,
-                                            latency_chunk_bytes=max(1, chunk // SHORT_CHUNK_PARTS))
+            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
             return link
 
     # -- moves -------------------------------------------------------------------------

@@ -58,8 +58,7 @@ class _Issue:
     the GIL (a link's leader whose event just completed) in, and taking it back then waits
     for that thread: a 1 MB move issued next to a busy link lost ~100 µs that way on an H200
     (docs/benchmarks.md). The calls take a few µs; ``cuEventSynchronize``, which blocks,
-    still releases the GIL. The functions are the driver's stable exported ABI names (the
-    stream memory operations' ``_v2`` ones are those CUDA 12's header maps to)."""
+    still releases the GIL. The functions are the driver's stable exported ABI names."""
 
     def __init__(self):
         import ctypes
@@ -72,9 +71,7 @@ class _Issue:
                 ("cuCtxPopCurrent_v2", "pop", [ctypes.POINTER(pointer)]),
                 ("cuMemcpyAsync", "memcpy", [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, pointer]),
                 ("cuEventRecord", "record", [pointer, pointer]),
-                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint]),
-                ("cuStreamWaitValue32_v2", "wait_value", [pointer, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]),
-                ("cuStreamWriteValue32_v2", "write_value", [pointer, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint])):
+                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint])):
             function = getattr(lib, name)
             function.argtypes, function.restype = argtypes, status
             setattr(self, attr, function)
@@ -316,88 +313,37 @@ def unregister_host(address: int) -> None:
             cu.cuMemHostUnregister(address)
 
 
-_WAIT_EQUAL = 1               # CU_STREAM_WAIT_VALUE_EQ
-_GATE_OPEN, _GATE_CLOSED = 0, 1
-
-
 class CopyQueue:
     """A stream of its own on GPU ``ordinal`` that carries copies in order; each ``issue``
     returns a token (an event recorded after its copies) for ``wait``. The transfer engine
     keeps a few batches queued on it so the copy engine never idles between them, and no
-    more, so a newly arrived transfer waits behind little (controller/links.py).
+    more, so a newly arrived transfer waits behind little (controller/links.py)."""
 
-    Note [The gate]: a copy engine runs what is queued on it in order, whichever stream queued
-    it, so a copy issued on a second stream waits for everything queued on the first (a 1 MB
-    copy behind a 1 GB one: 17 ms, gpu-facts.md). ``issue(pieces, gated=True)`` therefore
-    puts a wait on a word in this GPU's memory before each copy (``cuStreamWaitValue32``:
-    go on while it is open), and ``issue_express`` runs on a second stream: close the word,
-    copy, open it. Closing takes effect at once (that stream is idle), so the express copy
-    waits only for the gated copy already running, not for the ones queued behind it
-    (measured on an H200: a 1 MB copy during pre-queued 4 MiB chunks waited ≤ ~one chunk,
-    docs/benchmarks.md). The word is opened even when the copy could not be queued, or the
-    gated stream would wait for ever; and close, copies and open are queued together (the
-    link issues under one lock), so even where the driver puts both streams on one hardware
-    queue no gated wait sits between a close and its open. Ungated copies pass regardless.
-
-    Only copies between pinned host memory and this GPU may be gated (``gated=True``): a
-    gated *peer* copy (GPU→GPU) deadlocked on 2 × H200, the express copy never completing
-    behind the gated stream's wait (the driver's peer copies share machinery we do not see;
-    its documentation warns that stream memory operations can deadlock such work)."""
-
-    def __init__(self, ordinal: int, gated: bool = False):
+    def __init__(self, ordinal: int):
         self.ordinal = ordinal
         self._free: list = []
         self._calls = _issue()
-        self.gates = gated
         with devices().current(ordinal) as ctx:
-            flags = cu.CUstream_flags.CU_STREAM_NON_BLOCKING
-            self.stream = _check(cu.cuStreamCreate(flags))
-            if gated:
-                self.express_stream = _check(cu.cuStreamCreate(flags))
-                self.gate = _check(cu.cuMemAlloc(4))         # once per link, never on a request
-                _check(cu.cuMemsetD32(self.gate, _GATE_OPEN, 1))
+            self.stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
         self._context, self._stream = int(ctx), int(self.stream)
-        if gated:
-            self._express, self._gate = int(self.express_stream), int(self.gate)
 
-    def issue(self, pieces, gated: bool = False):
-        """Queue (destination, source, length) copies, each behind the gate if ``gated``;
-        returns their token (Note [Issuing holds the GIL], Note [The gate])."""
+    def issue(self, pieces):
+        """Queue (destination, source, length) copies; returns their token (Note [Issuing
+        holds the GIL])."""
         calls = self._calls
-        check = calls.check
         calls.check(calls.push(self._context))
         try:
             for dst, src, nbytes in pieces:
-                if gated:
-                    check(calls.wait_value(self._stream, self._gate, _GATE_OPEN, _WAIT_EQUAL))
-                check(calls.memcpy(dst, src, nbytes, self._stream))
-            return self._token(self._stream)
+                calls.check(calls.memcpy(dst, src, nbytes, self._stream))
+            return self._token()
         finally:
             calls.pop_context()
 
-    def issue_express(self, pieces):
-        """Queue copies past the gated ones (Note [The gate]); returns their token."""
-        if not self.gates:
-            return self.issue(pieces)
-        calls = self._calls
-        check = calls.check
-        check(calls.push(self._context))
-        try:
-            check(calls.write_value(self._express, self._gate, _GATE_CLOSED, 0))
-            try:
-                for dst, src, nbytes in pieces:
-                    check(calls.memcpy(dst, src, nbytes, self._express))
-            finally:
-                check(calls.write_value(self._express, self._gate, _GATE_OPEN, 0))
-            return self._token(self._express)
-        finally:
-            calls.pop_context()
-
-    def _token(self, stream: int):
-        """An event recorded after everything queued on ``stream`` so far (context current)."""
+    def _token(self):
+        """An event recorded after everything queued on the stream so far (context current)."""
         event = self._free.pop() if self._free else _check(
             cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-        self._calls.check(self._calls.record(int(event), stream))
+        self._calls.check(self._calls.record(int(event), self._stream))
         return event
 
     def wait(self, event) -> None:
@@ -422,7 +368,7 @@ class RelayQueue(CopyQueue):
     between two GPUs that cannot reach each other's memory)."""
 
     def __init__(self, ordinal: int, slot_bytes: int, slots: int, source_ordinal: int | None = None):
-        super().__init__(ordinal)                   # a relay's two hops are not gated
+        super().__init__(ordinal)
         devs = devices()
         self.slot_bytes, self.slots = slot_bytes, slots
         self._next = 0
@@ -446,7 +392,7 @@ class RelayQueue(CopyQueue):
         self._first = int(self.first)
         self._first_context = int(first_context)
 
-    def issue(self, pieces, gated: bool = False):
+    def issue(self, pieces):
         calls, check = self._calls, self._calls.check
         apart = self._first_context != self._context    # the hops run in two GPUs' contexts
         check(calls.push(self._context))
@@ -471,7 +417,7 @@ class RelayQueue(CopyQueue):
                     check(calls.memcpy(dst + offset, staged, length, self._stream))
                     check(calls.record(self._drained[slot], self._stream))
                     self._used[slot] = True
-            return self._token(self._stream)
+            return self._token()
         finally:
             calls.pop_context()
 

@@ -328,48 +328,11 @@ def test_a_weak_or_missing_nvlink_between_two_gpus_is_helped_by_a_relay_through_
     assert (carried.get(direct, 0) > 0) == bool(direct_GBps)
 
 
-def test_small_moves_pass_the_gate_while_short_chunks_of_a_large_one_queue_behind_it():
-    """Issue 5, Note [The gate]: with short gated chunks of a 512 MB host→GPU move queued, 1 MB
-    moves issued past the gate arrive intact and long before the large move, which arrives
-    intact too (so every gate they closed was opened again)."""
-    import ctypes
-    import threading
-
-    import numpy as np
-
-    from controller.links import Link
-    from controller.slabs import CudaSlab, MemfdSlab
-    size, small = 512 * MB, MB
-    host, back = MemfdSlab("t", size + 8 * small, pin=True), MemfdSlab("t", size + 8 * small, pin=True)
-    gpu = CudaSlab("t", size + 8 * small, 0, uuid(0))
-    try:
-        data = np.ctypeslib.as_array((ctypes.c_uint8 * (size + 8 * small)).from_address(host.address))
-        data[:] = np.random.default_rng(23).integers(0, 256, data.size, dtype=np.uint8)
-        link = Link("host→GPU 0", cuda.CopyQueue(0, gated=True), 50e9, chunk_bytes=4 * MB, batch_chunks=1,
-                    latency_chunk_bytes=2 * MB)
-        link.move(gpu.address + size, host.address + size, small)      # small moves are about now
-        big = []
-        runner = threading.Thread(target=lambda: big.append(link.move(gpu.address, host.address, size)))
-        runner.start()
-        wait_for(lambda: link.queued > 0 or big, 60, message="the large move under way")
-        smalls = [link.move(gpu.address + size + i * small, host.address + size + i * small, small)
-                  for i in range(1, 8)]
-        runner.join(60)
-        assert big and all(s.transfer.finished_at < big[0].transfer.finished_at for s in smalls)
-        out = cuda.CopyQueue(0)
-        out.wait(out.issue([(back.address, gpu.address, size + 8 * small)]))
-        seen = np.ctypeslib.as_array((ctypes.c_uint8 * data.size).from_address(back.address))
-        assert np.array_equal(seen, data)
-        assert link.moves == 9 and link.bytes == size + 8 * small and link.queued == 0
-    finally:
-        for slab in (host, back, gpu):
-            slab.close()
-
-
 @two_gpus
 def test_small_moves_beside_a_large_one_between_gpus_finish():
-    """Issue 5: the engine's GPU→GPU links are not gated (a gated peer copy deadlocked, Note
-    [The gate]): small moves beside a large one between the same two GPUs all finish intact."""
+    """Issue 5: small moves beside a large one between the same two GPUs (express moves on
+    the link's own stream, Note [Express moves]) all finish, intact; a tried gate between
+    the two deadlocked here (docs/benchmarks.md)."""
     import threading
 
     import cupy
