@@ -363,7 +363,9 @@ def normalise(batch_uint8, out=None):
     if out is None:
         out = torch.empty(x.shape, dtype=torch.float32)
     out.copy_(x)
-    return out.mul_(1 / 127.5).sub_(1.0)
+    # -1 + x/127.5 in one pass over the floats (mul_ then sub_ made two: 3.1 vs 4.5 ms for
+    # 8 720p frames with 4 threads on the GPU machine; one pass from the uint8s is slower)
+    return torch.add(torch.tensor(-1.0), out, alpha=1 / 127.5, out=out)
 
 
 def as_images(nhwc):

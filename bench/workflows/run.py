@@ -4,7 +4,8 @@ one run on one machine.
 For each workflow, every mode (``pool``, ``shm``, ``redis``) gets its own containers
 (driver.Deployment), then, one mode at a time:
 
-1. warm-up requests (models built, slabs mapped; not measured);
+1. warm-up requests (models built, slabs mapped, and each of the ``INPUTS`` inputs made once
+   in every container, as common.frames keeps them; not measured);
 2. isolated: requests one after another — latency p50/p99, the per-stage breakdown (compute,
    data passing, the platform's share), and the output checksums, which must agree across
    modes;
@@ -41,6 +42,7 @@ import driver  # noqa: E402
 import load  # noqa: E402
 
 MAX_STEPS = 6          # rates tried by --find-max before its bisection step
+INPUTS = 4             # distinct inputs (request seeds) the requests cycle through
 
 
 def parse(argv):
@@ -146,13 +148,15 @@ def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
                                                   os.path.join(log_dir, mode), args.replicas, gpus,
                                                   platform=args.platform, cpus=args.cpus)
         for mode, deployment in deployments.items():
-            for seed in range(3):
-                deployment.run(1000 + seed)                       # warm-up
+            # Warm-up: every input once per container. Sequential runs take the replicas of
+            # each action in turn (driver.Deployment), so input k goes to each replica once.
+            for k in range(INPUTS * args.replicas):
+                deployment.run(k // args.replicas % INPUTS)
             runs = []
             links_before = controller.status().get("links", {})
             with bar(args, args.requests, f"{name}/{mode} isolated") as progress:
                 for i in range(args.requests):
-                    runs.append(deployment.run(i % 4))
+                    runs.append(deployment.run(i % INPUTS))
                     if progress is not None:
                         progress.update(1)
             latencies = [r.latency_s for r in runs]
@@ -186,7 +190,7 @@ def run_load(deployment, args, rate, slo_s, label, duration=None) -> dict:
     duration = duration or args.duration
     offsets = load.arrivals(args.arrivals, rate, duration, seed=7)
     with bar(args, len(offsets), label) as progress:
-        outcomes = load.open_loop(lambda i: deployment.run(i % 4), offsets, progress=progress)
+        outcomes = load.open_loop(lambda i: deployment.run(i % INPUTS), offsets, progress=progress)
     summary = load.summary(outcomes, args.warmup, duration, slo_s)
     summary.update(rate=rate, arrivals=args.arrivals,
                    latencies_ms=[o.latency_s * 1e3 for o in outcomes if o.ok and o.arrival_s >= args.warmup],
