@@ -7,8 +7,8 @@
    against the same 1 MB copy on a second stream during a 1 GB copy without any scheduler
    (what gpu-facts.md measured as 17 ms);
 
-for host→GPU 0 over PCIe (and GPU 0→host, engine defaults only) and, with two GPUs, GPU 0→GPU 1 over NVLink, for several chunk /
-batch / depth settings (the engine's defaults are marked);
+for host→GPU 0 over PCIe (and GPU 0→host, engine defaults only) and, with two GPUs, GPU 0→GPU 1
+over NVLink, for several chunk / batch / depth settings (the engine's defaults are marked);
 
 3. with two GPUs, multi-path: 1 GB host→GPU 0 and GPU 0→host through the controller's own
    transfer engine (its measured topology, every route at once) against one plain 1 GB
