@@ -31,6 +31,16 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def parse_flag(text: str) -> bool:
+    """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``, in any case."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("write 1 or 0 (true/false, yes/no, on/off)")
+
+
 def parse_gpus(text: str) -> str:
     if text not in ("auto", "none"):
         raise ValueError("write 'auto' (every GPU the controller sees) or 'none'")
@@ -112,6 +122,9 @@ class Config:
     connect_timeout_s: float = 5.0          # FAASTUBE_CONNECT_TIMEOUT_S
     slo_ms: float | None = None             # FAASTUBE_SLO_MS: default copy SLO of gets (docs/sdk.md)
     spare_bytes: int = 128 << 20            # FAASTUBE_SPARE_BYTES: put's spares per process (0: none)
+    # FAASTUBE_PUT_WAITS: 1 (default) a GPU put returns after its copy has landed; 0 at once,
+    # sealing when it lands (Note [Put seals when its copy lands], faastube/client.py).
+    put_waits: bool = True
     # FAASTUBE_REPLY_SPIN_US: poll for a reply this long before sleeping in recv (default:
     # 100 where there are ≥ 8 cores; none on smaller machines, where the spinning client
     # would take the core the controller needs to answer).
@@ -138,6 +151,7 @@ class Config:
         "connect_timeout_s": ("FAASTUBE_CONNECT_TIMEOUT_S", float),
         "slo_ms": ("FAASTUBE_SLO_MS", parse_slo_ms),
         "spare_bytes": ("FAASTUBE_SPARE_BYTES", parse_size),
+        "put_waits": ("FAASTUBE_PUT_WAITS", parse_flag),
         "reply_spin_us": ("FAASTUBE_REPLY_SPIN_US", float),
     }
 

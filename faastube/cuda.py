@@ -71,7 +71,8 @@ class _Issue:
                 ("cuCtxPopCurrent_v2", "pop", [ctypes.POINTER(pointer)]),
                 ("cuMemcpyAsync", "memcpy", [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, pointer]),
                 ("cuEventRecord", "record", [pointer, pointer]),
-                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint])):
+                ("cuStreamWaitEvent", "stream_wait", [pointer, pointer, ctypes.c_uint]),
+                ("cuPointerGetAttribute", "pointer_attribute", [pointer, ctypes.c_int, ctypes.c_uint64])):
             function = getattr(lib, name)
             function.argtypes, function.restype = argtypes, status
             setattr(self, attr, function)
@@ -118,15 +119,20 @@ class Devices:
         """Run the block with the device's primary context (the one CuPy and PyTorch use)
         current, then restore the caller's: a library call must never change which GPU the
         caller's CuPy or PyTorch code runs on."""
-        with self._lock:
-            ctx = self._contexts.get(ordinal)
-            if ctx is None:
-                ctx = self._contexts[ordinal] = _check(cu.cuDevicePrimaryCtxRetain(self.handles[ordinal]))
+        ctx = self.context(ordinal)
         _check(cu.cuCtxPushCurrent(ctx))
         try:
             yield ctx
         finally:
             cu.cuCtxPopCurrent()
+
+    def context(self, ordinal: int):
+        """The device's primary context, retained once per process."""
+        with self._lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                ctx = self._contexts[ordinal] = _check(cu.cuDevicePrimaryCtxRetain(self.handles[ordinal]))
+        return ctx
 
     def ordinal(self, uuid: str) -> int:
         try:
@@ -420,6 +426,76 @@ class RelayQueue(CopyQueue):
             return self._token()
         finally:
             calls.pop_context()
+
+
+class Fences:
+    """Events recorded after a process's own copies, for another of its threads to wait on:
+    how ``put`` seals once its copy has landed without waiting for it (Note [Put seals when
+    its copy lands], faastube/client.py). Events are made once per GPU and reused."""
+
+    def __init__(self):
+        self._free: dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def record(self, ordinal: int, stream: int):
+        """A fence after everything queued so far on ``stream`` of GPU ``ordinal`` (a
+        CUstream of its primary context; 0 or 1 is the legacy default stream)."""
+        with self._lock:
+            free = self._free.setdefault(ordinal, [])
+            event = free.pop() if free else None
+        calls = _issue()
+        calls.check(calls.push(int(devices().context(ordinal))))
+        try:
+            if event is None:
+                event = int(_check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)))
+            calls.check(calls.record(event, stream))
+        finally:
+            calls.pop_context()
+        return ordinal, event
+
+    def wait(self, fence) -> None:
+        """Block (the GIL released) until the work before ``fence`` has finished; raises
+        CudaError if it failed. The fence is spent either way."""
+        ordinal, event = fence
+        try:
+            _check(cu.cuEventSynchronize(event))
+        finally:
+            with self._lock:
+                self._free[ordinal].append(event)
+
+
+_fences: Fences | None = None
+
+
+def fences() -> Fences:
+    global _fences
+    if _fences is None:
+        _fences = Fences()
+    return _fences
+
+
+def device_of_pointer(address: int) -> int:
+    """The ordinal of the GPU whose memory ``address`` is in (a device pointer of this
+    process); CudaError for a host or unknown address."""
+    import ctypes
+    devices()
+    ordinal = ctypes.c_int(-1)
+    calls = _issue()
+    calls.check(calls.pointer_attribute(
+        ctypes.byref(ordinal), int(cu.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL), address))
+    return ordinal.value
+
+
+def copy_on_stream(dst: int, src: int, nbytes: int, ordinal: int, stream: int) -> None:
+    """Queue a copy of ``nbytes`` between device addresses on ``stream`` of GPU ``ordinal``:
+    one driver call with the GIL held (Note [Issuing holds the GIL]), where a CuPy copy costs
+    tens of µs of Python on top (docs/benchmarks.md)."""
+    calls = _issue()
+    calls.check(calls.push(int(devices().context(ordinal))))
+    try:
+        calls.check(calls.memcpy(dst, src, nbytes, stream))
+    finally:
+        calls.pop_context()
 
 
 def synchronize(uuid: str) -> None:

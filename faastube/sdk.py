@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import threading
 
 import numpy as np
 
 from . import cuda, protocol
-from .client import Client, cuda_address
+from .client import Client, cuda_interface
 from .config import Config
 from .errors import InvalidArgumentError, NotAnArrayError
 from .refs import check_dtype, make_ref, parse_ref
@@ -80,14 +81,17 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     A numpy array goes to the host tier; a CuPy array or CUDA torch tensor to the pool of
     its own GPU, copied there device to device. The bytes are copied once; a non-contiguous
     array becomes contiguous in the same copy. To avoid even that copy, build the result with
-    :func:`empty` and :func:`seal`. The object is freed after ``consumers`` gets have been
+    :func:`empty` and :func:`seal`. A GPU put copies on the stream the array's data is valid
+    on and returns once the copy has landed; with ``FAASTUBE_PUT_WAITS=0`` it returns at
+    once and seals when the copy has landed (see :func:`flush_puts`). The object is freed after ``consumers`` gets have been
     released, after ``ttl`` seconds, when ``scope`` is closed, or by :func:`delete`,
     whichever comes first.
     """
     _check_lifetime(consumers, ttl)
     scope = scope or _scope.get()
-    if cuda_address(array) is not None:
-        return _put_gpu(array, consumers, ttl, scope)
+    interface = cuda_interface(array)
+    if interface is not None:
+        return _put_gpu(array, interface, consumers, ttl, scope)
     if not isinstance(array, np.ndarray):
         raise NotAnArrayError(
             f"faastube.put needs a numpy array, a CuPy array or a CUDA torch tensor, got "
@@ -101,19 +105,92 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     return make_ref(object_id, array.shape, dtype)
 
 
-def _put_gpu(array, consumers, ttl, scope) -> dict:
+def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
+    """Note [Put copies with one driver call]: a contiguous GPU array is copied into its
+    object with one ``cuMemcpyAsync`` on the stream its data is valid on, found from its
+    ``__cuda_array_interface__``. Going through CuPy (``asarray``, ``copyto``) spent ~100 µs of
+    Python per put on an H200; a put that waits for its copy gets back the part the copy does
+    not cover (docs/benchmarks.md). The stream: the interface's own
+    (version 3), else PyTorch's current stream for a torch tensor, else the legacy default
+    stream, which CuPy and PyTorch use unless told otherwise. A strided array goes through
+    CuPy, which makes it contiguous in the same copy."""
+    shape = tuple(int(d) for d in interface["shape"])
+    dtype = check_dtype(np.dtype(interface["typestr"]))
+    address = int(interface["data"][0])
+    nbytes = math.prod(shape) * dtype.itemsize
+    strides = interface.get("strides")
+    contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
+    conn = client()
+    if nbytes == 0 or not contiguous:
+        return _put_gpu_through_cupy(array, conn, consumers, ttl, scope)
+    try:
+        ordinal = cuda.device_of_pointer(address)
+    except cuda.CudaError as exc:
+        raise NotAnArrayError(f"faastube.put: this {type(array).__name__}'s __cuda_array_interface__ "
+                              f"points at {address:#x}, which is not GPU memory of this process "
+                              f"({exc})") from None
+    device = cuda.devices().uuids[ordinal]
+    stream = _stream_of(array, interface, ordinal)
+    target, object_id, lifetime = conn.create_for_put(shape, dtype, consumers, ttl, scope, device)
+    cuda.copy_on_stream(target, address, nbytes, ordinal, stream)
+    _seal_put(conn, object_id, lifetime, array, ordinal, device, stream)
+    return make_ref(object_id, shape, dtype, device)
+
+
+def _put_gpu_through_cupy(array, conn, consumers, ttl, scope) -> dict:
     import cupy
     source = cupy.asarray(array)      # a view, no copy (a torch tensor through its interface)
     dtype = check_dtype(source.dtype)
-    device = cuda.devices().uuids[source.device.id]
-    conn = client()
+    ordinal = source.device.id
+    device = cuda.devices().uuids[ordinal]
     target, object_id, lifetime = conn.create_for_put(source.shape, dtype, consumers, ttl, scope, device)
     with source.device:
-        cupy.copyto(target, source, casting="no")
-    cuda.synchronize(device)          # Note [Seal publishes finished writes]
-    del target
-    conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
+        memory = cupy.cuda.UnownedMemory(target, max(source.nbytes, 1), None, device_id=ordinal)
+        view = cupy.ndarray(source.shape, dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
+        cupy.copyto(view, source, casting="no")
+        stream = cupy.cuda.get_current_stream().ptr
+    del view, memory
+    _seal_put(conn, object_id, lifetime, (array, source), ordinal, device, stream)
     return make_ref(object_id, source.shape, dtype, device)
+
+
+def _seal_put(conn, object_id: str, lifetime, keep, ordinal: int, device: str, stream: int) -> None:
+    """Seal a put's object once its copy, queued on ``stream``, has landed."""
+    if conn.config.put_waits:
+        cuda.synchronize(device)      # Note [Seal publishes finished writes]
+        conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
+    else:                             # Note [Put seals when its copy lands]
+        conn.seal_when_landed(cuda.fences().record(ordinal, stream), object_id, lifetime, keep)
+
+
+def _c_strides(shape, itemsize: int) -> tuple:
+    strides, step = [], itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= dim
+    return tuple(reversed(strides))
+
+
+def _stream_of(array, interface: dict, ordinal: int) -> int:
+    """The stream a GPU array's data is valid on (Note [Put copies with one driver call])."""
+    stream = interface.get("stream")
+    if stream:                        # 1 and 2 mean the legacy and per-thread default streams,
+        return int(stream)            # as they do to the driver
+    if type(array).__module__.split(".", 1)[0] == "torch":
+        import torch
+        return int(torch.cuda.current_stream(ordinal).cuda_stream)
+    return 1                          # CU_STREAM_LEGACY
+
+
+def flush_puts(timeout: float | None = None) -> bool:
+    """Wait until every ``put`` of this process has landed in the pool and been sealed; False
+    if ``timeout`` seconds passed first. Only with ``FAASTUBE_PUT_WAITS=0`` does a GPU
+    ``put`` return before its copy has landed (Note [Put seals when its copy lands],
+    faastube/client.py): then call this before writing to a put's source from another stream
+    or from the host. Exit, ``close``, ``delete`` and ``close_scope`` flush on their own."""
+    if _client is None:
+        return True
+    return _client.flush_puts(timeout)
 
 
 def device_of(device) -> str:
@@ -251,11 +328,15 @@ def release(array) -> None:
 def delete(ref) -> None:
     """Free the object now. Views already got stay valid; new gets fail."""
     object_id, _shape, _dtype = parse_ref(ref)
-    client().request(protocol.Delete(object_id))
+    conn = client()
+    conn.flush_puts()       # this process's own puts are sealed first, as they were put
+    conn.request(protocol.Delete(object_id))
 
 
 def close_scope(scope: str) -> int:
     """Free every object created with ``scope=scope`` in this namespace; returns how many."""
     if not isinstance(scope, str) or not scope:
         raise InvalidArgumentError(f"scope must be a non-empty string, got {scope!r}")
-    return client().request(protocol.CloseScope(scope))["freed"]
+    conn = client()
+    conn.flush_puts()       # a put still landing gets its scope before the scope closes
+    return conn.request(protocol.CloseScope(scope))["freed"]

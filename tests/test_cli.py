@@ -96,6 +96,12 @@ def test_config_defaults_and_errors():
         parse_size("12 parsecs")
     with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_SLAB_SIZE='big' is not valid"):
         Config.from_env({"FAASTUBE_SLAB_SIZE": "big"})
+    assert config.put_waits is True
+    assert Config.from_env({"FAASTUBE_PUT_WAITS": "0"}).put_waits is False
+    assert Config.from_env({"FAASTUBE_PUT_WAITS": "Off"}).put_waits is False
+    assert Config.from_env({"FAASTUBE_PUT_WAITS": "yes"}).put_waits is True
+    with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_PUT_WAITS='maybe' is not valid: write 1 or 0"):
+        Config.from_env({"FAASTUBE_PUT_WAITS": "maybe"})
 
 
 @pytest.mark.parametrize("args, text", [

@@ -11,6 +11,11 @@ tests/workers/function.py makes), so checksums compare across CPU and GPU functi
     gpu_function.py hold REF_JSON                get, print sha256, keep the view until stdin
                                                  closes, then print sha256 again
     gpu_function.py slow-seal SIZE ROUNDS        empty, queue ROUNDS increment kernels, seal at once
+    gpu_function.py slow-put SIZE ROUNDS [HOW]   queue ROUNDS increment kernels, put, overwrite the
+                                                 source at once, exit without waiting; HOW: cupy
+                                                 (default) or torch-stream (on a torch side stream)
+    gpu_function.py put-strided ROWS COLS SEED   put transposed CuPy and torch views; print both
+                                                 refs and the sha256 of the transpose
 """
 
 import hashlib
@@ -90,6 +95,45 @@ def main(op, *args):
         for _ in range(rounds):          # queued, not waited for: seal must wait for them
             out += 1
         report(ref=faastube.seal(out), sha=hashlib.sha256(np.full(size, rounds % 256, np.uint8)).hexdigest())
+    elif op == "slow-put":
+        size, rounds = int(args[0]), int(args[1])
+        how = args[2] if len(args) > 2 else "cupy"
+        warm = faastube.put(cupy.zeros(16, dtype=cupy.uint8))   # connect, map a slab: not timed
+        faastube.flush_puts()
+        faastube.delete(warm)
+        # Each way: the GPU busy for ~0.3 s first (far longer than a put takes), then
+        # ROUNDS increments, the put, and an overwrite of the source queued after it.
+        spin = cupy.RawKernel(r"""extern "C" __global__ void spin(long long cycles) {
+            long long start = clock64(); while (clock64() - start < cycles) {} }""", "spin")
+        if how == "cupy":
+            source = cupy.zeros(size, dtype=cupy.uint8)
+            spin((1,), (1,), (np.int64(600_000_000),))
+            for _ in range(rounds):
+                source += 1
+            ref = faastube.put(source)
+            returned_early = not cupy.cuda.get_current_stream().done
+            source.fill(255)
+        elif how == "torch-stream":
+            import torch
+            with torch.cuda.stream(torch.cuda.Stream()):
+                source = torch.zeros(size, dtype=torch.uint8, device="cuda")
+                with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                    spin((1,), (1,), (np.int64(600_000_000),))
+                for _ in range(rounds):
+                    source += 1
+                ref = faastube.put(source)
+                returned_early = not torch.cuda.current_stream().query()
+                source.fill_(255)
+        else:
+            raise SystemExit(f"unknown way to put: {how}")
+        report(ref=ref, returned_early=returned_early,
+               sha=hashlib.sha256(np.full(size, rounds % 256, np.uint8)).hexdigest())
+    elif op == "put-strided":
+        import torch
+        rows, cols = int(args[0]), int(args[1])
+        data = random_bytes(rows * cols, args[2]).reshape(rows, cols)
+        report(cupy=faastube.put(cupy.asarray(data).T), torch=faastube.put(torch.from_numpy(data).cuda().t()),
+               sha=hashlib.sha256(np.ascontiguousarray(data.T)).hexdigest())
     else:
         raise SystemExit(f"unknown op {op}")
 
