@@ -39,18 +39,20 @@ controller thread, and the 64 MB hand-off was slower in 7 of 8 paired rounds on 
 
 Note [Spare objects]: a ``put`` is create + copy + seal, and the create is a round trip the
 put waits for: on a node whose cores sleep between requests it costs 0.2–0.4 ms, more than
-the copy of tens of MB. A function usually puts the same shape again on every activation,
-so once a process has put an (shape, dtype, device) twice, the client asks for a *spare* of
+the copy of tens of MB. A function usually puts the same shape again on every activation, so
+once a process has put an (shape, dtype, device) twice, the client asks for a *spare* of
 that signature right after the put, without waiting: a pending object created with no
 consumers, ttl or scope. The next put of the signature takes the spare (its reply came in
 long ago), writes it, and its seal (``lifetime``) gives it the put's consumers, ttl and
-scope; meanwhile the next spare is on its way. At most ``SPARE_COUNT`` signatures and
-``spare_bytes`` bytes (``FAASTUBE_SPARE_BYTES``, 0 turns spares off) are held per process; a
-thread frees a spare unused for ``SPARE_IDLE_S``; all of them go when a create finds the
-pool exhausted (the create is then tried again) and on ``close``, and the controller aborts
-them with the process (Note [What a crash frees]). A forked child never takes its
-parent's spares. Only ``put`` uses spares: ``empty`` hands its array to user code, whose lifetime
-arguments are fixed when the array is made.
+scope; meanwhile the next spare is on its way. ``empty`` without a ttl does the same: it
+takes a spare and keeps the lifetime for the seal; until then the object has no scope, so
+``close_scope`` deletes this process's unsealed ones of that scope itself, and one whose
+array is collected unsealed is deleted (a ttl would only start at the seal, so ``empty``
+with a ttl always creates). At most ``SPARE_COUNT`` signatures and ``spare_bytes`` bytes
+(``FAASTUBE_SPARE_BYTES``, 0 turns spares off) are held per process; a thread frees a spare
+unused for ``SPARE_IDLE_S``; all of them go when a create finds the pool exhausted (the
+create is then tried again) and on ``close``, and the controller aborts them with the
+process (Note [What a crash frees]). A forked child never takes its parent's spares.
 
 Note [A finished process has consumed]: at a normal exit the client counts every array it
 still holds from ``get`` as consumed (Note [Consumers] in controller/objects.py); a process
@@ -83,7 +85,7 @@ import numpy as np
 from . import cuda, protocol
 from .config import Config
 from .errors import (ControllerUnavailableError, FaasTubeError, InvalidStateError,
-                     NotAnArrayError, PoolExhaustedError, from_wire)
+                     NotAnArrayError, ObjectNotFoundError, PoolExhaustedError, from_wire)
 from .refs import dtype_name
 
 log = logging.getLogger("faastube")
@@ -183,6 +185,8 @@ class Client:
         self._writers: dict[int, tuple[str, int]] = {}   # id(flat array) → (object id, lease)
         self._sealed: set[str] = set()     # sealed here while a writer array lives: a 2nd seal says so
         self._readers: dict[int, int] = {}               # id(flat array) → lease
+        self._lifetimes: dict[str, tuple] = {}   # unsealed empty() from a spare → its lifetime
+        self._orphans: collections.deque = collections.deque()   # ... whose array went unsealed
         self._gpu_views: dict[int, tuple] = {}           # lease → (object id, start, end, writable, GPU)
         self._releases: collections.deque = collections.deque()
         self._release_wanted = threading.Event()
@@ -269,6 +273,8 @@ class Client:
         self._writers.clear()
         self._sealed.clear()
         self._readers.clear()
+        self._lifetimes.clear()
+        self._orphans.clear()
         self._gpu_views.clear()
         self._slabs.clear()             # CUDA mappings do not survive fork
         self._flusher = None
@@ -423,11 +429,12 @@ class Client:
         """A writable array for a new pending object (``empty``): (array, object id, writer
         lease) — numpy on the host tier, CuPy on a GPU (``device``: a GPU's UUID). The
         writer's lease ends when the array is collected; ``seal(array)`` finds it again.
-        ``put`` uses :meth:`create_for_put`."""
+        Without a ``ttl`` it may take a spare (Note [Spare objects]); the seal then gives
+        the object its consumers and scope. ``put`` uses :meth:`create_for_put`."""
         shape = tuple(int(d) for d in shape)
-        reply = self.request(protocol.Create(shape, dtype_name(dtype),
-                                             math.prod(shape) * dtype.itemsize, consumers, ttl, scope,
-                                             device))
+        reply, lifetime = self._create(shape, dtype, consumers, ttl, scope, device, spare=ttl is None)
+        if lifetime is not None:
+            self._lifetimes[reply["id"]] = lifetime
         if reply.get("device", cuda.HOST) != cuda.HOST:
             return self._gpu_view(reply, True).reshape(shape), reply["id"], reply["lease"]
         flat = self._view(reply, writable=True)
@@ -442,13 +449,24 @@ class Client:
         object's device address (an int) on a GPU. ``lifetime`` is None when the object
         already has the put's consumers, ttl and scope, else what the seal must give it (Note
         [Spare objects])."""
+        shape = tuple(int(d) for d in shape)
+        reply, lifetime = self._create(shape, dtype, consumers, ttl, scope, device, spare=True)
+        if reply.get("device", cuda.HOST) != cuda.HOST:
+            return self._slabs[reply["slab"]].writable.address + reply["offset"], reply["id"], lifetime
+        return self._view(reply, writable=True).reshape(shape), reply["id"], lifetime
+
+    def _create(self, shape: tuple, dtype: np.dtype, consumers, ttl, scope, device: str,
+                spare: bool) -> tuple[dict, tuple | None]:
+        """A new pending object's create reply and the lifetime its seal must give it: that
+        of a spare taken (Note [Spare objects]), or None for one created with its lifetime."""
         if os.getpid() != self._pid:
             self._after_fork()                 # the parent's spares are not this process's
-        shape = tuple(int(d) for d in shape)
         key = (shape, dtype.str, device)
         nbytes = math.prod(shape) * dtype.itemsize
-        with self._spare_lock:
-            reply = self._take_spare(key)
+        reply = None
+        if spare:
+            with self._spare_lock:
+                reply = self._take_spare(key)
         lifetime = (consumers, ttl, scope)
         if reply is None:
             create = protocol.Create(shape, dtype_name(dtype), nbytes, consumers, ttl, scope, device)
@@ -460,11 +478,10 @@ class Client:
                 self.drop_spares()
                 reply = self.request(create)
             lifetime = None
-        with self._spare_lock:
-            self._note_put(key, nbytes)
-        if reply.get("device", cuda.HOST) != cuda.HOST:
-            return self._slabs[reply["slab"]].writable.address + reply["offset"], reply["id"], lifetime
-        return self._view(reply, writable=True).reshape(shape), reply["id"], lifetime
+        if spare:
+            with self._spare_lock:
+                self._note_put(key, nbytes)
+        return reply, lifetime
 
     def _note_put(self, key, nbytes: int) -> None:
         """Ask for a spare of a signature put before (spare lock held)."""
@@ -565,6 +582,8 @@ class Client:
         view = self._gpu_views.pop(lease, None)
         if view is not None:
             self._sealed.discard(view[0])
+            if view[3]:
+                self._forget_lifetime(view[0])
             self._lease_gone(lease)
 
     def _gpu_lookup(self, array, writable: bool) -> tuple[int, str, str] | None:
@@ -583,6 +602,8 @@ class Client:
         (consumers, ttl, scope) for a spare (Note [Spare objects])."""
         if not drop_writer:
             self._sealed.add(object_id)
+        if lifetime is None:
+            lifetime = self._lifetimes.pop(object_id, None)    # an empty() that took a spare
         request = (protocol.Seal(object_id, drop_writer) if lifetime is None else
                    protocol.Seal(object_id, drop_writer, True, *lifetime))
         if wait:
@@ -632,6 +653,20 @@ class Client:
             return True
         with self._landed:
             return self._landed.wait_for(lambda: not self._landing and not self._sealing, timeout)
+
+    def delete_unsealed(self, scope: str) -> int:
+        """Delete what this process made with ``empty`` for ``scope`` from spares and has not
+        sealed: such an object gets its scope only at its seal, so closing the scope must
+        free it here (Note [Spare objects]). Returns how many were deleted."""
+        deleted = 0
+        for object_id, lifetime in list(self._lifetimes.items()):
+            if lifetime[2] == scope and self._lifetimes.pop(object_id, None) is not None:
+                try:
+                    self.request(protocol.Delete(object_id))
+                    deleted += 1
+                except ObjectNotFoundError:
+                    pass
+        return deleted
 
     def writer_of(self, array, sealing: bool = False) -> tuple[np.ndarray | None, str, str]:
         """(flat base, object id, device) of an array returned by ``create`` (or a view of
@@ -708,7 +743,15 @@ class Client:
         writer = self._writers.pop(key, None)
         if writer is not None:
             self._sealed.discard(writer[0])
+            self._forget_lifetime(writer[0])
         self._lease_gone(lease)
+
+    def _forget_lifetime(self, object_id: str) -> None:
+        """An ``empty`` array is gone (finalizer: no I/O here). If it took a spare and was
+        never sealed, the object has no scope to free it, and nobody can seal it now: the
+        release flusher deletes it (Note [Spare objects])."""
+        if self._lifetimes.pop(object_id, None) is not None:
+            self._orphans.append(object_id)
 
     def _reader_gone(self, key: int, lease: int) -> None:
         self._readers.pop(key, None)
@@ -733,6 +776,11 @@ class Client:
                     self.request(protocol.Release())
                 except Exception:
                     pass   # a lost connection ends every lease of this process anyway
+            while self._orphans and self._sock is not None:
+                try:                # Note [Spare objects]: nothing can seal these any more
+                    self.send_only(protocol.Delete(self._orphans.popleft()))
+                except Exception:
+                    pass
 
 
 # -- process exit (Note [A finished process has consumed]) --------------------------------

@@ -149,3 +149,74 @@ def test_a_forked_child_never_takes_its_parents_spare(ft, controller):
     assert os.waitstatus_to_exitcode(status) == 0
     mine = ft.put(np.full(1000, 3, np.int32))                # the parent's spare is intact
     assert mine["id"] == spare_id and int(ft.get(mine).sum()) == 3000
+
+
+def test_a_repeated_empty_takes_a_spare_and_its_seal_gives_it_the_consumers_and_scope(ft, controller):
+    made = []
+    for value in (1, 2):
+        out = ft.empty((1000,), "int32", consumers=1, scope="run-e")
+        out[...] = value
+        made.append(ft.seal(out))
+    assert wait_for(lambda: pending(controller) == 1, message="the spare's create")
+    spare_seq = next(iter(ft.client()._spares.values()))[0]
+    ft.client().request(protocol.Ping())
+    spare_id = ft.client()._replies[spare_seq]["id"]
+    out = ft.empty((1000,), "int32", consumers=1, scope="run-e")
+    assert ft.ref_of(out)["id"] == spare_id
+    out[...] = 3
+    made.append(ft.seal(out))
+    view = ft.get(made[2])                                   # after the seal, on its connection
+    assert (view == 3).all()
+    assert pending(controller) == 1                          # the next spare, already asked for
+    ft.release(view)                                         # its one consumer: the seal gave it
+    wait_for(lambda: _error(ft, made[2]) is not None, message="the consumed object to go")
+    assert ft.close_scope("run-e") == 2                      # the other two, by their scope
+    del view
+
+
+def test_closing_a_scope_deletes_an_unsealed_empty_that_took_a_spare(ft, controller):
+    for _ in range(2):
+        ft.seal(ft.empty((500,), "uint8", scope="run-f"))
+    out = ft.empty((500,), "uint8", scope="run-f")           # from the spare: no scope yet
+    ref = ft.ref_of(out)
+    assert ft.close_scope("run-f") == 3                      # two sealed, one unsealed
+    assert pending(controller) == 1                          # only the next spare is left
+    with pytest.raises(errors.ObjectNotFoundError):
+        ft.get(ref, timeout=0)
+    del out
+
+
+def test_an_empty_with_a_ttl_never_takes_a_spare(ft, controller):
+    for _ in range(2):
+        ft.seal(ft.empty((300,), "uint8"))
+    spare_id = _spare_id(ft)
+    out = ft.empty((300,), "uint8", ttl=60)
+    assert ft.ref_of(out)["id"] != spare_id
+    ft.seal(out)
+
+
+def _spare_id(ft) -> str:
+    seq = next(iter(ft.client()._spares.values()))[0]
+    ft.client().request(protocol.Ping())
+    return ft.client()._replies[seq]["id"]
+
+
+def test_an_empty_from_a_spare_dropped_unsealed_is_deleted(ft, controller):
+    import gc
+    for _ in range(2):
+        ft.seal(ft.empty((700,), "uint8", scope="run-g"))
+    out = ft.empty((700,), "uint8", scope="run-g")           # from the spare: no scope yet
+    ref = ft.ref_of(out)
+    del out
+    gc.collect()
+
+    def deleted() -> bool:
+        try:
+            ft.get(ref, timeout=0)
+        except errors.FaasTubeTimeoutError:
+            return False                                     # still pending: not yet
+        except errors.ObjectDeletedError:
+            return True
+        raise AssertionError("an unsealed object was got")
+    wait_for(deleted, timeout=5, message="the unsealed object to be deleted")
+    assert ft.close_scope("run-g") == 2
