@@ -83,9 +83,9 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     array becomes contiguous in the same copy. To avoid even that copy, build the result with
     :func:`empty` and :func:`seal`. A GPU put copies on the stream the array's data is valid
     on and returns once the copy has landed; with ``FAASTUBE_PUT_WAITS=0`` it returns at
-    once and seals when the copy has landed (see :func:`flush_puts`). The object is freed after ``consumers`` gets have been
-    released, after ``ttl`` seconds, when ``scope`` is closed, or by :func:`delete`,
-    whichever comes first.
+    once and seals when the copy has landed (see :func:`flush_puts`). The object is freed
+    after ``consumers`` gets have been released, after ``ttl`` seconds, when ``scope`` is
+    closed, or by :func:`delete`, whichever comes first.
     """
     _check_lifetime(consumers, ttl)
     scope = scope or _scope.get()
@@ -110,10 +110,10 @@ def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
     object with one ``cuMemcpyAsync`` on the stream its data is valid on, found from its
     ``__cuda_array_interface__``. Going through CuPy (``asarray``, ``copyto``) spent ~100 µs of
     Python per put on an H200; a put that waits for its copy gets back the part the copy does
-    not cover (docs/benchmarks.md). The stream: the interface's own
-    (version 3), else PyTorch's current stream for a torch tensor, else the legacy default
-    stream, which CuPy and PyTorch use unless told otherwise. A strided array goes through
-    CuPy, which makes it contiguous in the same copy."""
+    not cover (docs/benchmarks.md). The stream: the interface's own (version 3), else
+    PyTorch's current stream for a torch tensor, else the legacy default stream, which CuPy
+    and PyTorch use unless told otherwise. A strided array goes through CuPy, which makes it
+    contiguous in the same copy."""
     shape = tuple(int(d) for d in interface["shape"])
     dtype = check_dtype(np.dtype(interface["typestr"]))
     address = int(interface["data"][0])
