@@ -68,6 +68,13 @@ def small_during_big(move_big, move_small, samples: int) -> list[float]:
     return times
 
 
+def make_copier(kind: str, ordinal: int, bandwidth: float, split: int):
+    """The link's copier: the native pump (Note [The native pump]) or copies issued from Python."""
+    from faastube import cuda
+    from faastube.pump import Pump
+    return Pump.on_gpu(ordinal, bandwidth, split_bytes=split) if kind == "pump" else cuda.CopyQueue(ordinal)
+
+
 def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidth, configs, quick):
     from controller.links import Link
     from faastube import cuda
@@ -85,15 +92,20 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
               "unscheduled_1MB_during_p50_us": statistics.median(unscheduled) * 1e6,
               "unscheduled_1MB_during_p99_us": percentile(unscheduled, 0.99) * 1e6, "configs": []}
     print(f"{name}: raw 1 GB {result['raw_1GB_GBps']:.1f} GB/s", flush=True)
-    for chunk, batch, depth, default in configs:
-        print(f"  chunk {chunk / MB:g} MiB, batch {batch}, depth {depth} …", flush=True)
-        link = Link(name, cuda.CopyQueue(ordinal), bandwidth, chunk, batch, depth)
+    for chunk, batch, depth, kind, split, default in configs:
+        print(f"  {kind}: chunk {chunk / MB:g} MiB, batch {batch}, depth {depth}, split {split / MB:g} MiB …",
+              flush=True)
+        copier = make_copier(kind, ordinal, bandwidth, split)
+        link = Link(name, copier, bandwidth, chunk, batch, depth)
         big = timed(lambda: link.move(dst_big, src_big, GB), repeat)
         small_alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
         during = small_during_big(lambda: link.move(dst_big, src_big, GB),
                                   lambda: link.move(dst_small, src_small, MB), samples)
+        if kind == "pump":
+            copier.close()
         result["configs"].append({
             "chunk_MB": chunk / MB, "batch": batch, "depth": depth, "default": default,
+            "copier": kind, "split_MB": split / MB if kind == "pump" else None,
             "big_GBps": GB / big / 1e9, "big_share_of_raw": raw / big,
             "small_alone_p50_us": statistics.median(small_alone) * 1e6,
             "small_alone_p99_us": percentile(small_alone, 0.99) * 1e6,
@@ -201,17 +213,24 @@ def main() -> int:
 
     from controller.links import DEFAULT_DEPTH
     from controller.transfer import (DEFAULT_BATCH_CHUNKS, DEFAULT_CHUNK_BYTES, NVLINK_BYTES_PER_S,
-                                     PCIE_BYTES_PER_S)
+                                     PCIE_BYTES_PER_S, PUMP_DEPTH)
     from faastube import cuda
 
     devices = cuda.devices()
     gpus = len(devices.uuids)
     peer_factor = round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)
-    pcie_configs = [(DEFAULT_CHUNK_BYTES, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
-    nvlink_configs = [(DEFAULT_CHUNK_BYTES * peer_factor, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, True)]
+    # (chunk, batch, depth, copier, split, engine default): the pump as the engine runs it, and
+    # the links as they were before it (copies issued from Python), side by side.
+    pcie, nvlink = DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES * peer_factor
+    pcie_configs = [(pcie, DEFAULT_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 2, True),
+                    (pcie, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
+    nvlink_configs = [(nvlink, DEFAULT_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 2, True),
+                      (nvlink, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
     if not args.quick:
-        pcie_configs += [(2 * MB, 1, 2, False), (8 * MB, 1, 2, False), (4 * MB, 1, 3, False)]
-        nvlink_configs += [(16 * MB, 1, 2, False), (64 * MB, 1, 2, False), (16 * MB, 2, 2, False)]
+        pcie_configs += [(pcie, 1, PUMP_DEPTH, "pump", pcie // 4, False), (pcie, 1, PUMP_DEPTH, "pump", 0, False),
+                         (2 * MB, 1, 2, "python", 0, False), (8 * MB, 1, 2, "python", 0, False)]
+        nvlink_configs += [(nvlink, 1, PUMP_DEPTH, "pump", nvlink // 4, False),
+                           (16 * MB, 1, 2, "python", 0, False), (64 * MB, 1, 2, "python", 0, False)]
 
     host_big = cupy.cuda.alloc_pinned_memory(GB)
     host_small = cupy.cuda.alloc_pinned_memory(MB)
@@ -265,10 +284,11 @@ def main() -> int:
         print(f"{path['path']}: raw 1 GB {path['raw_1GB_GBps']:.1f} GB/s, raw 1 MB p50 "
               f"{path['raw_1MB_p50_us']:.0f} µs; without a scheduler a 1 MB copy during a 1 GB copy: "
               f"p50 {path['unscheduled_1MB_during_p50_us']:.0f} µs, p99 {path['unscheduled_1MB_during_p99_us']:.0f} µs")
-        print(f"  {'chunk':>6}{'batch':>6}{'depth':>6}{'big GB/s':>10}{'share':>7}{'1MB alone p50':>15}"
-              f"{'p99':>7}{'during p50':>12}{'p99':>8}{'p99/alone':>10}")
+        print(f"  {'copier':>7}{'split':>6}{'chunk':>6}{'batch':>6}{'depth':>6}{'big GB/s':>10}{'share':>7}"
+              f"{'1MB alone p50':>15}{'p99':>7}{'during p50':>12}{'p99':>8}{'p99/alone':>10}")
         for c in path["configs"]:
-            print(f"  {c['chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}{c['big_GBps']:>10.1f}"
+            split = f"{c['split_MB']:>5g}M" if c["split_MB"] else f"{'-':>6}"
+            print(f"  {c['copier']:>7}{split}{c['chunk_MB']:>5.0f}M{c['batch']:>6}{c['depth']:>6}{c['big_GBps']:>10.1f}"
                   f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
                   f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
                   f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")

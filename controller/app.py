@@ -44,7 +44,8 @@ class Controller:
         self.table = ObjectTable(self.pools, self.directory)
         if config.chunk_size < 64 << 10:
             raise InvalidArgumentError(f"--chunk-size must be at least 64KiB, got {config.chunk_size}")
-        self.transfers = TransferEngine(self.gpus[0][0], config.chunk_size) if self.gpus else None
+        self.transfers = (TransferEngine(self.gpus[0][0], config.chunk_size, pump=config.native_pump)
+                          if self.gpus else None)
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers)
         self.server: ControllerServer | None = None
         self.stats = RequestStats()

@@ -5,7 +5,9 @@ and service time.
 A copier has ``issue(pieces) -> token`` (queue (destination, source, length) copies) and
 ``wait(token)`` (block until they arrived): :class:`HostCopier` copies host memory with
 ``memmove`` at issue; ``faastube.cuda.CopyQueue`` queues ``cuMemcpyAsync`` on the link's own
-stream and waits on an event.
+stream and waits on an event; ``faastube.pump.Pump`` hands them to a C thread that puts them
+on the link's stream one at a time (Note [The native pump]) and also has ``move(dst, src,
+nbytes)``, which an express move uses.
 
 Note [Who drives a link]: no thread of the link's own. The threads that asked for moves take
 turns driving it: one at a time (the leader) keeps up to ``depth`` batches queued on the
@@ -135,10 +137,14 @@ class Link:
     def _move_express(self, move: Move) -> Move:
         """Note [Express moves]."""
         try:
-            with self._issuing:
+            if hasattr(self.copier, "move"):      # a native pump queues it ahead and waits in one call
                 move.started = self._clock()
-                token = self.copier.issue([(move.dst, move.src, move.transfer.nbytes)])
-            self.copier.wait(token)
+                self.copier.move(move.dst, move.src, move.transfer.nbytes)
+            else:
+                with self._issuing:
+                    move.started = self._clock()
+                    token = self.copier.issue([(move.dst, move.src, move.transfer.nbytes)])
+                self.copier.wait(token)
         except BaseException:
             with self._changed:
                 self._express = False
@@ -231,4 +237,4 @@ class Link:
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
                     "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
-                    "chunk_bytes": self.scheduler.chunk_bytes}
+                    "chunk_bytes": self.scheduler.chunk_bytes, "native_pump": hasattr(self.copier, "move")}

@@ -50,6 +50,7 @@ import threading
 import time
 
 from faastube import cuda
+from faastube.pump import Pump, PumpUnavailable
 
 from .links import DEFAULT_DEPTH, Link
 from .pool import Region
@@ -66,13 +67,14 @@ MULTIPATH_MIN_BYTES = 32 << 20   # smaller moves take one path: a share would be
 RELAY_CHUNK_FACTOR = 4          # Note [Multi-path moves]: relays move big chunks
 PROBE_BYTES = 64 << 20           # Note [Measured links]
 PROBE_RUNS = 3
+PUMP_DEPTH = 3                   # batches a direct link keeps in its pump (Note [The native pump])
 
 
 class TransferEngine:
     def __init__(self, devices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = DEFAULT_DEPTH,
                  multipath_min: int = MULTIPATH_MIN_BYTES, measure: bool = True,
                  relay_factor: int = RELAY_CHUNK_FACTOR, topology: Topology | None = None,
-                 peer_access=None):
+                 peer_access=None, pump: bool = True):
         """``topology`` and ``peer_access(source, target)`` stand in for what NVML and the
         driver report (tests force paths this node's links would never take)."""
         self.devices = devices
@@ -80,6 +82,7 @@ class TransferEngine:
         self.chunk_bytes = chunk_bytes
         self.relay_factor = relay_factor
         self.depth = depth
+        self.pump = pump
         self.multipath_min = multipath_min
         self._links: dict[str, Link] = {}
         self._making = threading.Lock()
@@ -126,11 +129,25 @@ class TransferEngine:
                 gpu_end = hops[1] if hops[1] != HOST else hops[0]
                 chunk = self.chunk_bytes * (1 if HOST in hops else
                                             max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
-                copier = cuda.CopyQueue(self.devices.ordinal(gpu_end))
+                copier, depth = self._direct_copier(self.devices.ordinal(gpu_end), bandwidth, chunk)
             else:
                 raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
-            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS, self.depth)
+            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS,
+                                            depth if len(hops) == 2 else self.depth)
             return link
+
+    def _direct_copier(self, ordinal: int, bandwidth: float, chunk: int):
+        """A direct link's copier and depth: a native pump (Note [The native pump]), whose
+        queue is its own, not the copy engine's, so the link keeps ``PUMP_DEPTH`` batches
+        there, and which goes on in half chunks while small moves are about; else a copy
+        queue driven from Python."""
+        if self.pump:
+            try:
+                return Pump.on_gpu(ordinal, bandwidth, split_bytes=chunk // 2), PUMP_DEPTH
+            except PumpUnavailable as exc:
+                log.warning("the native pump is unavailable (%s): links issue copies from Python", exc)
+                self.pump = False
+        return cuda.CopyQueue(ordinal), self.depth
 
     # -- moves -------------------------------------------------------------------------
 
@@ -244,4 +261,7 @@ class TransferEngine:
 
     def close(self) -> None:
         self._helpers.shutdown(wait=True)
+        for link in list(self._links.values()):
+            if isinstance(link.copier, Pump):
+                link.copier.close()
 

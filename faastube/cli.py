@@ -78,7 +78,8 @@ def render_status(status: dict) -> str:
                      f"busy {link['busy_s']:.3f} s ({rate:.1f} GB/s while busy), {link['queued']} queued, "
                      f"mean wait {link['wait_s'] / moves * 1e6:.0f} µs, service "
                      f"{link['service_s'] / moves * 1e6:.0f} µs, chunks of {format_size(link['chunk_bytes'])}, "
-                     f"measured {link['bandwidth'] / 1e9:.1f} GB/s")
+                     f"measured {link['bandwidth'] / 1e9:.1f} GB/s"
+                     + (", native pump" if link.get("native_pump") else ""))
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
               "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]

@@ -115,6 +115,7 @@ class Config:
     socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
     metrics_port: int = 0                   # FAASTUBE_METRICS_PORT: Prometheus /metrics (0: off)
     chunk_size: int = 4 << 20               # FAASTUBE_CHUNK_SIZE: PCIe links' chunk (controller/transfer.py)
+    native_pump: bool = True                # FAASTUBE_NATIVE_PUMP: 0 issues direct links' copies from Python
     # Client (SDK) side.
     namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
     secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
@@ -145,6 +146,7 @@ class Config:
         "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
         "metrics_port": ("FAASTUBE_METRICS_PORT", int),
         "chunk_size": ("FAASTUBE_CHUNK_SIZE", parse_size),
+        "native_pump": ("FAASTUBE_NATIVE_PUMP", parse_flag),
         "namespace": ("FAASTUBE_NAMESPACE", str),
         "secret": ("FAASTUBE_SECRET", str),
         "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),

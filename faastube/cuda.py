@@ -50,6 +50,12 @@ def _check(result):
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def raise_for(code: int) -> None:
+    """CudaError for a CUresult a native caller returned (nothing for 0)."""
+    if code:
+        _check((cu.CUresult(code),))
+
+
 class _Issue:
     """Note [Issuing holds the GIL]: the copy queues' short, non-blocking driver calls
     (context push/pop, ``cuMemcpyAsync``, ``cuEventRecord``, ``cuStreamWaitEvent``) are made
@@ -77,10 +83,7 @@ class _Issue:
             function.argtypes, function.restype = argtypes, status
             setattr(self, attr, function)
 
-    @staticmethod
-    def check(code: int) -> None:
-        if code:
-            _check((cu.CUresult(code),))
+    check = staticmethod(raise_for)
 
     def pop_context(self) -> None:
         self.check(self.pop(self._popped_ref))
@@ -319,6 +322,15 @@ def unregister_host(address: int) -> None:
             cu.cuMemHostUnregister(address)
 
 
+def new_stream(ordinal: int) -> tuple[int, int]:
+    """A new non-blocking stream of GPU ``ordinal``'s primary context: (context, stream), as
+    integers for driver calls. A link's copies run on it (here and faastube/pump.py); it
+    lives as long as the process."""
+    with devices().current(ordinal) as ctx:
+        stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+    return int(ctx), int(stream)
+
+
 class CopyQueue:
     """A stream of its own on GPU ``ordinal`` that carries copies in order; each ``issue``
     returns a token (an event recorded after its copies) for ``wait``. The transfer engine
@@ -329,9 +341,7 @@ class CopyQueue:
         self.ordinal = ordinal
         self._free: list = []
         self._calls = _issue()
-        with devices().current(ordinal) as ctx:
-            self.stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
-        self._context, self._stream = int(ctx), int(self.stream)
+        self._context, self._stream = new_stream(ordinal)
 
     def issue(self, pieces):
         """Queue (destination, source, length) copies; returns their token (Note [Issuing
