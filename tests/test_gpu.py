@@ -383,3 +383,47 @@ def test_small_moves_beside_a_large_one_between_gpus_finish():
         assert cupy.asnumpy(dst).tobytes() == cupy.asnumpy(src).tobytes()
     finally:
         engine.close()
+
+
+def test_the_native_pump_carries_a_large_move_and_express_moves_beside_it_intact():
+    """Issue 5, Note [The native pump]: the transfer engine's direct links run on pumps; a
+    large host→GPU move with express moves beside it lands intact, and the link carries the
+    next move."""
+    import ctypes
+    import threading
+
+    import cupy
+    import numpy as np
+
+    from controller.slabs import MemfdSlab
+    from controller.topology import HOST
+    from controller.transfer import TransferEngine
+    engine = TransferEngine(cuda.devices(), measure=False)
+    size = 256 * MB
+    host = MemfdSlab("t", size + 8 * MB, pin=True)
+    try:
+        link = engine.link((HOST, uuid(0)))
+        assert link.stats()["native_pump"], "the engine fell back to Python copies"
+        data = np.ctypeslib.as_array((ctypes.c_uint8 * (size + 8 * MB)).from_address(host.address))
+        data[:] = np.random.default_rng(31).integers(0, 256, data.size, dtype=np.uint8)
+        with cupy.cuda.Device(0):
+            dst = cupy.zeros(size + 8 * MB, cupy.uint8)
+            cupy.cuda.Device(0).synchronize()      # the link's stream does not wait for CuPy's
+        runner = threading.Thread(target=link.move, daemon=True, args=(dst.data.ptr, host.address, size))
+        runner.start()
+        for i in range(8):
+            offset = size + i * MB
+            link.move(dst.data.ptr + offset, host.address + offset, MB)
+        runner.join(60)
+        assert not runner.is_alive(), "the large move did not finish"
+        assert cupy.asnumpy(dst).tobytes() == data.tobytes()
+        assert link.copier.stats()["express_pieces"] >= 1
+        with cupy.cuda.Device(0):
+            dst[:] = 0
+            cupy.cuda.Device(0).synchronize()
+        link.move(dst.data.ptr, host.address, 64 * MB)
+        assert cupy.asnumpy(dst[:64 * MB]).tobytes() == data[:64 * MB].tobytes()
+        del data
+    finally:
+        engine.close()
+        host.close()
