@@ -68,11 +68,13 @@ def small_during_big(move_big, move_small, samples: int) -> list[float]:
     return times
 
 
-def make_copier(kind: str, ordinal: int, bandwidth: float, split: int):
+def make_copier(kind: str, ordinal: int, bandwidth: float, chunk: int, split: int):
     """The link's copier: the native pump (Note [The native pump]) or copies issued from Python."""
     from faastube import cuda
     from faastube.pump import Pump
-    return Pump.on_gpu(ordinal, bandwidth, split_bytes=split) if kind == "pump" else cuda.CopyQueue(ordinal)
+    if kind == "pump":
+        return Pump.on_gpu(ordinal, bandwidth, piece_bytes=chunk, split_bytes=split)
+    return cuda.CopyQueue(ordinal)
 
 
 def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidth, configs, quick):
@@ -95,15 +97,25 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
     for chunk, batch, depth, kind, split, default in configs:
         print(f"  {kind}: chunk {chunk / MB:g} MiB, batch {batch}, depth {depth}, split {split / MB:g} MiB …",
               flush=True)
-        copier = make_copier(kind, ordinal, bandwidth, split)
+        copier = make_copier(kind, ordinal, bandwidth, chunk, split)
         link = Link(name, copier, bandwidth, chunk, batch, depth)
         big = timed(lambda: link.move(dst_big, src_big, GB), repeat)
         small_alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
+        before = copier.stats() if kind == "pump" else None
         during = small_during_big(lambda: link.move(dst_big, src_big, GB),
                                   lambda: link.move(dst_small, src_small, MB), samples)
+        pumped = None
+        if kind == "pump":        # where the small moves' time went inside the pump, during the big ones
+            after = copier.stats()
+            express = max(1, after["express_pieces"] - before["express_pieces"])
+            pumped = {"express_queued_us": (after["express_queued_s"] - before["express_queued_s"]) / express * 1e6,
+                      "express_copy_us": (after["express_copy_s"] - before["express_copy_s"]) / express * 1e6,
+                      "idles": after["idles"], "lead_us": after["lead_s"] * 1e6,
+                      "learnt_GBps": after["learnt_bandwidth"] / 1e9}
         if kind == "pump":
             copier.close()
         result["configs"].append({
+            "pump": pumped,
             "chunk_MB": chunk / MB, "batch": batch, "depth": depth, "default": default,
             "copier": kind, "split_MB": split / MB if kind == "pump" else None,
             "big_GBps": GB / big / 1e9, "big_share_of_raw": raw / big,
@@ -213,7 +225,7 @@ def main() -> int:
 
     from controller.links import DEFAULT_DEPTH
     from controller.transfer import (DEFAULT_BATCH_CHUNKS, DEFAULT_CHUNK_BYTES, NVLINK_BYTES_PER_S,
-                                     PCIE_BYTES_PER_S, PUMP_DEPTH)
+                                     PCIE_BYTES_PER_S, PUMP_BATCH_CHUNKS, PUMP_DEPTH)
     from faastube import cuda
 
     devices = cuda.devices()
@@ -222,14 +234,16 @@ def main() -> int:
     # (chunk, batch, depth, copier, split, engine default): the pump as the engine runs it, and
     # the links as they were before it (copies issued from Python), side by side.
     pcie, nvlink = DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES * peer_factor
-    pcie_configs = [(pcie, DEFAULT_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 2, True),
+    pcie_configs = [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 2, True),
                     (pcie, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
-    nvlink_configs = [(nvlink, DEFAULT_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 2, True),
+    nvlink_configs = [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 2, True),
                       (nvlink, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
     if not args.quick:
-        pcie_configs += [(pcie, 1, PUMP_DEPTH, "pump", pcie // 4, False), (pcie, 1, PUMP_DEPTH, "pump", 0, False),
+        pcie_configs += [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 4, False),
+                         (pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", 0, False),
+                         (pcie, 1, 3, "pump", pcie // 2, False),
                          (2 * MB, 1, 2, "python", 0, False), (8 * MB, 1, 2, "python", 0, False)]
-        nvlink_configs += [(nvlink, 1, PUMP_DEPTH, "pump", nvlink // 4, False),
+        nvlink_configs += [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 4, False),
                            (16 * MB, 1, 2, "python", 0, False), (64 * MB, 1, 2, "python", 0, False)]
 
     host_big = cupy.cuda.alloc_pinned_memory(GB)
@@ -292,6 +306,11 @@ def main() -> int:
                   f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
                   f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
                   f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")
+            if c["pump"]:
+                q = c["pump"]
+                print(f"{'':>9}in the pump, mean per small move during: queued {q['express_queued_us']:.0f} µs, "
+                      f"on the engine until seen {q['express_copy_us']:.0f} µs; lead {q['lead_us']:.0f} µs, "
+                      f"ran dry {q['idles']}×, learnt {q['learnt_GBps']:.1f} GB/s")
     print(f"topology: {engine.topology_source}")
     if multi:
         for name in ("host→GPU 0", "GPU 0→host"):

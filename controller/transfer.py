@@ -67,7 +67,8 @@ MULTIPATH_MIN_BYTES = 32 << 20   # smaller moves take one path: a share would be
 RELAY_CHUNK_FACTOR = 4          # Note [Multi-path moves]: relays move big chunks
 PROBE_BYTES = 64 << 20           # Note [Measured links]
 PROBE_RUNS = 3
-PUMP_DEPTH = 3                   # batches a direct link keeps in its pump (Note [The native pump])
+PUMP_BATCH_CHUNKS = 2            # a direct link's batches on a pump (Note [The native pump]) …
+PUMP_DEPTH = 2                   # … and how many it keeps there
 
 
 class TransferEngine:
@@ -118,6 +119,7 @@ class TransferEngine:
             if link is not None:
                 return link
             bandwidth = self.measured.get(name) or (PCIE_BYTES_PER_S if HOST in hops else NVLINK_BYTES_PER_S)
+            batch, depth = DEFAULT_BATCH_CHUNKS, self.depth
             if len(hops) == 3 and hops[1] == HOST:        # between GPUs that cannot reach each other
                 chunk = self.chunk_bytes * self.relay_factor
                 copier = cuda.RelayQueue(self.devices.ordinal(hops[2]), chunk, self.depth + 2,
@@ -129,25 +131,25 @@ class TransferEngine:
                 gpu_end = hops[1] if hops[1] != HOST else hops[0]
                 chunk = self.chunk_bytes * (1 if HOST in hops else
                                             max(1, round(NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S)))
-                copier, depth = self._direct_copier(self.devices.ordinal(gpu_end), bandwidth, chunk)
+                copier, batch, depth = self._direct_copier(self.devices.ordinal(gpu_end), bandwidth, chunk)
             else:
                 raise ValueError(f"no link takes {len(hops) - 1} hops: {name}")
-            link = self._links[name] = Link(name, copier, bandwidth, chunk, DEFAULT_BATCH_CHUNKS,
-                                            depth if len(hops) == 2 else self.depth)
+            link = self._links[name] = Link(name, copier, bandwidth, chunk, batch, depth)
             return link
 
     def _direct_copier(self, ordinal: int, bandwidth: float, chunk: int):
-        """A direct link's copier and depth: a native pump (Note [The native pump]), whose
-        queue is its own, not the copy engine's, so the link keeps ``PUMP_DEPTH`` batches
-        there, and which goes on in half chunks while small moves are about; else a copy
-        queue driven from Python."""
+        """A direct link's copier, batch and depth: a native pump (Note [The native pump]),
+        which puts chunks on the engine one at a time (half chunks while small moves are
+        about), so its link hands it larger batches and wakes less often; else a copy queue
+        driven from Python."""
         if self.pump:
             try:
-                return Pump.on_gpu(ordinal, bandwidth, split_bytes=chunk // 2), PUMP_DEPTH
+                pump = Pump.on_gpu(ordinal, bandwidth, piece_bytes=chunk, split_bytes=chunk // 2)
+                return pump, PUMP_BATCH_CHUNKS, PUMP_DEPTH
             except PumpUnavailable as exc:
                 log.warning("the native pump is unavailable (%s): links issue copies from Python", exc)
                 self.pump = False
-        return cuda.CopyQueue(ordinal), self.depth
+        return cuda.CopyQueue(ordinal), DEFAULT_BATCH_CHUNKS, self.depth
 
     # -- moves -------------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ class _Library:
         p, u64, i64, i32 = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int
         for lib, name, argtypes, restype in (
                 (keep, "pump_load_cuda", [], i32),
-                (keep, "pump_create", [i32, p, p, ctypes.c_double, ctypes.c_double, i64, i64, u64, i64], p),
+                (keep, "pump_create", [i32, p, p, ctypes.c_double, ctypes.c_double, i64, i64, u64, u64, i64], p),
                 (keep, "pump_issue", [p, ctypes.POINTER(u64), i32, i32], i32),
                 (keep, "pump_stats", [p, ctypes.POINTER(ctypes.c_double)], None),
                 (release, "pump_wait", [p, i32, i64], i32),
@@ -132,17 +132,18 @@ class Pump:
 
     def __init__(self, bandwidth: float = 10e9, *, host_rate: float | None = None,
                  lead_s: float = DEFAULT_LEAD_S, overhead_s: float = DEFAULT_OVERHEAD_S,
-                 split_bytes: int = DEFAULT_SPLIT_BYTES, recent_s: float = DEFAULT_RECENT_S,
+                 piece_bytes: int = 0, split_bytes: int = DEFAULT_SPLIT_BYTES,
+                 recent_s: float = DEFAULT_RECENT_S,
                  _gpu: tuple[int, int, int] | None = None):
         if bandwidth <= 0 or (host_rate is not None and host_rate <= 0):
             raise ValueError("a pump's rates must be positive")
-        if lead_s < 0 or overhead_s < 0 or split_bytes < 0 or recent_s < 0:
-            raise ValueError("a pump's lead, overhead, split and recent must not be negative")
+        if min(lead_s, overhead_s, piece_bytes, split_bytes, recent_s) < 0:
+            raise ValueError("a pump's lead, overhead, piece, split and recent must not be negative")
         self._lib = library()
         self.ordinal, context, stream = _gpu or (None, 0, 0)
         self._handle = self._lib.create(int(_gpu is not None), context, stream, float(bandwidth),
                                         float(host_rate or 0), int(lead_s * 1e9), int(overhead_s * 1e9),
-                                        int(split_bytes), int(recent_s * 1e9))
+                                        int(piece_bytes), int(split_bytes), int(recent_s * 1e9))
         if not self._handle:
             raise PumpError("could not make a pump (out of memory, or the GPU refused its events)")
         self.stream = stream
@@ -183,10 +184,15 @@ class Pump:
         self.wait(self.issue([(dst, src, nbytes)], express=True), EXPRESS_SPIN_S)
 
     def stats(self) -> dict:
-        out = (ctypes.c_double * 5)()
+        """Pieces put on the engine (of them split, and express), bytes landed, the rate it
+        learnt (bytes/s), express pieces' summed seconds queued in the pump and from going
+        on the engine to being seen done, how often the engine ran dry with work waiting,
+        and the lead it has settled on (seconds)."""
+        out = (ctypes.c_double * 9)()
         self._lib.stats(self._handle, out)
         return {"pieces": int(out[0]), "split_pieces": int(out[1]), "express_pieces": int(out[2]),
-                "bytes": int(out[3]), "learnt_bandwidth": out[4]}
+                "bytes": int(out[3]), "learnt_bandwidth": out[4], "express_queued_s": out[5],
+                "express_copy_s": out[6], "idles": int(out[7]), "lead_s": out[8]}
 
     def _raise(self, code: int) -> None:
         if code == 0:

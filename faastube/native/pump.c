@@ -60,15 +60,17 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-typedef struct { uint64_t dst, src, n; int token; } piece_t;
+typedef struct { uint64_t dst, src, n; int token; int64_t queued; } piece_t;
 
 typedef struct {
     piece_t piece;
+    int express;
     int64_t submitted, start;   /* start: when the engine began it (as well as we can tell) */
     uint64_t seq;               /* host engine: its place in the engine's queue */
     int slot;                   /* CUDA engine: its event */
 } flight_t;
 
+/* remaining is written with the lock held and read without it by spinning waiters. */
 typedef struct { int used; uint64_t remaining; int error; } token_t;
 
 typedef struct pump {
@@ -97,11 +99,15 @@ typedef struct pump {
     /* Policy (Note [The native pump]) */
     double bytes_per_ns;         /* the engine's rate, learnt from what it did */
     int64_t lead_ns, overhead_ns, recent_ns;
-    uint64_t split_bytes;        /* a normal piece's largest submission while express ones are about */
+    int64_t min_lead_ns, max_lead_ns;
+    int on_time;                 /* pieces that went on in time since the lead last changed */
+    uint64_t piece_bytes;        /* a normal piece's largest submission (the link's chunk) */
+    uint64_t split_bytes;        /* the same while express ones are about */
     int64_t last_express;
 
     /* Counters */
-    uint64_t submitted_pieces, split_pieces, express_pieces, bytes_done;
+    uint64_t submitted_pieces, split_pieces, express_pieces, bytes_done, idles;
+    int64_t express_queue_ns, express_copy_ns;      /* summed: queued → on the engine → seen */
 
     /* Host engine */
     pthread_t host_thread;
@@ -171,9 +177,9 @@ static int token_new(pump_t *p, uint64_t bytes) {
 static void piece_finished(pump_t *p, piece_t piece, int error) {
     token_t *t = &p->tokens[piece.token];
     if (error && !t->error) t->error = error;
-    t->remaining -= piece.n;
+    uint64_t left = __atomic_sub_fetch(&t->remaining, piece.n, __ATOMIC_RELEASE);
     if (!error) p->bytes_done += piece.n;
-    if (t->remaining == 0 && p->sleepers) pthread_cond_broadcast(&p->done);
+    if (left == 0 && p->sleepers) pthread_cond_broadcast(&p->done);
 }
 
 static int64_t predicted_end(pump_t *p, const flight_t *f) {
@@ -181,7 +187,7 @@ static int64_t predicted_end(pump_t *p, const flight_t *f) {
 }
 
 /* Put one piece on the engine (lock held). Errors finish the piece at once. */
-static void submit(pump_t *p, piece_t piece, int64_t now) {
+static void submit(pump_t *p, piece_t piece, int express, int64_t now) {
     flight_t *f = &p->flight[p->flights];
     int error = 0;
     if (p->cuda) {
@@ -203,6 +209,7 @@ static void submit(pump_t *p, piece_t piece, int64_t now) {
     p->submitted_pieces++;
     if (error) { piece_finished(p, piece, error); return; }
     f->piece = piece;
+    f->express = express;
     f->submitted = now;
     /* Behind another piece it starts when that one ends: set then (advance). */
     f->start = p->flights ? predicted_end(p, &p->flight[0]) : now;
@@ -229,15 +236,33 @@ static void advance(pump_t *p) {
             int64_t took = now - f->start - p->overhead_ns;
             if (took > 0) p->bytes_per_ns += (f->piece.n / (double)took - p->bytes_per_ns) / 8;
         }
+        if (f->express) {
+            p->express_queue_ns += f->submitted - f->piece.queued;
+            p->express_copy_ns += now - f->submitted;
+        }
         piece_finished(p, f->piece, status);
         p->flight[0] = p->flight[1];
         p->flights--;
-        if (p->flights) p->flight[0].start = now > p->flight[0].submitted ? now : p->flight[0].submitted;
+        if (p->flights) {
+            p->flight[0].start = now > p->flight[0].submitted ? now : p->flight[0].submitted;
+            /* In time: the next piece was on before this one ended. After 64 such, try a
+             * shorter lead: the less queued on the engine, the less an express move waits. */
+            if (++p->on_time >= 64 && p->lead_ns > p->min_lead_ns) {
+                p->lead_ns -= 500;
+                p->on_time = 0;
+            }
+        } else if (p->express_count || p->normal_count) {
+            /* The engine ran dry with work waiting: the next piece went on too late. */
+            p->idles++;
+            p->on_time = 0;
+            if (p->lead_ns < p->max_lead_ns) p->lead_ns += 1000;
+        }
     }
     while ((p->express_count || p->normal_count) && p->flights < HW_SLOTS &&
            (p->flights == 0 || now >= predicted_end(p, &p->flight[0]) - p->lead_ns)) {
         piece_t piece;
-        if (p->express_count) {
+        int express = p->express_count > 0;
+        if (express) {
             piece = p->express[p->express_head];
             p->express_head = (p->express_head + 1) % EXPRESS_CAP;
             p->express_count--;
@@ -245,12 +270,13 @@ static void advance(pump_t *p) {
         } else {
             piece_t *head = &p->normal[p->normal_head];
             uint64_t left = head->n - p->head_offset;
-            uint64_t take = left;
-            if (p->split_bytes && now - p->last_express < p->recent_ns && left > p->split_bytes) {
+            uint64_t take = p->piece_bytes && left > p->piece_bytes ? p->piece_bytes : left;
+            if (p->split_bytes && now - p->last_express < p->recent_ns && take > p->split_bytes) {
                 take = p->split_bytes;
                 p->split_pieces++;
             }
-            piece = (piece_t){head->dst + p->head_offset, head->src + p->head_offset, take, head->token};
+            piece = (piece_t){head->dst + p->head_offset, head->src + p->head_offset, take, head->token,
+                              head->queued};
             p->head_offset += take;
             if (p->head_offset == head->n) {
                 p->head_offset = 0;
@@ -258,8 +284,21 @@ static void advance(pump_t *p) {
                 p->normal_count--;
             }
         }
-        submit(p, piece, now);
+        submit(p, piece, express, now);
     }
+}
+
+/* Spin about ``ns`` without the lock, then let another thread run. */
+static void relax(int64_t ns) {
+    int64_t until = now_ns() + ns;
+    while (now_ns() < until) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+#endif
+    }
+    sched_yield();
 }
 
 static int busy(pump_t *p) { return p->flights || p->express_count || p->normal_count; }
@@ -271,10 +310,11 @@ static void *pump_thread(void *arg) {
         while (!p->stopping && !busy(p)) pthread_cond_wait(&p->work, &p->mu);
         if (p->stopping && !busy(p)) break;
         advance(p);
-        /* Spin while there is work: a piece's end is seen within a µs or two, and the next
-         * piece goes on in time; yielding lets the other threads of a small machine run. */
+        /* Spin while there is work, outside the lock so callers get it at once: a piece's
+         * end is seen within a µs or two and the next piece goes on in time; yielding lets
+         * the other threads of a small machine run. */
         pthread_mutex_unlock(&p->mu);
-        sched_yield();
+        relax(1000);
         pthread_mutex_lock(&p->mu);
     }
     pthread_mutex_unlock(&p->mu);
@@ -284,7 +324,8 @@ static void *pump_thread(void *arg) {
 /* -- the API (faastube/pump.py) --------------------------------------------------------- */
 
 pump_t *pump_create(int cuda, void *ctx, void *stream, double bytes_per_s, double host_bytes_per_s,
-                    int64_t lead_ns, int64_t overhead_ns, uint64_t split_bytes, int64_t recent_ns) {
+                    int64_t lead_ns, int64_t overhead_ns, uint64_t piece_bytes, uint64_t split_bytes,
+                    int64_t recent_ns) {
     pump_t *p = calloc(1, sizeof(pump_t));
     if (!p) return NULL;
     p->cuda = cuda;
@@ -292,7 +333,9 @@ pump_t *pump_create(int cuda, void *ctx, void *stream, double bytes_per_s, doubl
     p->stream = stream;
     p->bytes_per_ns = bytes_per_s > 0 ? bytes_per_s / 1e9 : 1.0;
     p->host_bytes_per_ns = host_bytes_per_s > 0 ? host_bytes_per_s / 1e9 : 0;
-    p->lead_ns = lead_ns;
+    p->lead_ns = p->min_lead_ns = lead_ns;
+    p->max_lead_ns = lead_ns + 50000;
+    p->piece_bytes = piece_bytes;
     p->overhead_ns = overhead_ns;
     p->split_bytes = split_bytes;
     p->recent_ns = recent_ns;
@@ -332,8 +375,9 @@ int pump_issue(pump_t *p, const uint64_t *triples, int count, int express) {
         pthread_mutex_unlock(&p->mu);
         return PUMP_BUSY;
     }
+    int64_t now = now_ns();
     for (int i = 0; i < count; i++) {
-        piece_t piece = {triples[3 * i], triples[3 * i + 1], triples[3 * i + 2], token};
+        piece_t piece = {triples[3 * i], triples[3 * i + 1], triples[3 * i + 2], token, now};
         if (!piece.n) continue;
         if (express) {
             p->express[(p->express_head + p->express_count) % EXPRESS_CAP] = piece;
@@ -343,7 +387,7 @@ int pump_issue(pump_t *p, const uint64_t *triples, int count, int express) {
             p->tokens[token].remaining -= piece.n;
         }
     }
-    if (express) p->last_express = now_ns();
+    if (express) p->last_express = now;
     advance(p);                   /* an idle engine takes the first piece from this thread */
     pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->mu);
@@ -357,18 +401,20 @@ int pump_wait(pump_t *p, int token, int64_t spin_ns) {
     int64_t until = now_ns() + spin_ns;
     pthread_mutex_lock(&p->mu);
     if (!p->tokens[token].used) { pthread_mutex_unlock(&p->mu); return PUMP_BAD; }
-    while (p->tokens[token].remaining) {
-        if (now_ns() < until) {
+    pthread_mutex_unlock(&p->mu);
+    /* Spin without the lock; now and then help the pump (it may be waking up). */
+    while (__atomic_load_n(&p->tokens[token].remaining, __ATOMIC_ACQUIRE) && now_ns() < until) {
+        relax(1000);
+        if (!pthread_mutex_trylock(&p->mu)) {
             advance(p);
-            if (!p->tokens[token].remaining) break;
             pthread_mutex_unlock(&p->mu);
-            sched_yield();
-            pthread_mutex_lock(&p->mu);
-        } else {
-            p->sleepers++;
-            pthread_cond_wait(&p->done, &p->mu);
-            p->sleepers--;
         }
+    }
+    pthread_mutex_lock(&p->mu);
+    while (p->tokens[token].remaining) {
+        p->sleepers++;
+        pthread_cond_wait(&p->done, &p->mu);
+        p->sleepers--;
     }
     int error = p->tokens[token].error;
     p->tokens[token].used = 0;
@@ -376,7 +422,9 @@ int pump_wait(pump_t *p, int token, int64_t spin_ns) {
     return error;
 }
 
-/* Counters: submitted pieces, split pieces, express pieces, bytes done, learnt rate (B/s). */
+/* Counters: submitted pieces, split pieces, express pieces, bytes done, learnt rate (B/s),
+ * express pieces' summed queue and copy seconds, times the engine ran dry with work
+ * waiting, the lead now (s). */
 void pump_stats(pump_t *p, double *out) {
     pthread_mutex_lock(&p->mu);
     out[0] = p->submitted_pieces;
@@ -384,6 +432,10 @@ void pump_stats(pump_t *p, double *out) {
     out[2] = p->express_pieces;
     out[3] = p->bytes_done;
     out[4] = p->bytes_per_ns * 1e9;
+    out[5] = p->express_queue_ns / 1e9;
+    out[6] = p->express_copy_ns / 1e9;
+    out[7] = p->idles;
+    out[8] = p->lead_ns / 1e9;
     pthread_mutex_unlock(&p->mu);
 }
 
