@@ -234,16 +234,16 @@ def main() -> int:
     # (chunk, batch, depth, copier, split, engine default): the pump as the engine runs it, and
     # the links as they were before it (copies issued from Python), side by side.
     pcie, nvlink = DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES * peer_factor
-    pcie_configs = [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 2, True),
+    pcie_configs = [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 4, True),
                     (pcie, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
-    nvlink_configs = [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 2, True),
+    nvlink_configs = [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 4, True),
                       (nvlink, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
     if not args.quick:
-        pcie_configs += [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 4, False),
+        pcie_configs += [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 2, False),
                          (pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", 0, False),
-                         (pcie, 1, 3, "pump", pcie // 2, False),
+                         (pcie, 1, 3, "pump", pcie // 4, False),
                          (2 * MB, 1, 2, "python", 0, False), (8 * MB, 1, 2, "python", 0, False)]
-        nvlink_configs += [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 4, False),
+        nvlink_configs += [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 2, False),
                            (16 * MB, 1, 2, "python", 0, False), (64 * MB, 1, 2, "python", 0, False)]
 
     host_big = cupy.cuda.alloc_pinned_memory(GB)

@@ -139,12 +139,12 @@ class TransferEngine:
 
     def _direct_copier(self, ordinal: int, bandwidth: float, chunk: int):
         """A direct link's copier, batch and depth: a native pump (Note [The native pump]),
-        which puts chunks on the engine one at a time (half chunks while small moves are
+        which puts chunks on the engine one at a time (quarter chunks while small moves are
         about), so its link hands it larger batches and wakes less often; else a copy queue
         driven from Python."""
         if self.pump:
             try:
-                pump = Pump.on_gpu(ordinal, bandwidth, piece_bytes=chunk, split_bytes=chunk // 2)
+                pump = Pump.on_gpu(ordinal, bandwidth, piece_bytes=chunk, split_bytes=chunk // 4)
                 return pump, PUMP_BATCH_CHUNKS, PUMP_DEPTH
             except PumpUnavailable as exc:
                 log.warning("the native pump is unavailable (%s): links issue copies from Python", exc)

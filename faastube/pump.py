@@ -36,7 +36,7 @@ from .errors import FaasTubeError
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "pump.c")
 DEFAULT_LEAD_S = 8e-6           # a piece goes on this long before the running one ends
 DEFAULT_OVERHEAD_S = 3e-6       # the engine's cost per piece, beside its bytes (H200, PCIe)
-DEFAULT_SPLIT_BYTES = 2 << 20   # normal pieces' size while express moves are about
+DEFAULT_SPLIT_BYTES = 1 << 20   # normal pieces' size while express moves are about
 DEFAULT_RECENT_S = 0.020
 EXPRESS_SPIN_S = 0.005          # an express move's caller spins this long before sleeping
 _BUSY, _BAD = -1, -2

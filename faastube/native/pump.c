@@ -19,7 +19,7 @@
 
 #define CU_NOT_READY 600
 #define CU_EVENT_DISABLE_TIMING 2
-#define HW_SLOTS 2          /* pieces on the engine at once: the running one and the next */
+#define HW_SLOTS 3          /* pieces on the engine at once: the running one, the next, express ones */
 #define TOKENS 256
 #define EXPRESS_CAP 64
 #define PUMP_BUSY -1        /* no free token or queue slot */
@@ -211,8 +211,8 @@ static void submit(pump_t *p, piece_t piece, int express, int64_t now) {
     f->piece = piece;
     f->express = express;
     f->submitted = now;
-    /* Behind another piece it starts when that one ends: set then (advance). */
-    f->start = p->flights ? predicted_end(p, &p->flight[0]) : now;
+    /* Behind another piece it starts when that one ends: predicted now, seen then (advance). */
+    f->start = p->flights ? predicted_end(p, &p->flight[p->flights - 1]) : now;
     p->flights++;
 }
 
@@ -232,7 +232,7 @@ static void advance(pump_t *p) {
             status = 0;
         }
         now = now_ns();
-        if (!status && f->piece.n >= (1u << 20)) {      /* learn the rate from large pieces */
+        if (!status && !f->express && f->piece.n >= (1u << 20)) {   /* learn the rate from large pieces */
             int64_t took = now - f->start - p->overhead_ns;
             if (took > 0) p->bytes_per_ns += (f->piece.n / (double)took - p->bytes_per_ns) / 8;
         }
@@ -240,11 +240,15 @@ static void advance(pump_t *p) {
             p->express_queue_ns += f->submitted - f->piece.queued;
             p->express_copy_ns += now - f->submitted;
         }
+        int was_express = f->express;
         piece_finished(p, f->piece, status);
-        p->flight[0] = p->flight[1];
+        memmove(&p->flight[0], &p->flight[1], sizeof(flight_t) * (HW_SLOTS - 1));
         p->flights--;
-        if (p->flights) {
+        if (p->flights)
             p->flight[0].start = now > p->flight[0].submitted ? now : p->flight[0].submitted;
+        if (was_express || now - p->last_express < p->recent_ns) {
+            /* Express moves break the rhythm the lead is learnt from. */
+        } else if (p->flights) {
             /* In time: the next piece was on before this one ended. After 64 such, try a
              * shorter lead: the less queued on the engine, the less an express move waits. */
             if (++p->on_time >= 64 && p->lead_ns > p->min_lead_ns) {
@@ -258,10 +262,14 @@ static void advance(pump_t *p) {
             if (p->lead_ns < p->max_lead_ns) p->lead_ns += 1000;
         }
     }
-    while ((p->express_count || p->normal_count) && p->flights < HW_SLOTS &&
-           (p->flights == 0 || now >= predicted_end(p, &p->flight[0]) - p->lead_ns)) {
+    /* An express piece goes on at once, behind what the engine holds; a normal one when the
+     * engine is idle, or holds one piece only and that is about to end. */
+    for (;;) {
+        int express = p->express_count > 0 && p->flights < HW_SLOTS;
+        if (!express && !(p->normal_count && (p->flights == 0 || (p->flights == 1 &&
+                now >= predicted_end(p, &p->flight[0]) - p->lead_ns))))
+            break;
         piece_t piece;
-        int express = p->express_count > 0;
         if (express) {
             piece = p->express[p->express_head];
             p->express_head = (p->express_head + 1) % EXPRESS_CAP;
