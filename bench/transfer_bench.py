@@ -46,6 +46,17 @@ def copy_once(queue, dst, src, nbytes) -> None:
     queue.wait(queue.issue([(dst, src, nbytes)]))
 
 
+def small_spaced(move_small, samples: int) -> list[float]:
+    """Latency of ``move_small`` issued every ~2 ms with nothing else on the link: the same
+    cadence as :func:`small_during_big`, so the two differ only by the large moves (back to
+    back, a move finds caches and the CPU warm; after 2 ms asleep it does not)."""
+    times = []
+    for _ in range(samples):
+        times.append(elapsed(move_small))
+        time.sleep(0.002)
+    return times
+
+
 def small_during_big(move_big, move_small, samples: int) -> list[float]:
     """Latency of ``move_small`` issued every ~2 ms while ``move_big`` runs back to back."""
     stop = threading.Event()
@@ -81,7 +92,7 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
     from controller.links import Link
     from faastube import cuda
     repeat = 3 if quick else 5
-    samples = 30 if quick else 100
+    samples = 100 if quick else 300
     raw_queue, other_queue = cuda.CopyQueue(ordinal), cuda.CopyQueue(ordinal)
     raw = timed(lambda: copy_once(raw_queue, dst_big, src_big, GB), repeat)
     alone = [elapsed(lambda: copy_once(raw_queue, dst_small, src_small, MB)) for _ in range(samples)]
@@ -101,6 +112,7 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
         link = Link(name, copier, bandwidth, chunk, batch, depth)
         big = timed(lambda: link.move(dst_big, src_big, GB), repeat)
         small_alone = [elapsed(lambda: link.move(dst_small, src_small, MB)) for _ in range(samples)]
+        spaced = small_spaced(lambda: link.move(dst_small, src_small, MB), samples)
         before = copier.stats() if kind == "pump" else None
         during = small_during_big(lambda: link.move(dst_big, src_big, GB),
                                   lambda: link.move(dst_small, src_small, MB), samples)
@@ -123,7 +135,10 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
             "small_alone_p99_us": percentile(small_alone, 0.99) * 1e6,
             "small_during_p50_us": statistics.median(during) * 1e6,
             "small_during_p99_us": percentile(during, 0.99) * 1e6,
-            "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone)})
+            "during_p99_over_alone_p50": percentile(during, 0.99) / statistics.median(small_alone),
+            "small_spaced_p50_us": statistics.median(spaced) * 1e6,
+            "small_spaced_p99_us": percentile(spaced, 0.99) * 1e6,
+            "during_p99_over_spaced_p50": percentile(during, 0.99) / statistics.median(spaced)})
     return result
 
 
@@ -306,6 +321,8 @@ def main() -> int:
                   f"{c['big_share_of_raw']:>7.0%}{c['small_alone_p50_us']:>15.0f}{c['small_alone_p99_us']:>7.0f}"
                   f"{c['small_during_p50_us']:>12.0f}{c['small_during_p99_us']:>8.0f}"
                   f"{c['during_p99_over_alone_p50']:>9.1f}×{' *' if c['default'] else ''}")
+            print(f"{'':>9}alone every 2 ms as during: p50 {c['small_spaced_p50_us']:.0f} µs, p99 "
+                  f"{c['small_spaced_p99_us']:.0f} µs; during p99 / that p50 {c['during_p99_over_spaced_p50']:.1f}×")
             if c["pump"]:
                 q = c["pump"]
                 print(f"{'':>9}in the pump, mean per small move during: queued {q['express_queued_us']:.0f} µs, "
