@@ -102,6 +102,9 @@ def test_config_defaults_and_errors():
     assert Config.from_env({"FAASTUBE_PUT_WAITS": "yes"}).put_waits is True
     with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_PUT_WAITS='maybe' is not valid: write 1 or 0"):
         Config.from_env({"FAASTUBE_PUT_WAITS": "maybe"})
+    assert config.native_pump is True and Config.from_env({"FAASTUBE_NATIVE_PUMP": "0"}).native_pump is False
+    with pytest.raises(errors.InvalidArgumentError, match="FAASTUBE_NATIVE_PUMP='fast' is not valid"):
+        Config.from_env({"FAASTUBE_NATIVE_PUMP": "fast"})
 
 
 @pytest.mark.parametrize("args, text", [
