@@ -39,7 +39,7 @@ DEFAULT_OVERHEAD_S = 3e-6       # the engine's cost per piece, beside its bytes 
 DEFAULT_SPLIT_BYTES = 1 << 20   # normal pieces' size while express moves are about
 DEFAULT_RECENT_S = 0.020
 EXPRESS_SPIN_S = 0.005          # an express move's caller spins this long before sleeping
-_BUSY, _BAD = -1, -2
+_BUSY, _BAD, _CLOSED = -1, -2, -3
 
 
 class PumpUnavailable(FaasTubeError):
@@ -170,6 +170,8 @@ class Pump:
         token = self._lib.issue(self._handle, (ctypes.c_uint64 * len(flat))(*flat), len(flat) // 3, int(express))
         if token == _BUSY:
             raise PumpError("the link's pump has no room for more moves (256 in flight at most)")
+        if token == _CLOSED:
+            raise PumpError("the link's pump is closed")
         if token < 0:
             raise PumpError(f"the pump refused {len(flat) // 3} pieces")
         return token
@@ -205,7 +207,7 @@ class Pump:
         cuda.raise_for(code)
 
     def close(self) -> None:
-        """Stop after what is queued has landed."""
+        """Stop after what is queued has landed; later moves raise PumpError."""
         if not self._closed:
             self._closed = True
             self._lib.close(self._handle)

@@ -138,3 +138,17 @@ def test_a_link_driven_through_a_pump_moves_concurrent_moves_intact():
         assert link.stats()["native_pump"] and with_pump.stats()["express_pieces"] >= 1
     finally:
         with_pump.close()
+
+
+def test_a_closed_pump_lands_what_it_took_and_refuses_more():
+    closing = Pump(1e9, host_rate=1e9)
+    src = np.random.default_rng(5).integers(0, 256, 32 * MiB, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    token = closing.issue([(address(dst), address(src), src.nbytes)])
+    waiter = threading.Thread(target=closing.wait, args=(token,))
+    waiter.start()
+    closing.close()                    # returns once the queued move has landed
+    waiter.join(60)
+    assert not waiter.is_alive() and np.array_equal(dst, src)
+    with pytest.raises(PumpError, match="closed"):
+        closing.issue([(address(dst), address(src), 1)])

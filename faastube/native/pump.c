@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@
 #define EXPRESS_CAP 64
 #define PUMP_BUSY -1        /* no free token or queue slot */
 #define PUMP_BAD -2         /* a bad argument */
+#define PUMP_CLOSED -3      /* the pump was closed */
 
 typedef int CUresult;
 typedef void *CUctx;
@@ -120,8 +122,16 @@ typedef struct pump {
 
 /* -- the host engine: a queue of HW_SLOTS pieces copied in order by one thread ------------ */
 
+/* The pump's threads take no signals: the interpreter handles them on its own threads. */
+static void block_signals(void) {
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+}
+
 static void *host_engine(void *arg) {
     pump_t *p = arg;
+    block_signals();
     pthread_mutex_lock(&p->mu);
     for (;;) {
         while (!p->stopping && p->host_seq_done == p->host_seq_submitted)
@@ -313,6 +323,7 @@ static int busy(pump_t *p) { return p->flights || p->express_count || p->normal_
 
 static void *pump_thread(void *arg) {
     pump_t *p = arg;
+    block_signals();
     pthread_mutex_lock(&p->mu);
     for (;;) {
         while (!p->stopping && !busy(p)) pthread_cond_wait(&p->work, &p->mu);
@@ -377,6 +388,7 @@ int pump_issue(pump_t *p, const uint64_t *triples, int count, int express) {
     if (count < 1 || (express && count > EXPRESS_CAP)) return PUMP_BAD;
     for (int i = 0; i < count; i++) total += triples[3 * i + 2];
     pthread_mutex_lock(&p->mu);
+    if (p->stopping) { pthread_mutex_unlock(&p->mu); return PUMP_CLOSED; }
     int token = token_new(p, total);
     if (token < 0 || (express && p->express_count + count > EXPRESS_CAP)) {
         if (token >= 0) p->tokens[token].used = 0;
@@ -447,7 +459,9 @@ void pump_stats(pump_t *p, double *out) {
     pthread_mutex_unlock(&p->mu);
 }
 
-/* Stop once everything queued has finished, then free. No call may follow. */
+/* Stop once everything queued has finished. The pump's memory is kept (a few KB, once per
+ * link): a thread still returning from pump_wait, or a late pump_issue (PUMP_CLOSED), may
+ * touch it. */
 void pump_close(pump_t *p) {
     pthread_mutex_lock(&p->mu);
     p->stopping = 1;
@@ -462,10 +476,4 @@ void pump_close(pump_t *p) {
     } else {
         for (int i = 0; i < HW_SLOTS; i++) cu.event_destroy(p->events[i]);
     }
-    pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->work);
-    pthread_cond_destroy(&p->done);
-    pthread_cond_destroy(&p->host_work);
-    free(p->normal);
-    free(p);
 }
