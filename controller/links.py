@@ -237,4 +237,5 @@ class Link:
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
                     "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
-                    "chunk_bytes": self.scheduler.chunk_bytes, "native_pump": hasattr(self.copier, "move")}
+                    "chunk_bytes": self.scheduler.chunk_bytes, "native_pump": hasattr(self.copier, "move"),
+                    **({"pump": self.copier.stats()} if hasattr(self.copier, "move") else {})}

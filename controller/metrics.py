@@ -117,11 +117,27 @@ class ControllerCollector:
             bandwidth = GaugeMetricFamily("faastube_link_bandwidth_bytes_per_second",
                                           "A link's bandwidth, measured at start (estimated until then)",
                                           labels=["link"])
+            pieces = CounterMetricFamily("faastube_link_pump_pieces", "Copies a link's native pump put "
+                                         "on the copy engine", labels=["link", "kind"])
+            dry = CounterMetricFamily("faastube_link_pump_ran_dry", "Times a native pump's engine ran "
+                                      "dry with work waiting (its lead then grows)", labels=["link"])
+            lead = GaugeMetricFamily("faastube_link_pump_lead_seconds", "How long before a running "
+                                     "copy ends a native pump puts on the next", labels=["link"])
             for link, values in sorted(links.items()):
                 queued.add_metric([link], values["queued"])
                 bandwidth.add_metric([link], values["bandwidth"])
+                pump = values.get("pump")
+                if pump:
+                    express = pump["express_pieces"]
+                    pieces.add_metric([link, "express"], express)
+                    pieces.add_metric([link, "normal"], pump["pieces"] - express)
+                    dry.add_metric([link], pump["idles"])
+                    lead.add_metric([link], pump["lead_s"])
             yield queued
             yield bandwidth
+            yield pieces
+            yield dry
+            yield lead
 
         counts, buckets, sums = self.stats.snapshot()
         requests = CounterMetricFamily("faastube_requests", "Requests answered",

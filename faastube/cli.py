@@ -79,7 +79,8 @@ def render_status(status: dict) -> str:
                      f"mean wait {link['wait_s'] / moves * 1e6:.0f} µs, service "
                      f"{link['service_s'] / moves * 1e6:.0f} µs, chunks of {format_size(link['chunk_bytes'])}, "
                      f"measured {link['bandwidth'] / 1e9:.1f} GB/s"
-                     + (", native pump" if link.get("native_pump") else ""))
+                     + (f", native pump ({link['pump']['express_pieces']} express moves, lead "
+                        f"{link['pump']['lead_s'] * 1e6:.0f} µs)" if link.get("pump") else ""))
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
               "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]

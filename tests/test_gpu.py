@@ -44,8 +44,14 @@ two_gpus = pytest.mark.skipif(NO_GPU is None and gpu_count() < 2, reason="needs 
 
 
 @pytest.fixture
-def controller_settings():
-    return {"gpus": "auto", "gpu_slab_size": "64MiB", "gpu_pool_limit": "4GiB"}
+def metrics_port():
+    from faastube.local import free_port
+    return free_port()
+
+
+@pytest.fixture
+def controller_settings(metrics_port):
+    return {"gpus": "auto", "gpu_slab_size": "64MiB", "gpu_pool_limit": "4GiB", "metrics_port": metrics_port}
 
 
 def pool(controller, device) -> dict:
@@ -225,7 +231,8 @@ def test_status_lists_a_pool_per_gpu(controller):
     assert all(p["name"].startswith(f"GPU {i} ") for i, p in enumerate(pools[1:]))
 
 
-def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them(worker_env, controller):
+def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them(worker_env, controller,
+                                                                                  metrics_port):
     """Issue 5: moves go through the chunked links; large and small ones at once, on every
     path this machine has, each with its own random bytes."""
     paths = [("host", "cuda:0"), ("cuda:0", "cpu")]
@@ -259,6 +266,14 @@ def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them
                    in zip(jobs, [p for p in paths for _ in sizes]))
     assert sum(m["transfers"] for m in moved.values()) == expected
     assert all(link["queued"] == 0 and link["chunk_bytes"] >= MB for link in links.values())
+    # Direct links run on native pumps (Note [The native pump]); relays from Python.
+    direct = {name: link for name, link in links.items() if name.count("→") == 1}
+    assert direct and all(link["native_pump"] and link["pump"]["bytes"] >= link["bytes"] for link in direct.values())
+    from .test_metrics import scrape
+    samples = scrape(metrics_port)
+    pumped = {dict(labels)["link"] for (name, labels), value in samples.items()
+              if name == "faastube_link_pump_pieces_total" and value > 0}
+    assert pumped == set(direct)
 
 
 def device(name: str) -> str:
