@@ -4,6 +4,7 @@ intact; an express move goes ahead of what is still queued; normal pieces go on 
 pieces only while express moves are about; bad input is refused with a clear error; and a
 link driven through a pump behaves as with any other copier."""
 
+import re
 import threading
 
 import numpy as np
@@ -152,3 +153,20 @@ def test_a_closed_pump_lands_what_it_took_and_refuses_more():
     assert not waiter.is_alive() and np.array_equal(dst, src)
     with pytest.raises(PumpError, match="closed"):
         closing.issue([(address(dst), address(src), 1)])
+
+
+def test_faastube_status_shows_a_pump_links_counters():
+    from faastube.cli import render_status
+    with_pump = Pump(2e9)
+    link = Link("host→host", with_pump, bandwidth=2e9, chunk_bytes=MiB, batch_chunks=2, depth=2)
+    try:
+        src, dst = np.ones(3 * MiB, np.uint8), np.zeros(3 * MiB, np.uint8)
+        link.move(address(dst), address(src), src.nbytes)
+        link.move(address(dst), address(src), MiB // 2)            # an express move
+        status = {"node": "n", "epoch": "e", "clients": 0, "pools": [], "namespaces": {},
+                  "links": {link.name: link.stats()}}
+        text = render_status(status)
+        assert "link host→host: 3.5 MiB in 2 transfers" in text
+        assert re.search(r"native pump \(1 express moves, lead \d+ µs\)", text)   # the lead adapts
+    finally:
+        with_pump.close()
