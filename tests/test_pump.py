@@ -4,6 +4,7 @@ intact; an express move goes ahead of what is still queued; normal pieces go on 
 pieces only while express moves are about; bad input is refused with a clear error; and a
 link driven through a pump behaves as with any other copier."""
 
+import os
 import re
 import threading
 
@@ -170,3 +171,15 @@ def test_faastube_status_shows_a_pump_links_counters():
         assert re.search(r"native pump \(1 express moves, lead \d+ µs\)", text)   # the lead adapts
     finally:
         with_pump.close()
+
+
+def test_a_library_folder_others_can_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)            # as a planted folder in /tmp could be
+    with pytest.raises(PumpUnavailable, match="writable by others"):
+        pump.build(str(shared))
+    assert not list(shared.iterdir())
+    own = tmp_path / "own"
+    path = pump.build(str(own))     # a fresh folder is made for this user only
+    assert os.stat(own).st_mode & 0o777 == 0o700 and os.path.basename(path).startswith("faastube-pump-")
