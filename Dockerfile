@@ -14,7 +14,9 @@ COPY pyproject.toml README.md ./
 COPY faastube ./faastube
 COPY controller ./controller
 COPY shim ./shim
+# The folder is made readable by the controller's user first (build() would make a new one 0700).
 RUN pip install --no-cache-dir . \
+    && mkdir -p /opt/faastube/native && chmod 755 /opt/faastube/native \
     && python -c "from faastube import pump; print(pump.build('/opt/faastube/native'))"
 
 FROM python:3.12-slim
