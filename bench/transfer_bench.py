@@ -68,15 +68,11 @@ def small_during_big(move_big, move_small, samples: int) -> list[float]:
     runner = threading.Thread(target=run_big)
     runner.start()
     time.sleep(0.05)                                   # the large moves are under way
-    times = []
     try:
-        for _ in range(samples):
-            times.append(elapsed(move_small))
-            time.sleep(0.002)
+        return small_spaced(move_small, samples)
     finally:
         stop.set()
         runner.join()
-    return times
 
 
 def make_copier(kind: str, ordinal: int, bandwidth: float, chunk: int, split: int):
@@ -124,7 +120,6 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
                       "express_copy_us": (after["express_copy_s"] - before["express_copy_s"]) / express * 1e6,
                       "idles": after["idles"], "lead_us": after["lead_s"] * 1e6,
                       "learnt_GBps": after["learnt_bandwidth"] / 1e9}
-        if kind == "pump":
             copier.close()
         result["configs"].append({
             "pump": pumped,

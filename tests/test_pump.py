@@ -15,11 +15,9 @@ from controller.links import Link
 from faastube import pump
 from faastube.pump import Pump, PumpError, PumpUnavailable
 
+from .test_links import address, move_at_once
+
 MiB = 1 << 20
-
-
-def address(array: np.ndarray) -> int:
-    return array.ctypes.data
 
 
 @pytest.fixture
@@ -127,15 +125,7 @@ def test_a_link_driven_through_a_pump_moves_concurrent_moves_intact():
         sources = [np.random.default_rng(i).integers(0, 256, (i + 1) * 3 * MiB + i, dtype=np.uint8)
                    for i in range(6)]
         sources += [np.full(MiB // 2, i, np.uint8) for i in range(4)]        # express moves
-        targets = [np.zeros_like(s) for s in sources]
-        threads = [threading.Thread(target=link.move, args=(address(t), address(s), s.nbytes))
-                   for s, t in zip(sources, targets)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        for s, t in zip(sources, targets):
-            np.testing.assert_array_equal(t, s)
+        move_at_once(link, sources)
         assert link.moves == len(sources) and link.queued == 0
         assert link.stats()["native_pump"] and with_pump.stats()["express_pieces"] >= 1
     finally:
