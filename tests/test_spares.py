@@ -26,6 +26,7 @@ def test_the_second_put_of_a_shape_asks_for_a_spare_and_the_third_takes_it(ft, c
     spare = conn._replies[spare_seq]                         # the create reply it will take
     third = ft.put(np.full(1000, 3, np.int32), scope="run-1", ttl=60)
     assert third["id"] == spare["id"]
+    conn.request(protocol.Ping())                            # the seal and next create landed
     assert pending(controller) == 1                          # the next spare, already asked for
     for ref, value in ((first, 1), (second, 2), (third, 3)):
         assert (ft.get(ref) == value).all()
@@ -73,13 +74,14 @@ def test_an_idle_spare_is_freed(ft, controller, monkeypatch):
 
 
 def test_spares_are_off_with_no_spare_bytes_and_for_arrays_above_them(ft, controller):
-    ft.connect(socket=controller.socket, namespace="test", spare_bytes=0)
-    for _ in range(3):
-        ft.put(np.zeros(1000, np.uint8))
-    ft.connect(socket=controller.socket, namespace="test", spare_bytes=4096)
-    for _ in range(3):
-        ft.put(np.zeros(8192, np.uint8))                      # bigger than spare_bytes
-    assert pending(controller) == 0 and not ft.client()._spares
+    for spare_bytes, size in ((0, 1000), (4096, 8192)):       # none; bigger than spare_bytes
+        conn = ft.connect(socket=controller.socket, namespace="test", spare_bytes=spare_bytes)
+        for _ in range(3):
+            ft.put(np.zeros(size, np.uint8))
+        assert not conn._spares
+        # Seals go without waiting; replies come in order, so after a ping they have landed.
+        conn.request(protocol.Ping())
+        assert pending(controller) == 0
 
 
 def test_a_full_pool_frees_the_spares_before_it_fails_a_put(tmp_path, redis_server):
