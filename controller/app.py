@@ -46,9 +46,10 @@ class Controller:
             raise InvalidArgumentError(f"--chunk-size must be at least 64KiB, got {config.chunk_size}")
         self.transfers = (TransferEngine(self.gpus[0][0], config.chunk_size, pump=config.native_pump)
                           if self.gpus else None)
-        self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers)
-        self.server: ControllerServer | None = None
         self.stats = RequestStats()
+        self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers,
+                                 self.stats)
+        self.server: ControllerServer | None = None
         self.metrics_server = None
         self._stop = threading.Event()
         self._swept_old_epochs = False

@@ -8,6 +8,8 @@ import hmac
 import json
 import math
 import os
+import time
+from typing import TYPE_CHECKING
 
 from faastube import protocol
 from faastube.errors import InvalidArgumentError, InvalidStateError, NamespaceError
@@ -15,6 +17,9 @@ from faastube.refs import check_dtype
 
 from .objects import Grant, ObjectTable, Session
 from .transfer import TransferEngine
+
+if TYPE_CHECKING:
+    from .metrics import RequestStats
 
 
 def load_secrets(path: str | None) -> dict[str, str]:
@@ -35,9 +40,10 @@ def load_secrets(path: str | None) -> dict[str, str]:
 
 class Handlers:
     def __init__(self, table: ObjectTable, node: str, epoch: str, namespace_secrets: dict[str, str],
-                 transfers: TransferEngine | None = None):
+                 transfers: TransferEngine | None = None, stats: RequestStats | None = None):
         self.table = table
         self.transfers = transfers
+        self.stats = stats
         self.node = node
         self.epoch = epoch
         self.secrets = namespace_secrets
@@ -103,14 +109,24 @@ class Handlers:
         self.table.seal(session, request.id, request.drop_writer, lifetime)
         return {}, []
 
+    # Note [Where a get's time goes]: the server times every request from its arrival to its
+    # reply (faastube_request_seconds); a get that copies also times the copy alone, from the
+    # move's start to its landing (faastube_get_copy_seconds; "requests" in the admin's
+    # status). So a function's get splits three ways: the copy; the controller's control
+    # around it (grant, reply); and what neither side's timer sees, the socket and the
+    # wake-ups at both ends plus the client's own work. `faastube bench` reports the three
+    # per request of a workflow.
     def get(self, session: Session, request: protocol.Get, may_wait: bool = False):
         grant = self.table.get(session, request.id, request.timeout, may_wait,   # ≤ 3600 s: protocol.Get
                                request.device, request.prefer)
         if grant.copy is not None:
             # Note [Copies for another device]: the lease already pins both regions.
+            started = time.perf_counter()
             try:
                 self.transfers.move(grant.copy.src, grant.copy.dst,
                                     None if request.slo_ms is None else request.slo_ms / 1e3)
+                if self.stats is not None:      # Note [Where a get's time goes]
+                    self.stats.observe_copy(time.perf_counter() - started)
             except BaseException:
                 self.table.abandon(session, grant)
                 for fd, _info in grant.fds:
@@ -133,6 +149,8 @@ class Handlers:
                                  "root; declare your namespace to see it")
         reply = self.table.status(session)
         reply.update(node=self.node, epoch=self.epoch)
+        if self.stats is not None and session.admin:
+            reply["requests"] = self.stats.summary()
         if self.transfers is not None and session.admin:
             reply["links"] = self.transfers.link_stats()
             reply["topology"] = self.transfers.topology_report()

@@ -22,13 +22,17 @@ LATENCY_BUCKETS = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 25e-3
 
 
 class RequestStats:
-    """Requests per op and outcome, and a latency histogram per op."""
+    """Requests per op and outcome, a latency histogram per op, and one of the time gets
+    spend copying: a get's time less its copy is the control around it (Note [Where a
+    get's time goes], controller/handlers.py)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.counts: dict[tuple[str, str], int] = {}
         self.buckets: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
+        self.copy_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.copy_sum = 0.0
 
     def observe(self, op: str, ok: bool, seconds: float) -> None:
         slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)
@@ -41,9 +45,27 @@ class RequestStats:
             buckets[slot] += 1
             self.sums[op] = self.sums.get(op, 0.0) + seconds
 
-    def snapshot(self):
+    def observe_copy(self, seconds: float) -> None:
+        """A get's copy to the device it asked for, from the move's start to its landing."""
+        slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self._lock:
-            return dict(self.counts), {op: list(b) for op, b in self.buckets.items()}, dict(self.sums)
+            self.copy_buckets[slot] += 1
+            self.copy_sum += seconds
+
+    def snapshot(self):
+        """(counts by (op, outcome), latency buckets by op, seconds by op, copy buckets, copy seconds)."""
+        with self._lock:
+            return (dict(self.counts), {op: list(b) for op, b in self.buckets.items()}, dict(self.sums),
+                    list(self.copy_buckets), self.copy_sum)
+
+    def summary(self) -> dict:
+        """For the admin's status: ``{"ops": {op: {"ok", "error", "seconds"}}, "get_copies":
+        {"count", "seconds"}}``; seconds are summed, so two summaries' difference gives means."""
+        counts, _buckets, sums, copy_buckets, copy_sum = self.snapshot()
+        ops: dict[str, dict] = {}
+        for (op, outcome), count in counts.items():
+            ops.setdefault(op, {"ok": 0, "error": 0, "seconds": sums.get(op, 0.0)})[outcome] = count
+        return {"ops": ops, "get_copies": {"count": sum(copy_buckets), "seconds": copy_sum}}
 
 
 class ControllerCollector:
@@ -139,7 +161,7 @@ class ControllerCollector:
             yield dry
             yield lead
 
-        counts, buckets, sums = self.stats.snapshot()
+        counts, buckets, sums, copy_buckets, copy_sum = self.stats.snapshot()
         requests = CounterMetricFamily("faastube_requests", "Requests answered",
                                        labels=["op", "outcome"])
         for (op, outcome), count in sorted(counts.items()):
@@ -149,12 +171,22 @@ class ControllerCollector:
                                         "Time from a request's arrival to its reply",
                                         labels=["op"])
         for op, counts_by_bucket in sorted(buckets.items()):
-            cumulative, total = [], 0
-            for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts_by_bucket):
-                total += count
-                cumulative.append((bound, total))
-            latency.add_metric([op], cumulative, sums[op])
+            latency.add_metric([op], _cumulative(counts_by_bucket), sums[op])
         yield latency
+        copies = HistogramMetricFamily("faastube_get_copy_seconds",
+                                       "Time gets spent copying an object to the device they "
+                                       "asked for (only gets that copied)")
+        copies.add_metric([], _cumulative(copy_buckets), copy_sum)
+        yield copies
+
+
+def _cumulative(counts_by_bucket: list[int]) -> list[tuple[str, int]]:
+    """Prometheus' cumulative (upper bound, count) pairs of one histogram's buckets."""
+    cumulative, total = [], 0
+    for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts_by_bucket):
+        total += count
+        cumulative.append((bound, total))
+    return cumulative
 
 
 def serve_metrics(port: int, table, directory, transfers, stats: RequestStats):

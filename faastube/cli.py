@@ -81,6 +81,17 @@ def render_status(status: dict) -> str:
                      f"measured {link['bandwidth'] / 1e9:.1f} GB/s"
                      + (f", native pump ({link['pump']['express_pieces']} express moves, lead "
                         f"{link['pump']['lead_s'] * 1e6:.0f} µs)" if link.get("pump") else ""))
+    requests = status.get("requests")
+    if requests and requests["ops"]:
+        answered = []
+        for op, e in sorted(requests["ops"].items()):
+            count = e["ok"] + e["error"]
+            answered.append(f"{op} {count}" + (f" ({e['error']} failed)" if e["error"] else "")
+                            + f" mean {e['seconds'] / count * 1e6:.0f} µs")
+        copies = requests["get_copies"]
+        lines.append("requests: " + ", ".join(answered)
+                     + (f"; {copies['count']} gets copied, mean copy "
+                        f"{copies['seconds'] / copies['count'] * 1e6:.0f} µs" if copies["count"] else ""))
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
               "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]

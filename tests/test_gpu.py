@@ -247,7 +247,8 @@ def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them
                     worker_env.run("gpu_function.py", "put", size, seed, "empty", source))
             jobs.append((made, target, size))
     # (a producer on GPU 1 reads its object back on its current GPU 0: a move of its own)
-    before = controller.status().get("links", {})
+    status_before = controller.status()
+    before = status_before.get("links", {})
     consumers = [worker_env.start("gpu_function.py", "get", json.dumps(made["ref"]), target)
                  for made, target, _size in jobs]
     got = [worker_env.read_json(c, timeout=180) for c in consumers]
@@ -274,6 +275,14 @@ def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them
     pumped = {dict(labels)["link"] for (name, labels), value in samples.items()
               if name == "faastube_link_pump_pieces_total" and value > 0}
     assert pumped == set(direct)
+    # Every consumer's get copied; the copies are timed apart from the gets (Note [Where a
+    # get's time goes]), and the copy is part of its get.
+    requests, requests_before = controller.status()["requests"], status_before["requests"]
+    copies = requests["get_copies"]["count"] - requests_before["get_copies"]["count"]
+    copy_s = requests["get_copies"]["seconds"] - requests_before["get_copies"]["seconds"]
+    get_s = requests["ops"]["get"]["seconds"] - requests_before["ops"]["get"]["seconds"]
+    assert copies == len(jobs) and 0 < copy_s < get_s
+    assert samples[("faastube_get_copy_seconds_count", ())] == requests["get_copies"]["count"]
 
 
 def device(name: str) -> str:

@@ -57,7 +57,14 @@ def test_metrics_show_pools_objects_leases_and_requests(ft, controller, metrics_
     assert m[("faastube_request_seconds_count", (("op", "get"),))] == 2
     assert m[("faastube_request_seconds_bucket", (("le", "+Inf"), ("op", "create")))] == 4
     assert m[("faastube_request_seconds_sum", (("op", "seal"),))] > 0
+    assert m[("faastube_get_copy_seconds_count", ())] == 0       # a host-only node copies nothing
     assert m[("process_open_fds", ())] > 0
+    # The admin's status carries the same counts (Note [Where a get's time goes]).
+    requests = controller.status()["requests"]
+    assert requests["ops"]["get"]["ok"] == 1 and requests["ops"]["get"]["error"] == 1
+    assert requests["ops"]["create"]["ok"] == 4
+    assert requests["ops"]["get"]["seconds"] == pytest.approx(m[("faastube_request_seconds_sum", (("op", "get"),))])
+    assert requests["get_copies"] == {"count": 0, "seconds": 0.0}
     del held, pending
 
 

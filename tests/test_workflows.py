@@ -6,6 +6,7 @@ nothing a run passed is left behind. No timing is asserted (bench/workflows/ mea
 import glob
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -97,6 +98,13 @@ def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
         assert mode["isolated"]["links"] == {}          # no GPU here: the controller moved nothing
         assert mode["load"]["requests"] >= 0 and mode["load"]["failed"] == 0
         assert mode["max"]["max_rps_within_slo"] > 0 and mode["max"]["trials"]   # a 5 s SLO holds
+    # The pool's gets, split by the controller's own timers: two a request (post-processing's
+    # and segmentation's), no copies on a node without GPUs; shm gets nothing from the pool.
+    gets = driving["modes"]["pool"]["isolated"]["gets"]
+    assert gets["gets"] == 2 and gets["copying_ms"] == 0
+    assert gets["in_functions_ms"] > gets["in_controller_ms"] > 0
+    assert driving["modes"]["shm"]["isolated"]["gets"] == {}
+    assert "driving: the pool's 2 gets a request took " in done.stdout
     for plot in ("driving-cdf.png", "driving-load.png", "driving-stages.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
@@ -115,6 +123,20 @@ def test_links_per_request_splits_the_controllers_moves_by_link():
                        "wait_ms": pytest.approx(0.5), "service_ms": pytest.approx(2.0)},
         "host→GPU-1→GPU-0": {"moves_per_request": 1.0, "bytes_per_request": 300.0,
                              "wait_ms": 0.0, "service_ms": pytest.approx(1.0)}}
+
+
+def test_gets_per_request_splits_the_pools_gets_three_ways():
+    import run
+    before = {"requests": {"ops": {"get": {"ok": 10, "error": 0, "seconds": 0.010}},
+                           "get_copies": {"count": 4, "seconds": 0.004}}}
+    after = {"requests": {"ops": {"get": {"ok": 13, "error": 1, "seconds": 0.016}, "seal": {"ok": 9}},
+                          "get_copies": {"count": 6, "seconds": 0.007}}}
+    runs = [SimpleNamespace(activations=[SimpleNamespace(passing_ops={"get": 0.003, "put": 0.5}),
+                                         SimpleNamespace(passing_ops={"get": 0.002})])] * 2
+    assert run.gets_per_request(before, after, runs) == {
+        "gets": 2.0, "in_functions_ms": pytest.approx(5.0), "in_controller_ms": pytest.approx(3.0),
+        "copying_ms": pytest.approx(1.5)}
+    assert run.gets_per_request(after, after, runs) == {}         # nothing got through the pool
 
 
 def test_placement_deals_gpu_containers_to_the_gpus_in_turn():

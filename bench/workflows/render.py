@@ -45,6 +45,14 @@ def table(results) -> str:
     for w in results["workflows"]:
         lines.append(f"{w['workflow']}: SLO {w['slo_ms']:.0f} ms; outputs identical across modes: "
                      f"{w['identical_outputs']}")
+        gets = w["modes"].get("pool", {}).get("isolated", {}).get("gets")
+        if gets:
+            rest = gets["in_functions_ms"] - gets["in_controller_ms"]
+            lines.append(f"{w['workflow']}: the pool's {gets['gets']:.0f} gets a request took "
+                         f"{gets['in_functions_ms']:.2f} ms in the functions: copying "
+                         f"{gets['copying_ms']:.2f}, the controller's control "
+                         f"{gets['in_controller_ms'] - gets['copying_ms']:.2f}, socket, wake-ups and "
+                         f"client {rest:.2f}")
     return "\n".join(lines)
 
 

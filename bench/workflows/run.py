@@ -137,6 +137,27 @@ def links_per_request(before: dict, after: dict, requests: int) -> dict:
     return out
 
 
+def gets_per_request(before: dict, after: dict, runs) -> dict:
+    """Where the pool's gets spent their time, per request, between two of the controller's
+    status replies (Note [Where a get's time goes], controller/handlers.py): in the
+    functions (every stage's gets, summed), in the controller, and copying there. Empty
+    where the mode got nothing through the pool."""
+    def totals(status):
+        requests = status.get("requests", {})
+        get = requests.get("ops", {}).get("get", {})
+        copies = requests.get("get_copies", {})
+        return get.get("ok", 0) + get.get("error", 0), get.get("seconds", 0.0), copies.get("seconds", 0.0)
+
+    (gets, in_controller, copying), (gets_0, in_controller_0, copying_0) = totals(after), totals(before)
+    if gets == gets_0:
+        return {}
+    in_functions = sum(a.passing_ops.get("get", 0.0) for run in runs for a in run.activations)
+    return {"gets": (gets - gets_0) / len(runs),
+            "in_functions_ms": in_functions / len(runs) * 1e3,
+            "in_controller_ms": (in_controller - in_controller_0) / len(runs) * 1e3,
+            "copying_ms": (copying - copying_0) / len(runs) * 1e3}
+
+
 def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
     workflow = driver.WORKFLOWS[name]
     deployments = {}
@@ -153,19 +174,22 @@ def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
             for k in range(INPUTS * args.replicas):
                 deployment.run(k // args.replicas % INPUTS)
             runs = []
-            links_before = controller.status().get("links", {})
+            status_before = controller.status()
             with bar(args, args.requests, f"{name}/{mode} isolated") as progress:
                 for i in range(args.requests):
                     runs.append(deployment.run(i % INPUTS))
                     if progress is not None:
                         progress.update(1)
             latencies = [r.latency_s for r in runs]
+            status_after = controller.status()
             result["modes"][mode] = {
                 "isolated": {"p50_ms": load.percentile(latencies, 0.5) * 1e3,
                              "p99_ms": load.percentile(latencies, 0.99) * 1e3,
                              "latencies_ms": [x * 1e3 for x in latencies],
                              "checksums": {str(r.seed): r.result["checksum"] for r in runs},
-                             "links": links_per_request(links_before, controller.status().get("links", {}), len(runs)),
+                             "links": links_per_request(status_before.get("links", {}),
+                                                        status_after.get("links", {}), len(runs)),
+                             "gets": gets_per_request(status_before, status_after, runs),
                              **breakdown(runs)}}
         sums = {mode: m["isolated"]["checksums"] for mode, m in result["modes"].items()}
         result["identical_outputs"] = all(s == next(iter(sums.values())) for s in sums.values())
