@@ -109,13 +109,13 @@ class Handlers:
         self.table.seal(session, request.id, request.drop_writer, lifetime)
         return {}, []
 
-    # Note [Where a get's time goes]: the server times every request from its arrival to its
-    # reply (faastube_request_seconds); a get that copies also times the copy alone, from the
-    # move's start to its landing (faastube_get_copy_seconds; "requests" in the admin's
-    # status). So a function's get splits three ways: the copy; the controller's control
-    # around it (grant, reply); and what neither side's timer sees, the socket and the
-    # wake-ups at both ends plus the client's own work. `faastube bench` reports the three
-    # per request of a workflow.
+    # Note [Where a get's time goes]: the server times every request from reading it to its
+    # reply being ready (faastube_request_seconds); a get that copies also times the copy
+    # alone, from the move's start to its landing (faastube_get_copy_seconds; "requests" in
+    # the admin's status). So a function's get splits three ways: the copy; the
+    # controller's control around it (grant, building the reply); and what neither timer
+    # sees: the socket, the wake-ups at both ends, and the client's own work. `faastube
+    # bench` reports the three per request of a workflow.
     def get(self, session: Session, request: protocol.Get, may_wait: bool = False):
         grant = self.table.get(session, request.id, request.timeout, may_wait,   # ≤ 3600 s: protocol.Get
                                request.device, request.prefer)

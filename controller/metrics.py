@@ -168,7 +168,7 @@ class ControllerCollector:
             requests.add_metric([op, outcome], count)
         yield requests
         latency = HistogramMetricFamily("faastube_request_seconds",
-                                        "Time from a request's arrival to its reply",
+                                        "Time from reading a request to its reply being ready",
                                         labels=["op"])
         for op, counts_by_bucket in sorted(buckets.items()):
             latency.add_metric([op], _cumulative(counts_by_bucket), sums[op])

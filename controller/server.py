@@ -161,14 +161,16 @@ class ControllerServer:
             log.exception("request %r from pid %d failed", message.get("op"), session.pid)
             reply = {"seq": seq, "ok": False, "error": "FaasTubeError",
                      "message": f"internal controller error: {type(exc).__name__}: {exc}"}
+        # Counted before the reply goes: a client that has its reply finds it counted, and the
+        # time leaves out the send, where the woken client may take this thread's core.
+        op = message.get("op")
+        self.stats.observe(op if isinstance(op, str) and op in protocol.REQUESTS else "invalid",
+                           reply["ok"], time.perf_counter() - started)
         try:
             self._send(conn, send_lock, reply, [fd for fd, _info in fds])
         finally:
             for fd, _info in fds:
                 os.close(fd)
-            op = message.get("op")
-            self.stats.observe(op if isinstance(op, str) and op in protocol.REQUESTS else "invalid",
-                               reply["ok"], time.perf_counter() - started)
 
     def _answer_quietly(self, conn, send_lock, session, message, envelope) -> None:
         try:
