@@ -164,4 +164,10 @@ def run_controller(config: Config) -> None:
     signal.signal(signal.SIGINT, controller.stop)
     # kill -USR1 writes every thread's stack to stderr: how to see where a controller hangs.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    controller.run()
+    try:
+        controller.run()
+    finally:
+        # Stopped. The interpreter's exit puts back the default action of signals with a
+        # Python handler, so a late SIGTERM (an orchestrator's second, or one that raced the
+        # first) would turn a clean stop into death by signal (exit 143).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -183,6 +184,25 @@ def test_sigusr1_dumps_the_controllers_threads_and_it_serves_on(controller):
     controller.process.send_signal(signal.SIGUSR1)
     wait_for(lambda: "serve_forever" in controller.log(), timeout=10, message="the stack dump in the log")
     assert controller.request(protocol.Ping())["node"] == controller.node
+
+
+def test_sigterms_that_keep_coming_while_the_controller_stops_leave_a_clean_exit(tmp_path, redis_server):
+    """An orchestrator may send SIGTERM more than once. Python's exit puts the default action
+    back, so a late one used to kill the stopping controller (exit -15, every time here)."""
+    import signal
+    ctl = ControllerProcess(tmp_path, redis_server.url).start()
+    try:
+        deadline = time.monotonic() + 20
+        while ctl.process.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(ctl.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+            time.sleep(0.0002)
+        assert ctl.process.wait(10) == 0, ctl.log()
+        assert "faastube controller stopped" in ctl.log()
+    finally:
+        ctl.stop(timeout_s=5)
 
 
 def test_sigterm_stops_the_controller_whichever_of_its_threads_takes_it(tmp_path, redis_server):
