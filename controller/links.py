@@ -234,8 +234,9 @@ class Link:
 
     def stats(self) -> dict:
         with self._changed:
+            pumped = hasattr(self.copier, "move")      # a native pump (faastube/pump.py)
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
                     "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,
-                    "chunk_bytes": self.scheduler.chunk_bytes, "native_pump": hasattr(self.copier, "move"),
-                    **({"pump": self.copier.stats()} if hasattr(self.copier, "move") else {})}
+                    "chunk_bytes": self.scheduler.chunk_bytes, "native_pump": pumped,
+                    **({"pump": self.copier.stats()} if pumped else {})}

@@ -164,7 +164,6 @@ class Pump:
                                         int(piece_bytes), int(split_bytes), int(recent_s * 1e9))
         if not self._handle:
             raise PumpError("could not make a pump (out of memory, or the GPU refused its events)")
-        self.stream = stream
         self._closed = False
 
     @classmethod

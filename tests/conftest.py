@@ -20,7 +20,7 @@ import pytest
 import faastube
 from faastube.client import Client
 from faastube.config import Config
-from faastube.local import LocalController, LocalRedis
+from faastube.local import LocalController, LocalRedis, free_port
 
 WORKERS = Path(__file__).parent / "workers"
 _nodes = itertools.count(1)
@@ -62,6 +62,12 @@ class ControllerProcess(LocalController):
     def client(self, namespace="test", **settings) -> Client:
         return Client(Config.from_env(socket=self.socket, redis=self.redis_url,
                                       namespace=namespace, **settings))
+
+
+@pytest.fixture
+def metrics_port():
+    """A free port for a controller's /metrics (modules that scrape put it in controller_settings)."""
+    return free_port()
 
 
 @pytest.fixture

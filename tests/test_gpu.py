@@ -44,12 +44,6 @@ two_gpus = pytest.mark.skipif(NO_GPU is None and gpu_count() < 2, reason="needs 
 
 
 @pytest.fixture
-def metrics_port():
-    from faastube.local import free_port
-    return free_port()
-
-
-@pytest.fixture
 def controller_settings(metrics_port):
     return {"gpus": "auto", "gpu_slab_size": "64MiB", "gpu_pool_limit": "4GiB", "metrics_port": metrics_port}
 
@@ -255,13 +249,14 @@ def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them
     assert [g["sha"] for g in got] == [made["sha"] for made, _t, _s in jobs]
     for process in consumers:
         assert process.wait(60) == 0
-    links = controller.status()["links"]
+    status = controller.status()
+    links = status["links"]
     moved = {name: {key: link[key] - before.get(name, {}).get(key, 0) for key in ("bytes", "transfers")}
              for name, link in links.items()}
     assert sum(m["bytes"] for m in moved.values()) == sum(size for _m, _t, size in jobs)
     # A move takes one link, or one per route when it is large (Note [Multi-path moves]).
-    routes = controller.status()["topology"]["routes"]
-    multipath_min = controller.status()["topology"]["multipath_min"]
+    routes = status["topology"]["routes"]
+    multipath_min = status["topology"]["multipath_min"]
     expected = sum(len(routes.get(f"{device(source)}→{device(target)}", [None]))
                    if size >= multipath_min else 1 for (_m, _t, size), (source, target)
                    in zip(jobs, [p for p in paths for _ in sizes]))
@@ -277,7 +272,7 @@ def test_concurrent_moves_on_every_path_arrive_intact_and_links_account_for_them
     assert pumped == set(direct)
     # Every consumer's get copied; the copies are timed apart from the gets (Note [Where a
     # get's time goes]), and the copy is part of its get.
-    requests, requests_before = controller.status()["requests"], status_before["requests"]
+    requests, requests_before = status["requests"], status_before["requests"]
     copies = requests["get_copies"]["count"] - requests_before["get_copies"]["count"]
     copy_s = requests["get_copies"]["seconds"] - requests_before["get_copies"]["seconds"]
     get_s = requests["ops"]["get"]["seconds"] - requests_before["ops"]["get"]["seconds"]

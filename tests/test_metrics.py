@@ -10,13 +10,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from faastube.local import free_port
-
-
-@pytest.fixture
-def metrics_port():
-    return free_port()
-
 
 @pytest.fixture
 def controller_settings(metrics_port):
