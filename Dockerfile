@@ -3,7 +3,7 @@
 # GPUs (NVIDIA container runtime; the driver's libcuda comes from the host). CUDA is reached
 # through cuda-bindings, so the image needs no CUDA toolkit.
 #
-# The direct links' native pump (faastube/pump.py) is compiled in a first stage that has a C
+# The direct links' native pump (controller/pump.py) is compiled in a first stage that has a C
 # compiler; the controller's image has none and loads the library from FAASTUBE_NATIVE_DIR.
 FROM python:3.12-slim AS pump
 # hadolint ignore=DL3008
@@ -17,7 +17,7 @@ COPY shim ./shim
 # The folder is made readable by the controller's user first (build() would make a new one 0700).
 RUN pip install --no-cache-dir . \
     && mkdir -p /opt/faastube/native && chmod 755 /opt/faastube/native \
-    && python -c "from faastube import pump; print(pump.build('/opt/faastube/native'))"
+    && python -c "from controller import pump; print(pump.build('/opt/faastube/native'))"
 
 FROM python:3.12-slim
 

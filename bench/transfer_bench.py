@@ -77,19 +77,19 @@ def small_during_big(move_big, move_small, samples: int) -> list[float]:
 
 def make_copier(kind: str, ordinal: int, bandwidth: float, chunk: int, split: int):
     """The link's copier: the native pump (Note [The native pump]) or copies issued from Python."""
-    from faastube import cuda
-    from faastube.pump import Pump
+    from controller.gpu import CopyQueue
+    from controller.pump import Pump
     if kind == "pump":
         return Pump.on_gpu(ordinal, bandwidth, piece_bytes=chunk, split_bytes=split)
-    return cuda.CopyQueue(ordinal)
+    return CopyQueue(ordinal)
 
 
 def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidth, configs, quick):
+    from controller.gpu import CopyQueue
     from controller.links import Link
-    from faastube import cuda
     repeat = 3 if quick else 5
     samples = 100 if quick else 300
-    raw_queue, other_queue = cuda.CopyQueue(ordinal), cuda.CopyQueue(ordinal)
+    raw_queue, other_queue = CopyQueue(ordinal), CopyQueue(ordinal)
     raw = timed(lambda: copy_once(raw_queue, dst_big, src_big, GB), repeat)
     alone = [elapsed(lambda: copy_once(raw_queue, dst_small, src_small, MB)) for _ in range(samples)]
     # Without a scheduler: the 1 MB copy on its own stream while a 1 GB copy runs on another.
@@ -143,9 +143,9 @@ def multipath(engine, devices, quick: bool) -> dict:
 
     import numpy as np
 
+    from controller.gpu import CopyQueue
     from controller.slabs import CudaSlab, MemfdSlab
     from controller.topology import HOST
-    from faastube import cuda
     gpu = devices.uuids[0]
     repeat = 3 if quick else 5
     host, back = MemfdSlab("bench", GB, pin=True), MemfdSlab("bench", GB, pin=True)
@@ -153,7 +153,7 @@ def multipath(engine, devices, quick: bool) -> dict:
     try:
         data = np.ctypeslib.as_array((ctypes.c_uint8 * GB).from_address(host.address))
         data[:] = np.random.default_rng(5).integers(0, 256, GB, dtype=np.uint8)
-        raw_queue = cuda.CopyQueue(0)
+        raw_queue = CopyQueue(0)
         result = {"routes": {f"{a}→{b}": [{"hops": list(p.hops), "GBps": p.GBps} for p in paths]
                              for (a, b), paths in engine.routes.items() if gpu in (a, b)}}
         for name, src, dst, start, end in (("host→GPU 0", host.address, device.address, HOST, gpu),

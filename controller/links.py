@@ -4,8 +4,8 @@ and service time.
 
 A copier has ``issue(pieces) -> token`` (queue (destination, source, length) copies) and
 ``wait(token)`` (block until they arrived): :class:`HostCopier` copies host memory with
-``memmove`` at issue; ``faastube.cuda.CopyQueue`` queues ``cuMemcpyAsync`` on the link's own
-stream and waits on an event; ``faastube.pump.Pump`` hands them to a C thread that puts them
+``memmove`` at issue; ``controller.gpu.CopyQueue`` queues ``cuMemcpyAsync`` on the link's own
+stream and waits on an event; ``controller.pump.Pump`` hands them to a C thread that puts them
 on the link's stream one at a time (Note [The native pump]) and also has ``move(dst, src,
 nbytes)``, which an express move uses.
 
@@ -234,7 +234,7 @@ class Link:
 
     def stats(self) -> dict:
         with self._changed:
-            pumped = hasattr(self.copier, "move")      # a native pump (faastube/pump.py)
+            pumped = hasattr(self.copier, "move")      # a native pump (controller/pump.py)
             return {"bytes": self.bytes, "transfers": self.moves, "busy_s": self.busy_s,
                     "queued": len(self.scheduler.active), "wait_s": self.wait_s,
                     "service_s": self.service_s, "bandwidth": self.scheduler.bandwidth,

@@ -18,7 +18,7 @@ import threading
 import time
 
 from faastube import protocol
-from faastube.errors import FaasTubeError, ProtocolError, to_wire
+from faastube.errors import FaasTubeError, FrameTooLarge, ProtocolError, to_wire
 
 from .handlers import Handlers
 from .metrics import RequestStats
@@ -124,7 +124,7 @@ class ControllerServer:
             while True:
                 try:
                     message = reader.read()
-                except protocol.FrameTooLarge as exc:
+                except FrameTooLarge as exc:
                     self._send(conn, send_lock, {"seq": None, "ok": False, **to_wire(exc)})
                     return
                 except ProtocolError as exc:

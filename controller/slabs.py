@@ -26,6 +26,8 @@ import time
 
 from faastube import cuda
 
+from . import gpu
+
 from .allocator import RangeAllocator
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -64,7 +66,7 @@ class MemfdSlab:
             try:
                 self._map = mmap.mmap(self.fd_rw, size, flags=mmap.MAP_SHARED)
                 self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-                cuda.register_host(self.address, size)
+                gpu.register_host(self.address, size)
             except BaseException:
                 self.address = 0
                 self.close()
@@ -78,7 +80,7 @@ class MemfdSlab:
         if not self.retired:
             self.retired = True
             if self.address:
-                cuda.unregister_host(self.address)
+                gpu.unregister_host(self.address)
             if self._map is not None:
                 try:
                     self._map.close()
@@ -99,7 +101,7 @@ class CudaSlab:
         self.size = size
         self.device = uuid
         self.ordinal = ordinal
-        self.mapping, self._fd = cuda.VmmMapping.create(size, ordinal)
+        self.mapping, self._fd = gpu.create_slab(size, ordinal)
         self.address = self.mapping.address
         self.allocator = RangeAllocator(size)
         self.empty_since: float | None = time.monotonic()

@@ -21,7 +21,7 @@ contiguous share per path the topology plans (controller/topology.py: the GPU's 
 link, and each NVLinked peer on another PCIe switch), sized by the paths' measured bandwidth,
 and the shares travel at once, each as a move on its own link; the caller's thread drives
 one, pooled threads the others. A route through a peer is a relay link whose copier stages
-each chunk in a small ring on the peer GPU (faastube.cuda.RelayQueue). Relay links move
+each chunk in a small ring on the peer GPU (controller.gpu.RelayQueue). Relay links move
 chunks ``relay_factor`` (4) times the PCIe chunk: with two links refilled by Python threads
 at once, 4 MiB relay chunks reached 65–72 GB/s for 1 GB host→GPU on 2 × H200, 16 MiB ones
 98–101 GB/s (everything queued at once, no Python between chunks: 104 GB/s). Only large
@@ -34,7 +34,7 @@ where the direct NVLink is weak, large moves add routes through intermediate GPU
 it is missing, every move takes the best such route. Two GPUs with neither NVLink nor any
 route reach each other directly if the driver grants peer access (PCIe), else through a
 pinned ring in host memory: a relay link whose first hop runs down from the source GPU on a
-stream of that GPU and whose second runs up into the target (faastube.cuda.RelayQueue with
+stream of that GPU and whose second runs up into the target (controller.gpu.RelayQueue with
 ``source_ordinal``).
 
 Note [Measured links]: at start the engine moves a probe buffer over every direct link and
@@ -50,10 +50,12 @@ import threading
 import time
 
 from faastube import cuda
-from faastube.pump import Pump, PumpUnavailable
+from faastube.errors import PumpUnavailable
 
+from .gpu import CopyQueue, RelayQueue
 from .links import DEFAULT_DEPTH, Link
 from .pool import Region
+from .pump import Pump
 from .slabs import CudaSlab, MemfdSlab
 from .topology import HOST, Path, Topology, discover, plan, report, shares
 
@@ -122,11 +124,11 @@ class TransferEngine:
             batch, depth = DEFAULT_BATCH_CHUNKS, self.depth
             if len(hops) == 3 and hops[1] == HOST:        # between GPUs that cannot reach each other
                 chunk = self.chunk_bytes * self.relay_factor
-                copier = cuda.RelayQueue(self.devices.ordinal(hops[2]), chunk, self.depth + 2,
+                copier = RelayQueue(self.devices.ordinal(hops[2]), chunk, self.depth + 2,
                                          source_ordinal=self.devices.ordinal(hops[0]))
             elif len(hops) == 3:
                 chunk = self.chunk_bytes * self.relay_factor
-                copier = cuda.RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
+                copier = RelayQueue(self.devices.ordinal(hops[1]), chunk, self.depth + 2)
             elif len(hops) == 2:
                 gpu_end = hops[1] if hops[1] != HOST else hops[0]
                 chunk = self.chunk_bytes * (1 if HOST in hops else
@@ -149,7 +151,7 @@ class TransferEngine:
             except PumpUnavailable as exc:
                 log.warning("the native pump is unavailable (%s): links issue copies from Python", exc)
                 self.pump = False
-        return cuda.CopyQueue(ordinal), DEFAULT_BATCH_CHUNKS, self.depth
+        return CopyQueue(ordinal), DEFAULT_BATCH_CHUNKS, self.depth
 
     # -- moves -------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""CUDA through the driver API (``cuda.bindings.driver``), for both sides of the socket:
-GPUs by UUID, virtual-memory-management (VMM) slabs exported as file descriptors, their
-mappings, pinned registration of host slabs, and copies. Nothing here runs on the request
-path except the copy queues' ``issue``/``wait`` and pointer arithmetic.
+"""CUDA through the driver API (``cuda.bindings.driver``), what both sides of the socket
+need: GPUs by UUID, mapping virtual-memory-management (VMM) slabs imported from file
+descriptors, and a function's own copies and fences. What only the controller does (creating
+and exporting slabs, pinning host slabs, the links' copy queues) is in controller/gpu.py.
+Nothing here runs on the request path except copies and pointer arithmetic.
 
 Note [GPUs by UUID]: the controller and a function may see different ``CUDA_VISIBLE_DEVICES``,
 so an ordinal means nothing across the socket. Every GPU is named by its UUID as nvidia-smi
@@ -24,7 +25,7 @@ import contextlib
 import os
 import threading
 
-from .errors import FaasTubeError
+from .errors import CudaError
 
 try:                                            # the optional 'cuda' extra
     from cuda.bindings import driver as cu
@@ -34,12 +35,8 @@ except ImportError:                             # pragma: no cover - CPU install
 HOST = "host"
 
 
-class CudaError(FaasTubeError):
-    """A CUDA driver call failed."""
-
-
-def _check(result):
-    """cuda.bindings returns (CUresult, *values): the values, or CudaError naming the call."""
+def check(result):
+    """cuda.bindings returns (CUresult, *values): the values, or CudaError naming the error."""
     err, *values = result
     if err != cu.CUresult.CUDA_SUCCESS:
         _e, name = cu.cuGetErrorName(err)
@@ -48,12 +45,6 @@ def _check(result):
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
-
-
-def raise_for(code: int) -> None:
-    """CudaError for a CUresult a native caller returned (nothing for 0)."""
-    if code:
-        _check((cu.CUresult(code),))
 
 
 class _Issue:
@@ -83,7 +74,11 @@ class _Issue:
             function.argtypes, function.restype = argtypes, status
             setattr(self, attr, function)
 
-    check = staticmethod(raise_for)
+    @staticmethod
+    def check(code: int) -> None:
+        """CudaError for a CUresult these calls (or a native caller) returned; nothing for 0."""
+        if code:
+            check((cu.CUresult(code),))
 
     def pop_context(self) -> None:
         self.check(self.pop(self._popped_ref))
@@ -92,7 +87,8 @@ class _Issue:
 _issue_calls: _Issue | None = None
 
 
-def _issue() -> _Issue:
+def issue_calls() -> _Issue:
+    """The copy calls that keep the GIL (Note [Issuing holds the GIL]), loaded once."""
     global _issue_calls
     if _issue_calls is None:
         _issue_calls = _Issue()
@@ -108,11 +104,11 @@ class Devices:
     """This process's view of its GPUs: ordinal ↔ UUID, primary contexts, granularity."""
 
     def __init__(self):
-        _check(cu.cuInit(0))
-        count = _check(cu.cuDeviceGetCount())
-        self.handles = [_check(cu.cuDeviceGet(i)) for i in range(count)]
+        check(cu.cuInit(0))
+        count = check(cu.cuDeviceGetCount())
+        self.handles = [check(cu.cuDeviceGet(i)) for i in range(count)]
         get_uuid = getattr(cu, "cuDeviceGetUuid_v2", None) or cu.cuDeviceGetUuid
-        self.uuids = [format_uuid(bytes(_check(get_uuid(d)).bytes)) for d in self.handles]
+        self.uuids = [format_uuid(bytes(check(get_uuid(d)).bytes)) for d in self.handles]
         self.ordinals = {uuid: i for i, uuid in enumerate(self.uuids)}
         self._contexts: dict[int, object] = {}
         self._lock = threading.Lock()
@@ -123,7 +119,7 @@ class Devices:
         current, then restore the caller's: a library call must never change which GPU the
         caller's CuPy or PyTorch code runs on."""
         ctx = self.context(ordinal)
-        _check(cu.cuCtxPushCurrent(ctx))
+        check(cu.cuCtxPushCurrent(ctx))
         try:
             yield ctx
         finally:
@@ -134,7 +130,7 @@ class Devices:
         with self._lock:
             ctx = self._contexts.get(ordinal)
             if ctx is None:
-                ctx = self._contexts[ordinal] = _check(cu.cuDevicePrimaryCtxRetain(self.handles[ordinal]))
+                ctx = self._contexts[ordinal] = check(cu.cuDevicePrimaryCtxRetain(self.handles[ordinal]))
         return ctx
 
     def ordinal(self, uuid: str) -> int:
@@ -145,30 +141,36 @@ class Devices:
                             f"{', '.join(self.uuids) or 'no GPU'}; check CUDA_VISIBLE_DEVICES)") from None
 
     def name(self, ordinal: int) -> str:
-        return _check(cu.cuDeviceGetName(256, self.handles[ordinal])).split(b"\0", 1)[0].decode()
+        return check(cu.cuDeviceGetName(256, self.handles[ordinal])).split(b"\0", 1)[0].decode()
 
     def total_memory(self, ordinal: int) -> int:
-        return int(_check(cu.cuDeviceTotalMem(self.handles[ordinal])))
+        return int(check(cu.cuDeviceTotalMem(self.handles[ordinal])))
 
     def can_access_peer(self, ordinal: int, peer: int) -> bool:
-        return ordinal == peer or bool(_check(cu.cuDeviceCanAccessPeer(self.handles[ordinal], self.handles[peer])))
+        return ordinal == peer or bool(check(cu.cuDeviceCanAccessPeer(self.handles[ordinal], self.handles[peer])))
 
     def granularity(self, ordinal: int) -> int:
-        return int(_check(cu.cuMemGetAllocationGranularity(
-            _allocation_prop(ordinal), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)))
+        return int(check(cu.cuMemGetAllocationGranularity(
+            allocation_prop(ordinal), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)))
 
 
 _devices: Devices | None = None
 _devices_error: str | None = None
 _devices_lock = threading.Lock()
-_devices_pid = 0
+
+
+def _forget_devices() -> None:
+    """After fork: CUDA state does not survive it, so the child initialises its own."""
+    global _devices, _devices_error, _devices_lock, _fences
+    _devices, _devices_error, _devices_lock, _fences = None, None, threading.Lock(), None
+
+
+os.register_at_fork(after_in_child=_forget_devices)
 
 
 def devices() -> Devices:
     """This process's GPUs (initialised once per process), or CudaError saying why not."""
-    global _devices, _devices_error, _devices_pid
-    if _devices_pid != os.getpid():            # CUDA state does not survive fork
-        _devices, _devices_error, _devices_pid = None, None, os.getpid()
+    global _devices, _devices_error
     if _devices is None and _devices_error is None:
         with _devices_lock:
             if _devices is None and _devices_error is None:
@@ -188,7 +190,7 @@ def devices() -> Devices:
     return _devices
 
 
-def _allocation_prop(ordinal: int):
+def allocation_prop(ordinal: int):
     prop = cu.CUmemAllocationProp()
     prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
     prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -214,8 +216,8 @@ class VmmMapping:
     that can reach it (so the controller's copies run peer to peer, and a function's kernels
     may read a peer GPU's array as CuPy and PyTorch allow).
 
-    The controller creates allocations (:meth:`create`); a function imports a descriptor
-    (:meth:`import_fd`). :meth:`close` unmaps and drops this process's reference; the memory
+    The controller creates allocations (controller/gpu.py, ``create_slab``); a function
+    imports a descriptor (:meth:`import_fd`). :meth:`close` unmaps and drops this process's reference; the memory
     lives on while another process maps it."""
 
     def __init__(self, handle, size: int, ordinal: int, access_ordinals, writable: bool):
@@ -227,13 +229,13 @@ class VmmMapping:
 
     def _map(self, access_ordinals, writable: bool) -> None:
         size = self.size
-        self.ptr = _check(cu.cuMemAddressReserve(size, 0, 0, 0))
+        self.ptr = check(cu.cuMemAddressReserve(size, 0, 0, 0))
         try:
-            _check(cu.cuMemMap(self.ptr, size, 0, self.handle, 0))
+            check(cu.cuMemMap(self.ptr, size, 0, self.handle, 0))
             try:
                 descs = _access(access_ordinals, writable)
                 try:
-                    _check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
+                    check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
                     self.read_only = not writable
                 except CudaError:
                     if writable:
@@ -241,7 +243,7 @@ class VmmMapping:
                     # Not every driver maps device memory read-only; readers then get a
                     # read-write mapping (``read_only`` says which), as docs/sdk.md warns.
                     descs = _access(access_ordinals, True)
-                    _check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
+                    check(cu.cuMemSetAccess(self.ptr, size, descs, len(descs)))
                     self.read_only = False
             except BaseException:
                 cu.cuMemUnmap(self.ptr, size)
@@ -255,33 +257,13 @@ class VmmMapping:
         return int(self.ptr)
 
     @classmethod
-    def create(cls, size: int, ordinal: int) -> tuple["VmmMapping", int]:
-        """A new allocation on GPU ``ordinal``, mapped read-write for every GPU that can
-        reach it, and a file descriptor exporting it (the caller owns the descriptor)."""
-        devs = devices()
-        with devs.current(ordinal):
-            handle = _check(cu.cuMemCreate(size, _allocation_prop(ordinal), 0))
-        try:
-            fd = int(_check(cu.cuMemExportToShareableHandle(
-                handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0)))
-            peers = [p for p in range(len(devs.uuids)) if devs.can_access_peer(p, ordinal)]
-            try:
-                return cls(handle, size, ordinal, peers, writable=True), fd
-            except BaseException:
-                os.close(fd)
-                raise
-        except BaseException:
-            cu.cuMemRelease(handle)
-            raise
-
-    @classmethod
     def import_fd(cls, fd: int, size: int, uuid: str, writable: bool) -> "VmmMapping":
         """Map an exported allocation for this process's GPU ``uuid``; closes ``fd``."""
         devs = devices()
         try:
             ordinal = devs.ordinal(uuid)
             with devs.current(ordinal):
-                handle = _check(cu.cuMemImportFromShareableHandle(
+                handle = check(cu.cuMemImportFromShareableHandle(
                     fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR))
         finally:
             os.close(fd)
@@ -294,6 +276,10 @@ class VmmMapping:
         except BaseException:
             cu.cuMemRelease(handle)
             raise
+
+    def forget(self) -> None:
+        """After fork: the child inherited no CUDA state, so there is nothing to unmap."""
+        self._closed = True
 
     def close(self) -> None:
         if not self._closed and cu is not None:
@@ -308,134 +294,6 @@ class VmmMapping:
             self.close()
         except Exception:
             pass
-
-
-def register_host(address: int, size: int) -> None:
-    """Pin host memory in place (page-locked, visible to every GPU) for full-speed copies."""
-    with devices().current(0):
-        _check(cu.cuMemHostRegister(address, size, cu.CU_MEMHOSTREGISTER_PORTABLE))
-
-
-def unregister_host(address: int) -> None:
-    if cu is not None:
-        with devices().current(0):
-            cu.cuMemHostUnregister(address)
-
-
-def new_stream(ordinal: int) -> tuple[int, int]:
-    """A new non-blocking stream of GPU ``ordinal``'s primary context: (context, stream), as
-    integers for driver calls. A link's copies run on it (here and faastube/pump.py); it
-    lives as long as the process."""
-    with devices().current(ordinal) as ctx:
-        stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
-    return int(ctx), int(stream)
-
-
-class CopyQueue:
-    """A stream of its own on GPU ``ordinal`` that carries copies in order; each ``issue``
-    returns a token (an event recorded after its copies) for ``wait``. The transfer engine
-    keeps a few batches queued on it so the copy engine never idles between them, and no
-    more, so a newly arrived transfer waits behind little (controller/links.py)."""
-
-    def __init__(self, ordinal: int):
-        self.ordinal = ordinal
-        self._free: list = []
-        self._calls = _issue()
-        self._context, self._stream = new_stream(ordinal)
-
-    def issue(self, pieces):
-        """Queue (destination, source, length) copies; returns their token (Note [Issuing
-        holds the GIL])."""
-        calls = self._calls
-        calls.check(calls.push(self._context))
-        try:
-            for dst, src, nbytes in pieces:
-                calls.check(calls.memcpy(dst, src, nbytes, self._stream))
-            return self._token()
-        finally:
-            calls.pop_context()
-
-    def _token(self):
-        """An event recorded after everything queued on the stream so far (context current)."""
-        event = self._free.pop() if self._free else _check(
-            cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING))
-        self._calls.check(self._calls.record(int(event), self._stream))
-        return event
-
-    def wait(self, event) -> None:
-        """Block (the GIL released) until the copies of ``event`` have arrived."""
-        try:
-            _check(cu.cuEventSynchronize(event))
-        finally:
-            self._free.append(event)
-
-
-class RelayQueue(CopyQueue):
-    """Copies that travel through a staging ring (a route of two hops, controller/topology.py):
-    each piece goes into a slot of the ring on one stream, then on from the slot on a second
-    stream. The streams order themselves with events (a slot is refilled only after it
-    drained), so no thread waits between the two hops and the hops of consecutive pieces
-    overlap. ``issue``/``wait`` as :class:`CopyQueue`; the token is recorded on the second
-    stream.
-
-    The ring is on GPU ``ordinal``, and both hops run on its streams (a route through a peer
-    GPU), or, with ``source_ordinal``, in pinned host memory: the first hop then runs down
-    from the source GPU on a stream of that GPU, the second up into GPU ``ordinal`` (a move
-    between two GPUs that cannot reach each other's memory)."""
-
-    def __init__(self, ordinal: int, slot_bytes: int, slots: int, source_ordinal: int | None = None):
-        super().__init__(ordinal)
-        devs = devices()
-        self.slot_bytes, self.slots = slot_bytes, slots
-        self._next = 0
-        self._used = [False] * slots
-        flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING
-        first_ordinal = ordinal if source_ordinal is None else source_ordinal
-        with devs.current(first_ordinal) as first_context:
-            if source_ordinal is None:
-                granularity = devs.granularity(ordinal)
-                size = -(-slot_bytes * slots // granularity) * granularity
-                self.staging, fd = VmmMapping.create(size, ordinal)
-                os.close(fd)
-                self._staging = self.staging.address
-            else:                     # made once per link, like the copy queues' streams
-                self.staging = int(_check(cu.cuMemHostAlloc(slot_bytes * slots, cu.CU_MEMHOSTALLOC_PORTABLE)))
-                self._staging = self.staging
-            self.first = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
-            self._filled = [int(_check(cu.cuEventCreate(flags))) for _ in range(slots)]
-        with devs.current(ordinal):
-            self._drained = [int(_check(cu.cuEventCreate(flags))) for _ in range(slots)]
-        self._first = int(self.first)
-        self._first_context = int(first_context)
-
-    def issue(self, pieces):
-        calls, check = self._calls, self._calls.check
-        apart = self._first_context != self._context    # the hops run in two GPUs' contexts
-        check(calls.push(self._context))
-        try:
-            for dst, src, nbytes in pieces:
-                for offset in range(0, nbytes, self.slot_bytes):
-                    length = min(self.slot_bytes, nbytes - offset)
-                    slot = self._next
-                    self._next = (slot + 1) % self.slots
-                    staged = self._staging + slot * self.slot_bytes
-                    if apart:
-                        check(calls.push(self._first_context))
-                    try:
-                        if self._used[slot]:
-                            check(calls.stream_wait(self._first, self._drained[slot], 0))
-                        check(calls.memcpy(staged, src + offset, length, self._first))
-                        check(calls.record(self._filled[slot], self._first))
-                    finally:
-                        if apart:
-                            calls.pop_context()
-                    check(calls.stream_wait(self._stream, self._filled[slot], 0))
-                    check(calls.memcpy(dst + offset, staged, length, self._stream))
-                    check(calls.record(self._drained[slot], self._stream))
-                    self._used[slot] = True
-            return self._token()
-        finally:
-            calls.pop_context()
 
 
 class Fences:
@@ -453,11 +311,11 @@ class Fences:
         with self._lock:
             free = self._free.setdefault(ordinal, [])
             event = free.pop() if free else None
-        calls = _issue()
+        calls = issue_calls()
         calls.check(calls.push(int(devices().context(ordinal))))
         try:
             if event is None:
-                event = int(_check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)))
+                event = int(check(cu.cuEventCreate(cu.CUevent_flags.CU_EVENT_DISABLE_TIMING)))
             calls.check(calls.record(event, stream))
         finally:
             calls.pop_context()
@@ -468,7 +326,7 @@ class Fences:
         CudaError if it failed. The fence is spent either way."""
         ordinal, event = fence
         try:
-            _check(cu.cuEventSynchronize(event))
+            check(cu.cuEventSynchronize(event))
         finally:
             with self._lock:
                 self._free[ordinal].append(event)
@@ -490,7 +348,7 @@ def device_of_pointer(address: int) -> int:
     import ctypes
     devices()
     ordinal = ctypes.c_int(-1)
-    calls = _issue()
+    calls = issue_calls()
     calls.check(calls.pointer_attribute(
         ctypes.byref(ordinal), int(cu.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL), address))
     return ordinal.value
@@ -500,7 +358,7 @@ def copy_on_stream(dst: int, src: int, nbytes: int, ordinal: int, stream: int) -
     """Queue a copy of ``nbytes`` between device addresses on ``stream`` of GPU ``ordinal``:
     one driver call with the GIL held (Note [Issuing holds the GIL]), where a CuPy copy costs
     tens of µs of Python on top (docs/benchmarks.md)."""
-    calls = _issue()
+    calls = issue_calls()
     calls.check(calls.push(int(devices().context(ordinal))))
     try:
         calls.check(calls.memcpy(dst, src, nbytes, stream))
@@ -513,4 +371,4 @@ def synchronize(uuid: str) -> None:
     producer must do before sealing (faastube.sdk.seal)."""
     devs = devices()
     with devs.current(devs.ordinal(uuid)):
-        _check(cu.cuCtxSynchronize())
+        check(cu.cuCtxSynchronize())

@@ -21,7 +21,11 @@ or in the controller.
     ├── ControllerUnavailableError (ConnectionError)
     ├── RedisUnavailableError (ConnectionError)
     ├── FaasTubeTimeoutError (TimeoutError)
-    └── ProtocolError                a malformed frame or request on the socket
+    ├── ProtocolError                a malformed frame or request on the socket
+    │   └── FrameTooLarge            a length prefix over the frame limit: the stream is closed
+    ├── CudaError                    a CUDA driver call failed
+    ├── PumpUnavailable              the controller's native pump cannot be built or loaded
+    └── PumpError                    a pump refused a move, or was handed a bad token
 """
 
 from __future__ import annotations
@@ -95,24 +99,41 @@ class ProtocolError(FaasTubeError):
     """A malformed frame or request on the controller socket."""
 
 
-_BY_NAME = {
+class FrameTooLarge(ProtocolError):
+    """A length prefix over the frame limit: the stream is out of step and must be closed."""
+
+
+class CudaError(FaasTubeError):
+    """A CUDA driver call failed (faastube/cuda.py says which and why)."""
+
+
+class PumpUnavailable(FaasTubeError):
+    """The controller's native pump cannot be built or loaded here (controller/pump.py)."""
+
+
+class PumpError(FaasTubeError):
+    """A pump refused a move (its queue is full, it is closed) or was handed a bad token."""
+
+
+#: Every error class by the name it travels under on the socket (redis-py's EXCEPTION_CLASSES).
+WIRE_NAMES = {
     cls.__name__: cls
     for cls in (
         FaasTubeError, InvalidArgumentError, NotAnArrayError, UnsupportedDtypeError,
         InvalidRefError, InvalidStateError, ObjectNotFoundError, UnknownObjectError,
         ObjectDeletedError, ObjectExpiredError, ObjectLostError, NamespaceError,
         PoolExhaustedError, ControllerUnavailableError, RedisUnavailableError,
-        FaasTubeTimeoutError, ProtocolError,
+        FaasTubeTimeoutError, ProtocolError, FrameTooLarge, CudaError, PumpUnavailable, PumpError,
     )
 }
 
 
 def to_wire(exc: FaasTubeError) -> dict:
     """The reply fields that describe ``exc`` on the socket (its nearest documented class)."""
-    name = next(cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in _BY_NAME)
+    name = next(cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in WIRE_NAMES)
     return {"error": name, "message": str(exc)}
 
 
 def from_wire(name: str, message: str) -> FaasTubeError:
     """Rebuild an error received from the controller; unknown names become FaasTubeError."""
-    return _BY_NAME.get(name, FaasTubeError)(message)
+    return WIRE_NAMES.get(name, FaasTubeError)(message)

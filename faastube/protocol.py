@@ -25,7 +25,7 @@ import struct
 
 import msgpack
 
-from .errors import ProtocolError
+from .errors import FrameTooLarge, ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20          # a control message is small; anything bigger is a broken peer
@@ -134,10 +134,6 @@ class FrameReader:
             count = self._sock.recv_into(self._chunk)
         self._buffer += self._chunk[:count]
         return count > 0
-
-
-class FrameTooLarge(ProtocolError):
-    """A length prefix over MAX_FRAME: the stream is out of step and must be closed."""
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -321,6 +321,7 @@ def moves_between_gpus_arrive_intact(topology, peer_access, source: int, target:
 
     import numpy as np
 
+    from controller.gpu import CopyQueue
     from controller.slabs import CudaSlab, MemfdSlab
     from controller.transfer import TransferEngine
     devices = cuda.devices()
@@ -332,7 +333,7 @@ def moves_between_gpus_arrive_intact(topology, peer_access, source: int, target:
         data = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(host.address))
         data[:] = np.random.default_rng(21).integers(0, 256, size, dtype=np.uint8)
         seen = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(back.address))
-        queue = cuda.CopyQueue(source)
+        queue = CopyQueue(source)
         queue.wait(queue.issue([(gpus[source].address, host.address, size)]))
         for nbytes in (MB + 3, 96 * MB + 4099):
             engine.move_bytes(uuid(source), gpus[source].address, uuid(target), gpus[target].address, nbytes)

@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from faastube import protocol
-from faastube.errors import ProtocolError
+from faastube.errors import FrameTooLarge, ProtocolError
 
 
 def roundtrip(message):
@@ -87,7 +87,7 @@ def test_reader_says_whether_a_whole_frame_is_buffered():
 def test_oversized_length_prefix_is_refused():
     a, b = socket.socketpair()
     a.send(struct.pack(">I", protocol.MAX_FRAME + 1))
-    with pytest.raises(protocol.FrameTooLarge, match="exceeds"):
+    with pytest.raises(FrameTooLarge, match="exceeds"):
         protocol.FrameReader(b).read()
     a.close()
     b.close()

@@ -1,4 +1,4 @@
-"""The native pump (faastube/native/pump.c, Note [The native pump]) with its host engine: a C
+"""The native pump (controller/native/pump.c, Note [The native pump]) with its host engine: a C
 thread copying real memory in order at a set rate, as a copy engine does. Pieces arrive
 intact; an express move goes ahead of what is still queued; normal pieces go on in short
 pieces only while express moves are about; bad input is refused with a clear error; and a
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from controller.links import Link
-from faastube import pump
-from faastube.pump import Pump, PumpError, PumpUnavailable
+from controller import pump
+from controller.pump import Pump
+from faastube.errors import PumpError, PumpUnavailable
 
 from .test_links import address, move_at_once
 

@@ -1,7 +1,7 @@
 /* A link's copy pump: what keeps a copy engine busy without queueing much on it.
- * Why it exists and how it decides: Note [The native pump] in faastube/pump.py.
+ * Why it exists and how it decides: Note [The native pump] in controller/pump.py.
  *
- * Built at first use with the system C compiler (faastube/pump.py); loaded with ctypes,
+ * Built at first use with the system C compiler (controller/pump.py); loaded with ctypes,
  * whose calls release the GIL. The CUDA driver is reached through dlopen, so this builds
  * without CUDA headers and loads on machines without a GPU (engine "host" then).
  *
@@ -340,7 +340,7 @@ static void *pump_thread(void *arg) {
     return NULL;
 }
 
-/* -- the API (faastube/pump.py) --------------------------------------------------------- */
+/* -- the API (controller/pump.py) --------------------------------------------------------- */
 
 pump_t *pump_create(int cuda, void *ctx, void *stream, double bytes_per_s, double host_bytes_per_s,
                     int64_t lead_ns, int64_t overhead_ns, uint64_t piece_bytes, uint64_t split_bytes,

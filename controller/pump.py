@@ -1,4 +1,4 @@
-"""A link's copy pump in C (faastube/native/pump.c), for the transfer engine's direct links.
+"""A link's copy pump in C (controller/native/pump.c), for the transfer engine's direct links.
 
 Note [The native pump]: a small move on a busy link waits for whatever is queued on the copy
 engine ahead of it, and the engine drains its queue in order (gpu-facts.md: 17 ms behind a
@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 import threading
 
-from .errors import FaasTubeError
+from faastube.errors import PumpError, PumpUnavailable
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "pump.c")
 DEFAULT_LEAD_S = 8e-6           # a piece goes on this long before the running one ends
@@ -44,14 +44,6 @@ DEFAULT_SPLIT_BYTES = 1 << 20   # normal pieces' size while express moves are ab
 DEFAULT_RECENT_S = 0.020
 EXPRESS_SPIN_S = 0.005          # an express move's caller spins this long before sleeping
 _BUSY, _BAD, _CLOSED = -1, -2, -3
-
-
-class PumpUnavailable(FaasTubeError):
-    """The native pump cannot be built or loaded here."""
-
-
-class PumpError(FaasTubeError):
-    """A pump refused a move (its queue is full) or was handed a bad token."""
 
 
 _library = None
@@ -143,7 +135,7 @@ class _Library:
 
 class Pump:
     """One link's pump (Note [The native pump]): ``issue(pieces) -> token`` and
-    ``wait(token)`` as the copy queues in faastube/cuda.py, and ``move(dst, src, nbytes)``,
+    ``wait(token)`` as the copy queues in controller/gpu.py, and ``move(dst, src, nbytes)``,
     a small move queued ahead of everything not yet on the engine, waited for in the same
     call. :meth:`on_gpu` makes one that drives a GPU's copy engine; ``Pump()`` one whose
     engine is a host thread copying at ``host_rate`` bytes/s (as fast as it can if None)."""
@@ -169,14 +161,14 @@ class Pump:
     @classmethod
     def on_gpu(cls, ordinal: int, bandwidth: float, **policy) -> "Pump":
         """A pump on a new stream of GPU ``ordinal``'s primary context."""
-        from . import cuda
+        from . import gpu
         lib = library()
         with _library_lock:
             if not lib.cuda_loaded:
                 if lib.load_cuda() != 0:
                     raise PumpUnavailable("the pump could not load libcuda.so.1's copy and event calls")
                 lib.cuda_loaded = True
-        context, stream = cuda.new_stream(ordinal)
+        context, stream = gpu.new_stream(ordinal)
         return cls(bandwidth, _gpu=(ordinal, context, stream), **policy)
 
     def issue(self, pieces, express: bool = False) -> int:
@@ -220,8 +212,8 @@ class Pump:
             raise PumpError("unknown or spent pump token")
         if code == _BUSY:
             raise PumpError("the link's pump had no room for part of the move")
-        from . import cuda
-        cuda.raise_for(code)
+        from . import gpu
+        gpu.raise_for(code)
 
     def close(self) -> None:
         """Stop after what is queued has landed; later moves raise PumpError."""
