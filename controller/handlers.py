@@ -1,9 +1,11 @@
 """Requests in, replies out. Handlers validate meaning (the protocol module validated form),
-call the object table and shape the reply; they never touch the socket.
+call the object table and return the typed reply (faastube/protocol.py); they never touch
+the socket.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import math
@@ -13,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from faastube import protocol
 from faastube.errors import InvalidArgumentError, InvalidStateError, NamespaceError
-from faastube.refs import check_dtype
 
 from .objects import Grant, ObjectTable, Session
 from .transfer import TransferEngine
@@ -38,6 +39,15 @@ def load_secrets(path: str | None) -> dict[str, str]:
     return data
 
 
+@dataclasses.dataclass
+class Answer:
+    """A request's reply, the slab descriptors to pass with it (``(fd, SlabDescriptor)``; the
+    server closes the fds once sent) and the slabs the client should forget."""
+    reply: object
+    passed: list = dataclasses.field(default_factory=list)
+    retired: list = dataclasses.field(default_factory=list)
+
+
 class Handlers:
     def __init__(self, table: ObjectTable, node: str, epoch: str, namespace_secrets: dict[str, str],
                  transfers: TransferEngine | None = None, stats: RequestStats | None = None):
@@ -49,14 +59,14 @@ class Handlers:
         self.secrets = namespace_secrets
         self._dispatch = {
             protocol.Hello: self.hello, protocol.Create: self.create, protocol.Seal: self.seal,
-            protocol.Release: lambda s, r: ({}, []),
+            protocol.Release: lambda s, r: protocol.Done(),
             protocol.Delete: self.delete, protocol.CloseScope: self.close_scope,
             protocol.Status: self.status, protocol.Ping: self.ping,
         }
 
     def handle(self, session: Session, envelope: protocol.Envelope,
-               may_wait: bool = False) -> tuple[dict, list]:
-        """The reply fields and the (fd, info) pairs to pass for one request.
+               may_wait: bool = False) -> Answer:
+        """The answer to one request.
 
         Raises WouldWait (controller/objects.py) for a get that must wait, unless ``may_wait``;
         piggybacked releases are applied by the first call only."""
@@ -67,12 +77,14 @@ class Handlers:
                 request, (protocol.Hello, protocol.Ping, protocol.Release, protocol.Status)):
             raise InvalidStateError(f"send 'hello' with your namespace before {request.op!r}")
         if isinstance(request, protocol.Get):
-            reply, fds = self.get(session, request, may_wait)
+            answer = self.get(session, request, may_wait)
         else:
-            reply, fds = self._dispatch[type(request)](session, request)
+            answer = self._dispatch[type(request)](session, request)
+            if not isinstance(answer, Answer):
+                answer = Answer(answer)
         if session.retired:
-            reply["retired"] = self.table.take_retired(session)
-        return reply, fds
+            answer.retired = self.table.take_retired(session)
+        return answer
 
     def hello(self, session: Session, request: protocol.Hello):
         if session.namespace is not None:
@@ -87,10 +99,10 @@ class Handlers:
                 f"wrong secret for namespace {request.namespace!r}")
         session.namespace = request.namespace
         session.client = request.client
-        return {"node": self.node, "epoch": self.epoch, "pid": session.pid}, []
+        return protocol.Welcome(self.node, self.epoch, session.pid)
 
     def create(self, session: Session, request: protocol.Create):
-        dtype = check_dtype(request.dtype)
+        dtype = protocol.check_dtype(request.dtype)
         expected = math.prod(request.shape) * dtype.itemsize
         if request.nbytes != expected:
             raise InvalidArgumentError(f"nbytes {request.nbytes} does not match shape "
@@ -107,7 +119,7 @@ class Handlers:
         else:
             lifetime = None
         self.table.seal(session, request.id, request.drop_writer, lifetime)
-        return {}, []
+        return protocol.Done()
 
     # Note [Where a get's time goes]: the server times every request from reading it to its
     # reply being ready (faastube_request_seconds); a get that copies also times the copy
@@ -129,7 +141,7 @@ class Handlers:
                     self.stats.observe_copy(time.perf_counter() - started)
             except BaseException:
                 self.table.abandon(session, grant)
-                for fd, _info in grant.fds:
+                for fd, _descriptor in grant.fds:
                     os.close(fd)
                 raise
             finally:
@@ -138,34 +150,31 @@ class Handlers:
 
     def delete(self, session: Session, request: protocol.Delete):
         self.table.delete(session, request.id)
-        return {}, []
+        return protocol.Done()
 
     def close_scope(self, session: Session, request: protocol.CloseScope):
-        return {"freed": self.table.close_scope(session, request.scope)}, []
+        return protocol.Freed(self.table.close_scope(session, request.scope))
 
     def status(self, session: Session, request: protocol.Status):
         if session.namespace is None and not session.admin:
             raise NamespaceError("status without 'hello' is for the controller's own user or "
                                  "root; declare your namespace to see it")
-        reply = self.table.status(session)
-        reply.update(node=self.node, epoch=self.epoch)
-        if self.stats is not None and session.admin:
-            reply["requests"] = self.stats.summary()
-        if self.transfers is not None and session.admin:
-            reply["links"] = self.transfers.link_stats()
-            reply["topology"] = self.transfers.topology_report()
-        return reply, []
+        held = self.table.status(session)
+        admin = session.admin
+        return protocol.StatusReport(
+            self.node, self.epoch, held["pools"], held["namespaces"], held["clients"],
+            requests=self.stats.summary() if self.stats is not None and admin else None,
+            links=self.transfers.link_stats() if self.transfers is not None and admin else None,
+            topology=self.transfers.topology_report() if self.transfers is not None and admin else None)
 
     def ping(self, session: Session, request: protocol.Ping):
-        return {"node": self.node, "epoch": self.epoch}, []
+        return protocol.Pong(self.node, self.epoch)
 
     @staticmethod
-    def _grant_reply(grant: Grant):
+    def _grant_reply(grant: Grant) -> Answer:
         record = grant.record
         region = grant.lease.region
-        reply = {"id": record.id, "lease": grant.lease.id, "slab": region.slab.id,
-                 "device": region.slab.device, "offset": region.offset, "nbytes": region.nbytes,
-                 "dtype": record.dtype, "shape": list(record.shape),
-                 "fds": [info for _fd, info in grant.fds]}
-        return reply, grant.fds
+        return Answer(protocol.Granted(record.id, grant.lease.id, region.slab.id, region.slab.device,
+                                       region.offset, region.nbytes, record.dtype, record.shape),
+                      grant.fds)
 

@@ -38,6 +38,7 @@ from faastube.cuda import HOST
 from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceError, ObjectDeletedError,
                              ObjectExpiredError, ObjectLostError, ObjectNotFoundError,
                              FaasTubeTimeoutError, UnknownObjectError)
+from faastube.protocol import SlabDescriptor
 
 from .pool import Pool, Region
 
@@ -140,7 +141,7 @@ class Grant:
     """What a create or get hands to the client: the object, its lease, slab descriptors."""
     record: ObjectRecord
     lease: Lease
-    fds: list            # [(dup'ed fd, {"slab", "size", "writable", "device"})], closed by the server
+    fds: list            # [(dup'ed fd, protocol.SlabDescriptor)], closed by the server
     copy: Copy | None = None
 
 
@@ -320,8 +321,8 @@ class ObjectTable:
         """Undo a grant the client never received (it failed after the table made it): end
         its lease without consuming, forget the descriptors it would have carried."""
         with self.lock:
-            for _fd, info in grant.fds:
-                session.slabs_sent.pop(info["slab"], None)
+            for _fd, descriptor in grant.fds:
+                session.slabs_sent.pop(descriptor.slab, None)
             if grant.lease.id in session.leases:
                 self._end_lease(session, grant.lease)
 
@@ -400,8 +401,7 @@ class ObjectTable:
         slab = lease.region.slab
         sent_writable = session.slabs_sent.get(slab.id)
         if sent_writable is None or (writer and not sent_writable):
-            fds.append((os.dup(slab.fd(writer)), {"slab": slab.id, "size": slab.size,
-                                                  "writable": writer, "device": slab.device}))
+            fds.append((os.dup(slab.fd(writer)), SlabDescriptor(slab.id, slab.size, writer, slab.device)))
             session.slabs_sent[slab.id] = writer or bool(sent_writable)
         return Grant(record, lease, fds)
 

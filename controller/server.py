@@ -18,7 +18,7 @@ import threading
 import time
 
 from faastube import protocol
-from faastube.errors import FaasTubeError, FrameTooLarge, ProtocolError, to_wire
+from faastube.errors import FaasTubeError, FrameTooLarge, ProtocolError
 
 from .handlers import Handlers
 from .metrics import RequestStats
@@ -125,10 +125,10 @@ class ControllerServer:
                 try:
                     message = reader.read()
                 except FrameTooLarge as exc:
-                    self._send(conn, send_lock, {"seq": None, "ok": False, **to_wire(exc)})
+                    self._send(conn, send_lock, protocol.error_message(None, exc))
                     return
                 except ProtocolError as exc:
-                    self._send(conn, send_lock, {"seq": None, "ok": False, **to_wire(exc)})
+                    self._send(conn, send_lock, protocol.error_message(None, exc))
                     continue
                 if message is None:
                     return                                  # the client closed: clean up
@@ -147,20 +147,21 @@ class ControllerServer:
         try:
             if envelope is None:
                 envelope = protocol.decode_request(message)
-                reply, fds = self.handlers.handle(session, envelope)
+                answer = self.handlers.handle(session, envelope)
             else:
-                reply, fds = self.handlers.handle(session, envelope, may_wait=True)
-            reply.update(seq=seq, ok=True)
+                answer = self.handlers.handle(session, envelope, may_wait=True)
+            fds = answer.passed
+            reply = protocol.reply_message(seq, answer.reply, [d for _fd, d in fds], answer.retired)
         except WouldWait:
             threading.Thread(target=self._answer_quietly, name=f"wait-{session.id}-{seq}",
                              args=(conn, send_lock, session, message, envelope), daemon=True).start()
             return
         except FaasTubeError as exc:
-            reply = {"seq": seq, "ok": False, **to_wire(exc)}
+            reply = protocol.error_message(seq, exc)
         except Exception as exc:  # a bug must cost one request, not the controller
             log.exception("request %r from pid %d failed", message.get("op"), session.pid)
-            reply = {"seq": seq, "ok": False, "error": "FaasTubeError",
-                     "message": f"internal controller error: {type(exc).__name__}: {exc}"}
+            reply = protocol.error_message(seq, FaasTubeError(
+                f"internal controller error: {type(exc).__name__}: {exc}"))
         # Counted before the reply goes: a client that has its reply finds it counted, and the
         # time leaves out the send, where the woken client may take this thread's core.
         op = message.get("op")
@@ -180,6 +181,5 @@ class ControllerServer:
 
     @staticmethod
     def _send(conn: socket.socket, send_lock: threading.Lock, reply: dict, fds=()) -> None:
-        reply["v"] = protocol.PROTOCOL_VERSION
         with send_lock:
             protocol.send_frame(conn, reply, fds)

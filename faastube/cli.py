@@ -45,9 +45,9 @@ def _status(args) -> int:
     finally:
         client.close()
     if args.json:
-        print(json.dumps({k: v for k, v in reply.items() if k not in ("v", "seq", "ok")}, indent=2))
+        print(json.dumps(reply.as_dict(), indent=2))
     else:
-        print(render_status(reply))
+        print(render_status(reply.as_dict()))
     return 0
 
 

@@ -147,8 +147,8 @@ class LocalController:
                     raise
                 time.sleep(0.01)
 
-    def request(self, request) -> dict:
-        """One request on an anonymous connection (status, ping)."""
+    def request(self, request):
+        """One request on an anonymous connection (status, ping); its typed reply."""
         client = Client(Config.from_env(socket=self.socket), anonymous=True)
         try:
             return client.request(request)
@@ -156,7 +156,8 @@ class LocalController:
             client.close()
 
     def status(self) -> dict:
-        return self.request(protocol.Status())
+        """The controller's status report as a JSON-like map (``faastube status --json``)."""
+        return self.request(protocol.Status()).as_dict()
 
     def stop(self, sig=signal.SIGTERM, timeout_s: float = 15.0) -> int:
         """Stop the controller; returns its exit code (killed if it outlives ``timeout_s``)."""

@@ -11,7 +11,10 @@ by the garbage collector travel on the next request instead of costing a round t
 
 Requests are frozen dataclasses (:data:`REQUESTS`); :func:`decode_request` validates a map
 into one of them or raises :class:`ProtocolError` with the field at fault. Handlers never see
-a raw map and never touch the socket.
+a raw map and never touch the socket. Replies are frozen dataclasses too (:data:`REPLIES`,
+one type per request type): the controller's handlers return them, :func:`reply_message`
+makes the map, and the SDK reads the map back with :func:`decode_reply`. The dtypes both
+sides accept are decided here (:func:`check_dtype`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import socket
 import struct
 
 import msgpack
+import numpy as np
 
-from .errors import FrameTooLarge, ProtocolError
+from .errors import FaasTubeError, FrameTooLarge, ProtocolError, UnsupportedDtypeError, to_wire
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 1 << 20          # a control message is small; anything bigger is a broken peer
@@ -33,6 +37,25 @@ MAX_FDS_PER_REPLY = 8
 _HEADER = struct.Struct(">I")
 MAX_NAME = 256               # namespaces, scopes, object ids
 MIN_SLO_MS, MAX_SLO_MS = 0.01, 3_600_000.0    # a get's copy SLO: 10 µs to an hour
+_NUMERIC_KINDS = "biufc"     # the dtypes stored: bool, signed and unsigned ints, floats, complex
+
+
+def check_dtype(dtype) -> np.dtype:
+    """The numpy dtype for ``dtype`` if FaaSTube can store it, else UnsupportedDtypeError."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as exc:
+        raise UnsupportedDtypeError(f"{dtype!r} is not a dtype: {exc}") from None
+    if resolved.kind not in _NUMERIC_KINDS or resolved.fields is not None or resolved.subdtype:
+        raise UnsupportedDtypeError(
+            f"dtype {resolved} is not supported: FaaSTube stores numeric arrays only "
+            f"(bool, int, uint, float, complex); convert it, e.g. with .astype('float32')")
+    return resolved
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """A dtype string that round-trips through np.dtype, with explicit byte order if non-native."""
+    return dtype.name if dtype.isnative or dtype.itemsize == 1 else dtype.str
 
 
 # One Packer for the process: packb() builds a new one per call. Packer.pack runs in C
@@ -185,8 +208,8 @@ def _shape(value, field):
 
 
 def _dtype(value, field):
-    # The controller stores the dtype string verbatim; the SDK validates dtypes before
-    # sending (faastube.refs) and rebuilds arrays only from dtypes it accepts.
+    # The controller stores the dtype string verbatim once create has passed it through
+    # check_dtype; the SDK checks dtypes before sending and rebuilds arrays only from them.
     if not isinstance(value, str) or not 0 < len(value) <= 32:
         raise ProtocolError(f"field {field!r} must be a dtype string such as 'float32'")
     return value
@@ -232,12 +255,21 @@ class Create:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lifetime:
+    """When an object is freed: once ``consumers`` gets were released, ``ttl`` seconds after
+    its seal, or when ``scope`` closes, whichever comes first (None: not that way)."""
+    consumers: int | None = None
+    ttl: float | None = None
+    scope: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Seal:
     """Make a pending object immutable and visible; optionally end the writer's lease.
 
     With ``lifetime``, the seal gives the object its ``consumers``, ``ttl`` and ``scope``
     (absent: none), for an object created without any: a spare (Note [Spare objects],
-    faastube/client.py)."""
+    faastube/spares.py)."""
     op = "seal"
     id: str
     drop_writer: bool = False
@@ -247,6 +279,13 @@ class Seal:
     scope: str | None = None
     _fields = {"id": _name, "drop_writer": lambda v, f: bool(v), "lifetime": lambda v, f: bool(v),
                "consumers": _optional_count, "ttl": _optional_positive, "scope": _optional_name}
+
+    @classmethod
+    def giving(cls, object_id: str, drop_writer: bool, lifetime: Lifetime | None) -> "Seal":
+        """A seal that gives the object ``lifetime`` (None: the one it was created with)."""
+        if lifetime is None:
+            return cls(object_id, drop_writer)
+        return cls(object_id, drop_writer, True, lifetime.consumers, lifetime.ttl, lifetime.scope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,3 +417,132 @@ def request_message(seq: int, request, releases=()) -> dict:
     if releases:
         message["releases"] = [list(r) for r in releases]
     return message
+
+
+# --- Replies ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SlabDescriptor:
+    """A slab file descriptor a reply carries (``SCM_RIGHTS``, in the order of its ``fds``)."""
+    slab: int
+    size: int
+    writable: bool
+    device: str = "host"
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome:
+    """``hello``'s reply: the node, the controller's epoch, the caller's pid as it sees it."""
+    node: str
+    epoch: str
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Granted:
+    """``create``'s and ``get``'s reply: the object, its lease, and where its bytes are (a
+    slab of ``device``, at ``offset``); for a get on another device, those of its copy."""
+    id: str
+    lease: int
+    slab: int
+    device: str
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """The reply of ``seal``, ``release`` and ``delete``: it was done."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Freed:
+    """``close_scope``'s reply: how many objects the scope held."""
+    freed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Pong:
+    """``ping``'s reply."""
+    node: str
+    epoch: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusReport:
+    """``status``'s reply: per pool and per namespace what is held (the caller's namespace
+    only, unless the caller is the controller's own user or root); for those, also the
+    number of connections, the request counters, the links and the topology. The sections
+    are JSON-like maps, as ``faastube status --json`` prints them (docs/operations.md)."""
+    node: str
+    epoch: str
+    pools: list
+    namespaces: dict
+    clients: int | None = None
+    requests: dict | None = None
+    links: dict | None = None
+    topology: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The report as one JSON-like map, without the sections it lacks."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+
+#: The reply type of each request type.
+REPLIES = {Hello: Welcome, Create: Granted, Seal: Done, Get: Granted, Release: Done, Delete: Done,
+           CloseScope: Freed, Status: StatusReport, Ping: Pong}
+# Per reply type, computed once: its field names, and per field: whether the reply must have
+# it, the default if not, whether it arrives as a list and is kept as a tuple.
+_REPLY_LAYOUT = {
+    cls: (tuple(f.name for f in dataclasses.fields(cls)),
+          tuple((f.name, f.default is dataclasses.MISSING, None if f.default is dataclasses.MISSING
+                 else f.default, f.type == "tuple") for f in dataclasses.fields(cls)))
+    for cls in set(REPLIES.values()) | {SlabDescriptor}
+}
+
+
+def reply_message(seq: int | None, reply, descriptors=(), retired=()) -> dict:
+    """The map for a reply dataclass (the controller side of :func:`decode_reply`):
+    ``descriptors`` say which slab each passed descriptor maps, ``retired`` lists slabs the
+    client should drop from its cache."""
+    message = {"v": PROTOCOL_VERSION, "seq": seq, "ok": True}
+    for name in _REPLY_LAYOUT[type(reply)][0]:
+        value = getattr(reply, name)
+        if value is not None:
+            message[name] = list(value) if isinstance(value, tuple) else value
+    if descriptors:
+        message["fds"] = [dataclasses.asdict(d) for d in descriptors]
+    if retired:
+        message["retired"] = list(retired)
+    return message
+
+
+def error_message(seq: int | None, exc: FaasTubeError) -> dict:
+    """The map of a failed request's reply: the error's class name and message."""
+    return {"v": PROTOCOL_VERSION, "seq": seq, "ok": False, **to_wire(exc)}
+
+
+def _fill(cls, message: dict):
+    try:
+        return cls(*[(tuple(message[name]) if as_tuple else message[name]) if required
+                     else message.get(name, default)
+                     for name, required, default, as_tuple in _REPLY_LAYOUT[cls][1]])
+    except (KeyError, TypeError):
+        missing = sorted(name for name, required, _d, _t in _REPLY_LAYOUT[cls][1]
+                         if required and name not in message)
+        raise ProtocolError(f"the controller's {cls.__name__} reply is not one this SDK reads "
+                            f"(missing: {', '.join(missing) or 'nothing'}): is the controller "
+                            f"another version?") from None
+
+
+def decode_reply(request_type, message: dict):
+    """The typed reply to a request of ``request_type`` from a successful reply's map."""
+    return _fill(REPLIES[request_type], message)
+
+
+def descriptors_of(message: dict) -> list[SlabDescriptor]:
+    """The slab descriptors a reply's map says it carries, in order."""
+    return [_fill(SlabDescriptor, info) for info in message.get("fds", ())]

@@ -17,29 +17,10 @@ import math
 import numpy as np
 
 from .errors import InvalidRefError, UnsupportedDtypeError
+from .protocol import check_dtype, dtype_name
 
 REF_MARKER = "__faastube_ref__"
 REF_VERSION = 1
-# Numeric kinds only: booleans, signed and unsigned integers, floats, complex numbers.
-_NUMERIC_KINDS = "biufc"
-
-
-def check_dtype(dtype) -> np.dtype:
-    """The numpy dtype for ``dtype`` if FaaSTube can store it, else UnsupportedDtypeError."""
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError as exc:
-        raise UnsupportedDtypeError(f"{dtype!r} is not a dtype: {exc}") from None
-    if resolved.kind not in _NUMERIC_KINDS or resolved.fields is not None or resolved.subdtype:
-        raise UnsupportedDtypeError(
-            f"dtype {resolved} is not supported: FaaSTube stores numeric arrays only "
-            f"(bool, int, uint, float, complex); convert it, e.g. with .astype('float32')")
-    return resolved
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """A dtype string that round-trips through np.dtype, with explicit byte order if non-native."""
-    return dtype.name if dtype.isnative or dtype.itemsize == 1 else dtype.str
 
 
 def make_ref(object_id: str, shape, dtype: np.dtype, device: str = "host") -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .client import cuda_address
+from .views import cuda_address
 
 
 def publish_arrays(result, scope: str | None = None):

@@ -14,11 +14,12 @@ import threading
 
 import numpy as np
 
-from . import cuda, protocol
-from .client import Client, cuda_interface
+from . import cuda, protocol, views
+from .client import Client
 from .config import Config
 from .errors import InvalidArgumentError, NotAnArrayError
-from .refs import check_dtype, make_ref, parse_ref
+from .protocol import check_dtype
+from .refs import make_ref, parse_ref
 
 _client: Client | None = None
 _client_lock = threading.Lock()
@@ -89,7 +90,7 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     """
     _check_lifetime(consumers, ttl)
     scope = scope or _scope.get()
-    interface = cuda_interface(array)
+    interface = views.cuda_interface(array)
     if interface is not None:
         return _put_gpu(array, interface, consumers, ttl, scope)
     if not isinstance(array, np.ndarray):
@@ -109,28 +110,19 @@ def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
     """Note [Put copies with one driver call]: a contiguous GPU array is copied into its
     object with one ``cuMemcpyAsync`` on the stream its data is valid on, found from its
     ``__cuda_array_interface__``. Going through CuPy (``asarray``, ``copyto``) spent ~100 µs of
-    Python per put on an H200; a put that waits for its copy gets back the part the copy does
-    not cover (docs/benchmarks.md). The stream: the interface's own (version 3), else
-    PyTorch's current stream for a torch tensor, else the legacy default stream, which CuPy
-    and PyTorch use unless told otherwise. A strided array goes through CuPy, which makes it
-    contiguous in the same copy."""
+    Python per put (docs/benchmarks.md); a put that waits for its copy gets back the part the
+    copy does not cover. The stream: faastube.views.stream_of. A strided array goes through
+    CuPy, which makes it contiguous in the same copy."""
     shape = tuple(int(d) for d in interface["shape"])
     dtype = check_dtype(np.dtype(interface["typestr"]))
     address = int(interface["data"][0])
     nbytes = math.prod(shape) * dtype.itemsize
-    strides = interface.get("strides")
-    contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize)
     conn = client()
-    if nbytes == 0 or not contiguous:
+    if nbytes == 0 or not views.is_c_contiguous(interface, shape, dtype.itemsize):
         return _put_gpu_through_cupy(array, conn, consumers, ttl, scope)
-    try:
-        ordinal = cuda.device_of_pointer(address)
-    except cuda.CudaError as exc:
-        raise NotAnArrayError(f"faastube.put: this {type(array).__name__}'s __cuda_array_interface__ "
-                              f"points at {address:#x}, which is not GPU memory of this process "
-                              f"({exc})") from None
+    ordinal = views.device_of_array(array, address)
     device = cuda.devices().uuids[ordinal]
-    stream = _stream_of(array, interface, ordinal)
+    stream = views.stream_of(array, interface, ordinal)
     target, object_id, lifetime = conn.create_for_put(shape, dtype, consumers, ttl, scope, device)
     cuda.copy_on_stream(target, address, nbytes, ordinal, stream)
     _seal_put(conn, object_id, lifetime, array, ordinal, device, stream)
@@ -145,11 +137,10 @@ def _put_gpu_through_cupy(array, conn, consumers, ttl, scope) -> dict:
     device = cuda.devices().uuids[ordinal]
     target, object_id, lifetime = conn.create_for_put(source.shape, dtype, consumers, ttl, scope, device)
     with source.device:
-        memory = cupy.cuda.UnownedMemory(target, max(source.nbytes, 1), None, device_id=ordinal)
-        view = cupy.ndarray(source.shape, dtype, memptr=cupy.cuda.MemoryPointer(memory, 0))
+        view = views.gpu_array_at(target, source.nbytes, source.shape, dtype, ordinal)
         cupy.copyto(view, source, casting="no")
         stream = cupy.cuda.get_current_stream().ptr
-    del view, memory
+    del view
     _seal_put(conn, object_id, lifetime, (array, source), ordinal, device, stream)
     return make_ref(object_id, source.shape, dtype, device)
 
@@ -163,30 +154,11 @@ def _seal_put(conn, object_id: str, lifetime, keep, ordinal: int, device: str, s
         conn.seal_when_landed(cuda.fences().record(ordinal, stream), object_id, lifetime, keep)
 
 
-def _c_strides(shape, itemsize: int) -> tuple:
-    strides, step = [], itemsize
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= dim
-    return tuple(reversed(strides))
-
-
-def _stream_of(array, interface: dict, ordinal: int) -> int:
-    """The stream a GPU array's data is valid on (Note [Put copies with one driver call])."""
-    stream = interface.get("stream")
-    if stream:                        # 1 and 2 mean the legacy and per-thread default streams,
-        return int(stream)            # as they do to the driver
-    if type(array).__module__.split(".", 1)[0] == "torch":
-        import torch
-        return int(torch.cuda.current_stream(ordinal).cuda_stream)
-    return 1                          # CU_STREAM_LEGACY
-
-
 def flush_puts(timeout: float | None = None) -> bool:
     """Wait until every ``put`` of this process has landed in the pool and been sealed; False
     if ``timeout`` seconds passed first. Only with ``FAASTUBE_PUT_WAITS=0`` does a GPU
     ``put`` return before its copy has landed (Note [Put seals when its copy lands],
-    faastube/client.py): then call this before writing to a put's source from another stream
+    faastube/landing.py): then call this before writing to a put's source from another stream
     or from the host. Exit, ``close``, ``delete`` and ``close_scope`` flush on their own."""
     if _client is None:
         return True
@@ -340,4 +312,4 @@ def close_scope(scope: str) -> int:
     conn = client()
     conn.flush_puts()       # a put still landing gets its scope before the scope closes
     freed = conn.delete_unsealed(scope)                  # Note [Spare objects]
-    return freed + conn.request(protocol.CloseScope(scope))["freed"]
+    return freed + conn.request(protocol.CloseScope(scope)).freed

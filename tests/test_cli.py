@@ -183,7 +183,7 @@ def test_sigusr1_dumps_the_controllers_threads_and_it_serves_on(controller):
     import signal
     controller.process.send_signal(signal.SIGUSR1)
     wait_for(lambda: "serve_forever" in controller.log(), timeout=10, message="the stack dump in the log")
-    assert controller.request(protocol.Ping())["node"] == controller.node
+    assert controller.request(protocol.Ping()).node == controller.node
 
 
 def test_sigterms_that_keep_coming_while_the_controller_stops_leave_a_clean_exit(tmp_path, redis_server):

@@ -298,7 +298,7 @@ def test_an_abandoned_lease_ends_without_consuming(ft, controller):
     ref = ft.put(np.arange(3), consumers=1)
     conn = sdk.client()
     reply = conn.request(protocol.Get(ref["id"]))
-    conn._releases.append((reply["lease"], "abandon"))
+    conn.connection.releases.append((reply.lease, "abandon"))
     conn.request(protocol.Release())
     assert controller.leases() == 0
     assert ft.get(ref).tolist() == [0, 1, 2]      # not consumed: still there

@@ -43,9 +43,9 @@ def test_the_pool_grows_on_demand_and_releases_idle_slabs(ft, controller):
     assert pool_of(controller)["slabs_retired"] == 3
     # The client learns of retired slabs on its next reply and drops its cached mappings.
     client = ft.client()
-    assert client._slabs
+    assert client.slabs
     ft.put(np.ones(10, np.uint8))
-    assert len(client._slabs) == 1
+    assert len(client.slabs) == 1
 
 
 def test_a_retired_slab_stays_readable_through_a_live_view(ft, controller):
@@ -69,7 +69,7 @@ def test_slabs_are_never_shared_between_namespaces(controller):
         del a, b
         alice.seal(a_id, drop_writer=True)
         bob.seal(b_id, drop_writer=True)
-        assert set(alice._slabs).isdisjoint(bob._slabs)
+        assert set(alice.slabs).isdisjoint(bob.slabs)
         namespaces = controller.status()["namespaces"]
         assert namespaces["alice"]["slabs"] == namespaces["bob"]["slabs"] == 1
     finally:

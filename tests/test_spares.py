@@ -1,4 +1,4 @@
-"""Spare objects (Note [Spare objects] in faastube/client.py): a process that puts one
+"""Spare objects (Note [Spare objects] in faastube/spares.py): a process that puts one
 signature again gets the next object's create made ahead, without waiting; the seal gives
 it the put's consumers, ttl and scope. Real controller, real Redis, real processes."""
 
@@ -15,17 +15,22 @@ def pending(controller, namespace="test") -> int:
     return controller.status()["namespaces"].get(namespace, {}).get("pending", 0)
 
 
+def spare_grant(conn):
+    """The create reply this process's (only) spare will hand to the next put."""
+    spare = conn.spares.held()[0]
+    conn.request(protocol.Ping())          # replies come in order: the spare's is read by now
+    return conn.connection.peek(spare.create)
+
+
 def test_the_second_put_of_a_shape_asks_for_a_spare_and_the_third_takes_it(ft, controller):
     conn = ft.client()
     first = ft.put(np.full(1000, 1, np.int32))
-    assert not conn._spares                                  # one put says nothing yet
+    assert not conn.spares.held()                            # one put says nothing yet
     second = ft.put(np.full(1000, 2, np.int32))
     assert wait_for(lambda: pending(controller) == 1, message="the spare's create")
-    spare_seq = next(iter(conn._spares.values()))[0]
-    conn.request(protocol.Ping())          # replies come in order: the spare's is filed by now
-    spare = conn._replies[spare_seq]                         # the create reply it will take
+    spare = spare_grant(conn)                                # the create reply it will take
     third = ft.put(np.full(1000, 3, np.int32), scope="run-1", ttl=60)
-    assert third["id"] == spare["id"]
+    assert third["id"] == spare.id
     conn.request(protocol.Ping())                            # the seal and next create landed
     assert pending(controller) == 1                          # the next spare, already asked for
     for ref, value in ((first, 1), (second, 2), (third, 3)):
@@ -64,13 +69,13 @@ def _error(ft, ref):
 
 def test_an_idle_spare_is_freed(ft, controller, monkeypatch):
     # faastube.client is also the SDK's client() function: the module by its import name.
-    monkeypatch.setattr(importlib.import_module("faastube.client"), "SPARE_IDLE_S", 0.2)
+    monkeypatch.setattr(importlib.import_module("faastube.spares"), "SPARE_IDLE_S", 0.2)
     for _ in range(2):
         ft.put(np.zeros(1000, np.uint8))
     assert wait_for(lambda: pending(controller) == 1, message="the spare")
     wait_for(lambda: pending(controller) == 0 and controller.leases() == 0, timeout=5,
              message="the idle spare to be freed")
-    assert not ft.client()._spares
+    assert not ft.client().spares.held()
 
 
 def test_spares_are_off_with_no_spare_bytes_and_for_arrays_above_them(ft, controller):
@@ -78,7 +83,7 @@ def test_spares_are_off_with_no_spare_bytes_and_for_arrays_above_them(ft, contro
         conn = ft.connect(socket=controller.socket, namespace="test", spare_bytes=spare_bytes)
         for _ in range(3):
             ft.put(np.zeros(size, np.uint8))
-        assert not conn._spares
+        assert not conn.spares.held()
         # Seals go without waiting; replies come in order, so after a ping they have landed.
         conn.request(protocol.Ping())
         assert pending(controller) == 0
@@ -97,10 +102,10 @@ def test_a_full_pool_frees_the_spares_before_it_fails_a_put(tmp_path, redis_serv
                 return object_id
             conn.request(protocol.Delete(put((700_000,))))
             conn.request(protocol.Delete(put((700_000,))))   # a spare of 700 kB now holds a slab
-            assert conn._spares
+            assert conn.spares.held()
             kept = put((700, 1000))                          # another signature: the other slab
             last = put((1000, 700))                          # no room left but the spare's
-            assert not conn._spares
+            assert not conn.spares.held()
             assert (conn.get(last, 1) == 7).all() and (conn.get(kept, 1) == 7).all()
         finally:
             conn.close()
@@ -136,9 +141,7 @@ def test_a_forked_child_never_takes_its_parents_spare(ft, controller):
     import os
     for value in (1, 2):
         ft.put(np.full(1000, value, np.int32))               # the parent now holds a spare
-    spare_seq = next(iter(ft.client()._spares.values()))[0]
-    ft.client().request(protocol.Ping())
-    spare_id = ft.client()._replies[spare_seq]["id"]
+    spare_id = spare_grant(ft.client()).id
     pid = os.fork()
     if pid == 0:                                             # the child: its own connection
         code = 1
@@ -160,9 +163,7 @@ def test_a_repeated_empty_takes_a_spare_and_its_seal_gives_it_the_consumers_and_
         out[...] = value
         made.append(ft.seal(out))
     assert wait_for(lambda: pending(controller) == 1, message="the spare's create")
-    spare_seq = next(iter(ft.client()._spares.values()))[0]
-    ft.client().request(protocol.Ping())
-    spare_id = ft.client()._replies[spare_seq]["id"]
+    spare_id = spare_grant(ft.client()).id
     out = ft.empty((1000,), "int32", consumers=1, scope="run-e")
     assert ft.ref_of(out)["id"] == spare_id
     out[...] = 3
@@ -191,16 +192,10 @@ def test_closing_a_scope_deletes_an_unsealed_empty_that_took_a_spare(ft, control
 def test_an_empty_with_a_ttl_never_takes_a_spare(ft, controller):
     for _ in range(2):
         ft.seal(ft.empty((300,), "uint8"))
-    spare_id = _spare_id(ft)
+    spare_id = spare_grant(ft.client()).id
     out = ft.empty((300,), "uint8", ttl=60)
     assert ft.ref_of(out)["id"] != spare_id
     ft.seal(out)
-
-
-def _spare_id(ft) -> str:
-    seq = next(iter(ft.client()._spares.values()))[0]
-    ft.client().request(protocol.Ping())
-    return ft.client()._replies[seq]["id"]
 
 
 def test_an_empty_from_a_spare_dropped_unsealed_is_deleted(ft, controller):

@@ -1,0 +1,278 @@
+"""The SDK's connection to the node controller (the part redis-py's ``Connection`` plays): one
+Unix socket shared by every thread of the process, ``hello``, framing, matching replies to
+requests, the slab descriptors replies carry, and the releases that ride on requests. It
+knows the shape of messages, not what the objects in them are (faastube/client.py).
+
+Note [Pipelined requests]: threads send requests whenever they like (a send lock keeps
+frames whole) and replies may come back in any order (a get that waits for a seal is
+answered later). Whichever waiting thread finds no reader becomes the reader: it reads
+frames and files each reply under its ``seq`` until its own arrives, then hands over.
+One thread alone therefore reads its own reply directly, with no thread hop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+
+from . import protocol
+from .config import Config
+from .errors import ControllerUnavailableError, FaasTubeError, from_wire
+
+log = logging.getLogger("faastube")
+
+READ_TICK_S = 0.25            # how often a waiting reader re-checks its deadline
+REPLY_MARGIN_S = 10.0         # a controller slower than this past a request's own wait is hung
+DEFAULT_REPLY_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A request sent whose reply is read later (:meth:`Connection.wait`)."""
+    request: object
+    seq: int
+    generation: int         # the connection it went out on: replies never cross connections
+
+
+class Connection:
+    """The process's connection to the controller; connects on the first request.
+
+    ``slabs`` (faastube/views.py ``SlabMappings``) takes the descriptors replies carry
+    (``attach``), the slabs they retire (``retire``), and is emptied when the controller's
+    epoch changes (``clear``). ``anonymous`` skips ``hello``: for tools (status, ping) run by
+    the controller's own user or root, which the controller recognises by SO_PEERCRED."""
+
+    def __init__(self, config: Config, slabs, anonymous: bool = False):
+        self.config = config
+        self.slabs = slabs
+        self.anonymous = anonymous
+        self.node: str | None = None
+        self.epoch: str | None = None
+        #: (lease, "consume" | "drop" | "abandon") to travel on the next request (Note
+        #: [Releases ride along], faastube/leases.py).
+        self.releases: collections.deque = collections.deque()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the socket without closing it: at start, and in a forked child, whose
+        parent's socket is the parent's to speak on (the child opens its own when needed)."""
+        self._send_lock = threading.Lock()
+        self._state = threading.Condition(threading.Lock())
+        self._sock: socket.socket | None = None
+        self._reader: protocol.FrameReader | None = None
+        self._generation = 0
+        self._reading = False
+        self._replies: dict[int, dict] = {}
+        self._abandoned: set[int] = set()
+        self._unawaited: set[int] = set()   # Note [Seal without waiting], faastube/client.py
+        self._seq = 0
+        self.releases.clear()               # a parent's leases are not the child's to end
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def request(self, request, wait_s: float = 0.0):
+        """Send one request (plus queued releases) and return its typed reply
+        (protocol.REPLIES), or raise its error. ``wait_s``: how long the controller itself
+        may wait before answering (a get's timeout)."""
+        return self.wait(self.send(request), wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S)
+
+    def send(self, request, connect: bool = True) -> Pending | None:
+        """Send a request whose reply :meth:`wait` reads later; None if not connected and
+        ``connect`` is False."""
+        with self._send_lock:
+            if self._sock is None:
+                if not connect:
+                    return None
+                self._connect()
+            return Pending(request, self._send(request), self._generation)
+
+    def send_only(self, request) -> None:
+        """Send a request whose reply nobody waits for (Note [Seal without waiting]); a
+        failure is logged when its reply comes."""
+        with self._send_lock:
+            if self._sock is None:
+                self._connect()
+            seq = self._seq + 1                          # the seq _send is about to use
+            with self._state:
+                self._unawaited.add(seq)
+            try:
+                self._send(request)
+            except BaseException:
+                with self._state:
+                    self._unawaited.discard(seq)
+                raise
+
+    def wait(self, pending: Pending, timeout: float = DEFAULT_REPLY_TIMEOUT_S):
+        """The typed reply of a sent request, or its error."""
+        message = self._wait(pending.seq, pending.generation, timeout)
+        return protocol.decode_reply(type(pending.request), message)
+
+    def peek(self, pending: Pending):
+        """The typed reply of a sent request if it has been read already (it stays there for
+        :meth:`wait`), else None; an error reply is None too."""
+        with self._state:
+            message = self._replies.get(pending.seq) if pending.generation == self._generation else None
+        if message is None or not message.get("ok"):
+            return None
+        return protocol.decode_reply(type(pending.request), message)
+
+    def close(self) -> None:
+        self._disconnect()
+
+    # -- the socket -----------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Open the socket and say hello (send lock held: nobody else can be waiting)."""
+        path = self.config.socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.config.connect_timeout_s)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise ControllerUnavailableError(
+                f"no controller at {path} ({exc.strerror or exc}): start `faastube controller` "
+                f"or set FAASTUBE_SOCKET to its socket") from None
+        # Blocking socket with kernel timeouts: Python's own timeouts cost a poll() per call.
+        # A receive wakes at least every READ_TICK_S so a reader can check its deadline.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(READ_TICK_S))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(DEFAULT_REPLY_TIMEOUT_S))
+        with self._state:
+            self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
+            self._generation += 1
+        if self.anonymous:
+            return
+        hello = protocol.Hello(self.config.namespace, self.config.secret, f"pid {os.getpid()}")
+        welcome = protocol.decode_reply(protocol.Hello, self._wait(
+            self._send(hello), self._generation, DEFAULT_REPLY_TIMEOUT_S))
+        if welcome.epoch != self.epoch:
+            self.slabs.clear()   # slab ids belong to one controller epoch
+        self.node, self.epoch = welcome.node, welcome.epoch
+
+    def _disconnect(self, generation: int | None = None) -> None:
+        with self._state:
+            if self._sock is None or (generation is not None and generation != self._generation):
+                return
+            self._sock.close()
+            self._reader.close_fds()
+            self._sock = self._reader = None
+            self._replies.clear()
+            self._abandoned.clear()
+            self._unawaited.clear()
+            self._state.notify_all()
+
+    def _send(self, request) -> int:
+        """Frame and send a request (send lock held); returns its seq."""
+        releases = []
+        while self.releases:
+            releases.append(self.releases.popleft())
+        self._seq += 1
+        try:
+            protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases))
+        except OSError as exc:
+            self._disconnect()
+            raise self._lost(f"failed: {exc}") from None
+        return self._seq
+
+    # -- replies (Note [Pipelined requests]) ----------------------------------------------
+
+    def _wait(self, seq: int, generation: int, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._state:
+                while True:
+                    if generation != self._generation or self._sock is None:
+                        raise self._lost("closed the connection (did it stop or restart?)")
+                    if seq in self._replies:
+                        return _checked(self._replies.pop(seq))
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._abandoned.add(seq)
+                        raise self._lost("did not answer in time")
+                    if not self._reading:
+                        self._reading = True
+                        sock, reader = self._sock, self._reader
+                        break
+                    self._state.wait(remaining)
+            try:
+                self._read_one(sock, reader, generation)
+            finally:
+                with self._state:
+                    self._reading = False
+                    self._state.notify_all()
+
+    def _read_one(self, sock, reader, generation: int) -> None:
+        """Read one reply frame (as the current reader) and file it under its seq."""
+        if self.config.reply_spin_us > 0 and not reader.has_frame():
+            # Poll before sleeping in recv: a thread that sleeps pays the wake-up (an idle
+            # core's, or a VM's halted vCPU's) when the reply lands.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            until = time.perf_counter() + self.config.reply_spin_us / 1e6
+            while not poller.poll(0) and time.perf_counter() < until:
+                pass
+        try:
+            reply = reader.read()
+        except (BlockingIOError, TimeoutError):
+            return            # a read tick passed; a partial frame stays buffered; re-check
+        except OSError:
+            reply = None
+        if reply is None:
+            self._disconnect(generation)
+            return
+        if "fds" in reply:
+            reply = self._attach(reply, reader)
+        if "retired" in reply:
+            self.slabs.retire(reply["retired"])
+        with self._state:
+            seq = reply.get("seq")
+            if seq in self._abandoned:
+                self._abandoned.discard(seq)
+                if reply.get("ok") and "lease" in reply:
+                    self.releases.append((reply["lease"], "abandon"))
+            elif seq in self._unawaited:
+                self._unawaited.discard(seq)
+                if not reply.get("ok"):
+                    log.warning("a request the SDK did not wait for failed: %s: %s",
+                                reply.get("error"), reply.get("message"))
+            else:
+                self._replies[seq] = reply
+
+    def _attach(self, reply: dict, reader: protocol.FrameReader) -> dict:
+        """Hand the reply's descriptors to the slab cache; a reply whose slab cannot be
+        mapped here becomes that error (and its lease is given back unused)."""
+        descriptors = protocol.descriptors_of(reply)
+        for descriptor, fd in zip(descriptors, reader.take_fds(len(descriptors))):
+            try:
+                self.slabs.attach(descriptor, fd)
+            except FaasTubeError as exc:      # e.g. the GPU is not visible to this process
+                if "lease" in reply:
+                    self.releases.append((reply["lease"], "abandon"))
+                reply = {"seq": reply.get("seq"), "ok": False, "error": type(exc).__name__,
+                         "message": str(exc)}
+        return reply
+
+    def _lost(self, what: str) -> ControllerUnavailableError:
+        return ControllerUnavailableError(
+            f"the controller at {self.config.socket} {what}; check that `faastube controller` "
+            f"is running")
+
+
+def _checked(reply: dict) -> dict:
+    if not reply.get("ok"):
+        raise from_wire(reply.get("error", "FaasTubeError"), reply.get("message", "unknown error"))
+    return reply
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
