@@ -21,15 +21,15 @@ import uuid
 
 from flask import Flask, Response, request
 
-from .executor import ActionExited, ActionPool, ActionProcess
+from .executor import ActionExited
+from .runtime import Runtime, action_environment
 
 DEFAULT_FUNCTION = "func.py:main"
 STRUCTURED = "application/cloudevents+json"
 
 
-def load_function(runtime, spec: str) -> None:
+def load_function(runtime: Runtime, spec: str) -> None:
     """Start the action processes for ``file.py:name``; on failure readiness stays 503."""
-    from .app import action_environment
     path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "main")
     path = os.path.abspath(path)
     if not os.path.isfile(path):
@@ -37,18 +37,10 @@ def load_function(runtime, spec: str) -> None:
         print(runtime.load_error, file=sys.stderr, flush=True)
         return
     folder, entry = os.path.dirname(path), os.path.basename(path)
-    env = action_environment({})
-    process = ActionProcess(folder, name or "main", env, capture=runtime.concurrency > 1, entry=entry)
     try:
-        process.wait_ready()
+        runtime.start(folder, name or "main", action_environment({}), entry=entry)
     except ActionExited as exc:
-        runtime.log_startup(process)
         runtime.load_error = f"the function {spec} failed to load ({exc}); see the logs"
-        return
-    runtime.log_startup(process)
-    runtime.pool = ActionPool(process, folder, name or "main", env, runtime.concurrency,
-                              on_start=runtime.log_startup, entry=entry)
-    runtime.initialized = True
 
 
 def _json(value, status=200, headers=None) -> Response:
@@ -75,7 +67,7 @@ def _incoming_event():
     return False, str(uuid.uuid4()), json.loads(body) if body else {}
 
 
-def register_knative(app: Flask, runtime) -> None:
+def register_knative(app: Flask, runtime: Runtime) -> None:
     @app.get("/health/liveness")
     def liveness():
         return _json({"status": "alive"})
