@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import time
 import numpy as np
 
 import faastube
-from faastube.local import LocalController, LocalRedis
+from faastube.local import LocalController, redis_for
 from report import write_json
 
 VICTIM = r"""
@@ -58,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        redis_url = os.environ.get("FAASTUBE_REDIS") or stack.enter_context(LocalRedis()).url
+        redis_url = redis_for(stack)
         controller = stack.enter_context(LocalController(redis_url, slab_size="16MiB"))
         env = {**controller.env, "FAASTUBE_NAMESPACE": "soak"}
         faastube.connect(socket=controller.socket, namespace="soak")

@@ -36,7 +36,7 @@ import redis
 
 import faastube
 from faastube import protocol
-from faastube.local import LocalController, LocalRedis
+from faastube.local import LocalController, redis_for
 from report import percentile, write_json
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSON output path")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
-        redis_url = os.environ.get("FAASTUBE_REDIS") or stack.enter_context(LocalRedis()).url
+        redis_url = redis_for(stack)
         controller = stack.enter_context(LocalController(redis_url, slab_size="64MiB", pool_limit="4GiB"))
         faastube.connect(socket=controller.socket, namespace="bench")
         print("measuring control round trip, get, put and Redis bytes by size …", file=sys.stderr)

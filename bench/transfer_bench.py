@@ -233,9 +233,9 @@ def main() -> int:
 
     import cupy
 
-    from controller.links import DEFAULT_DEPTH
-    from controller.transfer import (DEFAULT_BATCH_CHUNKS, DEFAULT_CHUNK_BYTES, NVLINK_BYTES_PER_S,
-                                     PCIE_BYTES_PER_S, PUMP_BATCH_CHUNKS, PUMP_DEPTH)
+    from controller.links import DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, PUMP_BATCH_CHUNKS, PUMP_DEPTH
+    from controller.transfer import NVLINK_BYTES_PER_S, PCIE_BYTES_PER_S
+    from faastube.config import DEFAULT_CHUNK_BYTES
     from faastube import cuda
 
     devices = cuda.devices()

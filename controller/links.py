@@ -34,9 +34,15 @@ import dataclasses
 import threading
 import time
 
-from .scheduler import DEFAULT_BATCH, DEFAULT_CHUNK, LinkScheduler, Transfer
+from faastube.config import DEFAULT_CHUNK_BYTES
 
-DEFAULT_DEPTH = 2
+from .scheduler import LinkScheduler, Transfer
+
+# A link's defaults, set here only (the chunk is a setting, --chunk-size, faastube/config.py):
+DEFAULT_BATCH_CHUNKS = 1        # chunks per batch a link hands a copy queue driven from Python
+DEFAULT_DEPTH = 2               # batches queued on the engine at once (Note [Batches bound waiting])
+PUMP_BATCH_CHUNKS = 2           # a direct link's batches on a pump (Note [The native pump]) …
+PUMP_DEPTH = 2                  # … and how many it keeps there
 
 
 class HostCopier:
@@ -75,8 +81,8 @@ class Move:
 class Link:
     """One direction of one path, e.g. host→GPU 0 over PCIe (Note [Who drives a link])."""
 
-    def __init__(self, name: str, copier, bandwidth: float, chunk_bytes: int = DEFAULT_CHUNK,
-                 batch_chunks: int = DEFAULT_BATCH, depth: int = DEFAULT_DEPTH,
+    def __init__(self, name: str, copier, bandwidth: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 batch_chunks: int = DEFAULT_BATCH_CHUNKS, depth: int = DEFAULT_DEPTH,
                  clock=time.perf_counter):
         if depth < 1:
             raise ValueError("depth must be at least 1")

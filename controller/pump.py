@@ -20,7 +20,7 @@ small move's p50 during large moves fell by 20–25%; its p99 did not (the tail 
 waking threads, docs/benchmarks.md).
 
 The library is compiled at first use with the system's C compiler (``$CC``, else ``cc``) into
-``$FAASTUBE_NATIVE_DIR`` (else the user's cache folder), named by its source's hash; where
+``$FAASTUBE_NATIVE_DIR`` (else the user's cache folder; faastube/config.py), named by its source's hash; where
 that cannot be done, :func:`library` raises PumpUnavailable saying why, and the transfer
 engine keeps its links in Python (controller/transfer.py).
 """
@@ -32,9 +32,9 @@ import hashlib
 import os
 import platform
 import subprocess
-import tempfile
 import threading
 
+from faastube.config import Config, default_native_dir
 from faastube.errors import PumpError, PumpUnavailable
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "pump.c")
@@ -49,16 +49,6 @@ _BUSY, _BAD, _CLOSED = -1, -2, -3
 _library = None
 _library_error: str | None = None
 _library_lock = threading.Lock()
-
-
-def _native_dir() -> str:
-    configured = os.environ.get("FAASTUBE_NATIVE_DIR")
-    if configured:
-        return configured
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if os.path.isdir(os.path.dirname(cache)) and os.access(os.path.dirname(cache), os.W_OK):
-        return os.path.join(cache, "faastube")
-    return os.path.join(tempfile.gettempdir(), f"faastube-{os.getuid()}")
 
 
 def _check_trusted(path: str) -> None:
@@ -78,14 +68,14 @@ def build(directory: str | None = None) -> str:
     with open(SOURCE, "rb") as f:
         source = f.read()
     tag = hashlib.sha256(source + platform.machine().encode()).hexdigest()[:16]
-    directory = directory or _native_dir()
+    directory = directory or Config.read("native_dir") or default_native_dir()
     path = os.path.join(directory, f"faastube-pump-{tag}.so")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     _check_trusted(directory)
     if os.path.exists(path):
         _check_trusted(path)
         return path
-    compiler = os.environ.get("CC", "cc")
+    compiler = Config.read("cc")
     partial = f"{path}.{os.getpid()}.tmp"
     try:
         done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-pthread", "-o", partial, SOURCE, "-ldl"],

@@ -27,8 +27,6 @@ import dataclasses
 import itertools
 import math
 
-DEFAULT_CHUNK = 2 << 20
-DEFAULT_BATCH = 5
 _ids = itertools.count(1)
 
 
@@ -64,8 +62,7 @@ class Chunk:
 class LinkScheduler:
     """The chunk scheduler of one link (one direction of one path)."""
 
-    def __init__(self, bandwidth: float, chunk_bytes: int = DEFAULT_CHUNK,
-                 batch_chunks: int = DEFAULT_BATCH):
+    def __init__(self, bandwidth: float, chunk_bytes: int, batch_chunks: int):
         if bandwidth <= 0 or chunk_bytes <= 0 or batch_chunks <= 0:
             raise ValueError("bandwidth, chunk size and batch size must be positive")
         self.bandwidth = bandwidth            # bytes/s, measured for this link

@@ -50,10 +50,11 @@ import threading
 import time
 
 from faastube import cuda
+from faastube.config import DEFAULT_CHUNK_BYTES
 from faastube.errors import PumpUnavailable
 
 from .gpu import CopyQueue, RelayQueue
-from .links import DEFAULT_DEPTH, Link
+from .links import DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, PUMP_BATCH_CHUNKS, PUMP_DEPTH, Link
 from .pool import Region
 from .pump import Pump
 from .slabs import CudaSlab, MemfdSlab
@@ -63,14 +64,10 @@ log = logging.getLogger("faastube.controller")
 
 PCIE_BYTES_PER_S = 50e9          # estimates until measured, gpu-facts.md: pinned PCIe 5 ~55 GB/s
 NVLINK_BYTES_PER_S = 400e9       # NVLink peer copy ~390 GB/s
-DEFAULT_CHUNK_BYTES = 4 << 20    # Note [Chunk size per link]
-DEFAULT_BATCH_CHUNKS = 1
 MULTIPATH_MIN_BYTES = 32 << 20   # smaller moves take one path: a share would be a few chunks
 RELAY_CHUNK_FACTOR = 4          # Note [Multi-path moves]: relays move big chunks
 PROBE_BYTES = 64 << 20           # Note [Measured links]
 PROBE_RUNS = 3
-PUMP_BATCH_CHUNKS = 2            # a direct link's batches on a pump (Note [The native pump]) …
-PUMP_DEPTH = 2                   # … and how many it keeps there
 
 
 class TransferEngine:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import json
+import os
 import sys
 
-from .config import DEFAULT_SOCKET, Config, format_size, parse_gpus, parse_share, parse_size
+from .config import Config, ShimConfig, format_size
 from .errors import FaasTubeError
 
 
@@ -23,23 +24,37 @@ def _words(parse):
     return convert
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, config_class, names=None) -> None:
+    """One flag per setting of ``config_class`` that has one (faastube/config.py), its help
+    naming the variable and the default; ``names``: only those fields."""
+    for field in config_class.flags():
+        if names is not None and field.name not in names:
+            continue
+        meta = field.metadata
+        shown = meta["shown"]
+        if shown is None:
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            shown = default
+        parser.add_argument(meta["flag"], dest=field.name, type=_words(meta["parse"]), metavar=meta["metavar"],
+                            help=f"{meta['help']} ({meta['env']}; default {shown})")
+
+
+def settings_from(args, config_class, **more):
+    """``config_class`` from the environment, with the flags given on the command line."""
+    given = {f.name: getattr(args, f.name) for f in config_class.flags() if hasattr(args, f.name)}
+    return config_class.from_env(**given, **more)
+
+
 def _controller(args) -> int:
     from controller import run_controller
-    config = Config.from_env(socket=args.socket, redis=args.redis, node=args.node,
-                             slab_size=args.slab_size, pool_limit=args.pool_limit,
-                             idle_release_s=args.idle_release, tombstone_ttl_s=args.tombstone_ttl,
-                             secrets_file=args.secrets_file, gpus=args.gpus,
-                             gpu_slab_size=args.gpu_slab_size, gpu_pool_limit=args.gpu_pool_limit,
-                             metrics_port=args.metrics_port, chunk_size=args.chunk_size,
-                             socket_mode=args.socket_mode)
-    run_controller(config)
+    run_controller(settings_from(args, Config))
     return 0
 
 
 def _status(args) -> int:
     from . import protocol
     from .client import Client
-    client = Client(Config.from_env(socket=args.socket), anonymous=True)
+    client = Client(settings_from(args, Config), anonymous=True)
     try:
         reply = client.request(protocol.Status())
     finally:
@@ -110,7 +125,7 @@ def render_status(status: dict) -> str:
 
 def _shim(args) -> int:
     from shim.serve import run_shim
-    run_shim(args.port)
+    run_shim(settings_from(args, ShimConfig))
     return 0
 
 
@@ -140,38 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("controller", help="run the per-node controller (pools, socket, directory)")
-    p.add_argument("--socket", help=f"Unix socket to serve (FAASTUBE_SOCKET; default {DEFAULT_SOCKET})")
-    p.add_argument("--redis", help="Redis URL for metadata (FAASTUBE_REDIS; default redis://127.0.0.1:6379/0)")
-    p.add_argument("--node", help="this node's name in the directory (FAASTUBE_NODE; default hostname)")
-    p.add_argument("--slab-size", type=_words(parse_size), help="bytes per host slab (FAASTUBE_SLAB_SIZE; default 64MiB)")
-    p.add_argument("--pool-limit", type=_words(parse_size),
-                   help="most bytes the host pool may hold, e.g. 8GiB (FAASTUBE_POOL_LIMIT; default 1/4 of RAM)")
-    p.add_argument("--idle-release", type=float, metavar="SECONDS",
-                   help="release a slab after it stayed empty this long (FAASTUBE_IDLE_RELEASE_S; default 30)")
-    p.add_argument("--tombstone-ttl", type=int, metavar="SECONDS",
-                   help="how long Redis remembers why an object is gone (FAASTUBE_TOMBSTONE_TTL_S; default 3600)")
-    p.add_argument("--gpus", type=_words(parse_gpus), help="'auto': a pool on every GPU the controller sees; "
-                   "'none': host tier only (FAASTUBE_GPUS; default auto)")
-    p.add_argument("--gpu-slab-size", type=_words(parse_size), help="bytes per GPU slab (FAASTUBE_GPU_SLAB_SIZE; default 256MiB)")
-    p.add_argument("--gpu-pool-limit", type=_words(parse_share),
-                   help="most bytes each GPU pool may hold: a size, or a share of the GPU's memory "
-                        "such as 50%% (FAASTUBE_GPU_POOL_LIMIT; default 50%%)")
-    p.add_argument("--chunk-size", type=_words(parse_size),
-                   help="bytes per chunk on PCIe links; NVLink links use chunks as many times larger "
-                        "as they are faster (FAASTUBE_CHUNK_SIZE; default 4MiB)")
-    p.add_argument("--secrets-file", help='JSON {"namespace": "secret"} (FAASTUBE_SECRETS_FILE)')
-    p.add_argument("--socket-mode", type=lambda v: int(v, 8), help="socket file mode, octal (default 660)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics on PORT, all interfaces (FAASTUBE_METRICS_PORT; default off)")
+    add_setting_flags(p, Config)
     p.set_defaults(func=_controller)
 
     p = sub.add_parser("status", help="print pools, slabs, objects and bytes per namespace")
-    p.add_argument("--socket", help="the controller's socket (FAASTUBE_SOCKET)")
+    add_setting_flags(p, Config, names=("socket",))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("shim", help="the action runtime: OpenWhisk /init + /run on $PORT (default 8080)")
-    p.add_argument("--port", type=int, help="port to serve (default $PORT, else 8080)")
+    p = sub.add_parser("shim", help="the action runtime: OpenWhisk /init + /run (or the Knative "
+                                    "contract) on $PORT")
+    add_setting_flags(p, ShimConfig)
     p.set_defaults(func=_shim)
 
     p = sub.add_parser("conformance", help="check a runtime endpoint against the stock OpenWhisk "

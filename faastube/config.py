@@ -1,7 +1,10 @@
-"""One typed configuration, defaults in one place, read once from ``FAASTUBE_*`` variables.
+"""One typed configuration, defaults in one place, read once from the environment.
 
-Both the controller and the SDK read their settings here. Command-line flags of
-``faastube controller`` override the environment, which overrides the defaults.
+Every environment variable FaaSTube reads is a field here: :class:`Config` for the
+controller and the SDK, :class:`ShimConfig` for the action runtime. Each field says its
+variable, how its text is read, and, for those a command takes as a flag, the flag and its
+help: ``faastube controller``, ``status`` and ``shim`` build their flags from these fields
+(faastube/cli.py). Flags override the environment, which overrides the defaults.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 
 from .errors import InvalidArgumentError
 
 #: Where the controller listens unless ``--socket`` or ``FAASTUBE_SOCKET`` says otherwise.
 DEFAULT_SOCKET = "/run/faastube/controller.sock"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+#: PCIe links' chunk (NVLink links' are as many times larger as they are faster): Note [Chunk
+#: size per link] in controller/transfer.py.
+DEFAULT_CHUNK_BYTES = 4 << 20
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
@@ -39,6 +46,22 @@ def parse_flag(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError("write 1 or 0 (true/false, yes/no, on/off)")
+
+
+def parse_octal(text: str) -> int:
+    """A file mode such as ``660``."""
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ValueError("write an octal file mode such as 660") from None
+
+
+def parse_count(text: str) -> int:
+    """A whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError("write a whole number of at least 1")
+    return value
 
 
 def parse_gpus(text: str) -> str:
@@ -95,79 +118,185 @@ def default_namespace(environ) -> str:
     return environ.get("__OW_NAMESPACE") or environ.get("POD_NAMESPACE") or "default"
 
 
-@dataclasses.dataclass
-class Config:
-    """Every setting of the controller and the SDK. Field docs name the variable that sets it."""
+def default_native_dir(environ=None) -> str:
+    """Where the controller's native pump is compiled to: the user's cache folder, else a
+    folder of this user's in the temporary folder (controller/pump.py)."""
+    environ = os.environ if environ is None else environ
+    cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if os.path.isdir(os.path.dirname(cache)) and os.access(os.path.dirname(cache), os.W_OK):
+        return os.path.join(cache, "faastube")
+    return os.path.join(tempfile.gettempdir(), f"faastube-{os.getuid()}")
 
-    socket: str = DEFAULT_SOCKET            # FAASTUBE_SOCKET: the controller's Unix socket
-    redis: str = DEFAULT_REDIS              # FAASTUBE_REDIS: Redis URL (metadata only)
-    node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)  # FAASTUBE_NODE
-    # Host tier of the pool (controller side).
-    slab_size: int = 64 << 20               # FAASTUBE_SLAB_SIZE: bytes per memfd slab
-    pool_limit: int = dataclasses.field(default_factory=_default_pool_limit)  # FAASTUBE_POOL_LIMIT
-    idle_release_s: float = 30.0            # FAASTUBE_IDLE_RELEASE_S: empty slab kept this long
-    tombstone_ttl_s: int = 3600             # FAASTUBE_TOMBSTONE_TTL_S: deleted/lost ids remembered
-    # GPU tier (controller side): one pool per GPU, CUDA VMM slabs (faastube/cuda.py).
-    gpus: str = "auto"                      # FAASTUBE_GPUS: "auto" (every GPU it sees) or "none"
-    gpu_slab_size: int = 256 << 20          # FAASTUBE_GPU_SLAB_SIZE: bytes per GPU slab
-    gpu_pool_limit: float = 0.5             # FAASTUBE_GPU_POOL_LIMIT: bytes per GPU, or a fraction ≤ 1 of its memory
-    secrets_file: str | None = None         # FAASTUBE_SECRETS_FILE: JSON {namespace: secret}
-    socket_mode: int = 0o660                # FAASTUBE_SOCKET_MODE (octal)
-    metrics_port: int = 0                   # FAASTUBE_METRICS_PORT: Prometheus /metrics (0: off)
-    chunk_size: int = 4 << 20               # FAASTUBE_CHUNK_SIZE: PCIe links' chunk (controller/transfer.py)
-    native_pump: bool = True                # FAASTUBE_NATIVE_PUMP: 0 issues direct links' copies from Python
-    # Client (SDK) side.
-    namespace: str = "default"              # FAASTUBE_NAMESPACE, else __OW_NAMESPACE, POD_NAMESPACE
-    secret: str | None = None               # FAASTUBE_SECRET: the namespace's secret, if any
-    get_timeout_s: float = 30.0             # FAASTUBE_GET_TIMEOUT_S: wait for a pending object
-    connect_timeout_s: float = 5.0          # FAASTUBE_CONNECT_TIMEOUT_S
-    slo_ms: float | None = None             # FAASTUBE_SLO_MS: default copy SLO of gets (docs/sdk.md)
-    spare_bytes: int = 128 << 20            # FAASTUBE_SPARE_BYTES: put's spares per process (0: none)
-    # FAASTUBE_PUT_WAITS: 1 (default) a GPU put returns after its copy has landed; 0 at once,
-    # sealing when it lands (Note [Put seals when its copy lands], faastube/client.py).
-    put_waits: bool = True
-    # FAASTUBE_REPLY_SPIN_US: poll for a reply this long before sleeping in recv (default:
-    # 100 where there are ≥ 8 cores; none on smaller machines, where the spinning client
-    # would take the core the controller needs to answer).
-    reply_spin_us: float = dataclasses.field(default_factory=lambda: 100.0 if (os.cpu_count() or 1) >= 8 else 0.0)
 
-    _ENV = {
-        "socket": ("FAASTUBE_SOCKET", str),
-        "redis": ("FAASTUBE_REDIS", str),
-        "node": ("FAASTUBE_NODE", str),
-        "slab_size": ("FAASTUBE_SLAB_SIZE", parse_size),
-        "pool_limit": ("FAASTUBE_POOL_LIMIT", parse_size),
-        "idle_release_s": ("FAASTUBE_IDLE_RELEASE_S", float),
-        "tombstone_ttl_s": ("FAASTUBE_TOMBSTONE_TTL_S", int),
-        "gpus": ("FAASTUBE_GPUS", parse_gpus),
-        "gpu_slab_size": ("FAASTUBE_GPU_SLAB_SIZE", parse_size),
-        "gpu_pool_limit": ("FAASTUBE_GPU_POOL_LIMIT", parse_share),
-        "secrets_file": ("FAASTUBE_SECRETS_FILE", str),
-        "socket_mode": ("FAASTUBE_SOCKET_MODE", lambda v: int(v, 8)),
-        "metrics_port": ("FAASTUBE_METRICS_PORT", int),
-        "chunk_size": ("FAASTUBE_CHUNK_SIZE", parse_size),
-        "native_pump": ("FAASTUBE_NATIVE_PUMP", parse_flag),
-        "namespace": ("FAASTUBE_NAMESPACE", str),
-        "secret": ("FAASTUBE_SECRET", str),
-        "get_timeout_s": ("FAASTUBE_GET_TIMEOUT_S", float),
-        "connect_timeout_s": ("FAASTUBE_CONNECT_TIMEOUT_S", float),
-        "slo_ms": ("FAASTUBE_SLO_MS", parse_slo_ms),
-        "spare_bytes": ("FAASTUBE_SPARE_BYTES", parse_size),
-        "put_waits": ("FAASTUBE_PUT_WAITS", parse_flag),
-        "reply_spin_us": ("FAASTUBE_REPLY_SPIN_US", float),
-    }
+def setting(default=dataclasses.MISSING, *, env: str, parse=str, flag: str | None = None,
+            help: str | None = None, shown: str | None = None, metavar: str | None = None,
+            default_factory=dataclasses.MISSING):
+    """A configuration field: the variable that sets it, how its text becomes a value
+    (raising ValueError with the fix), and for a command-line setting its flag and help
+    (``shown``: the default as the help states it, where its value says it badly)."""
+    metadata = {"env": env, "parse": parse, "flag": flag, "help": help, "shown": shown, "metavar": metavar}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class _FromEnvironment:
+    """``from_env`` and the field list shared by the configuration dataclasses."""
 
     @classmethod
-    def from_env(cls, environ: dict | None = None, **overrides) -> "Config":
-        """Defaults, then ``FAASTUBE_*`` variables, then ``overrides`` (None means unset)."""
+    def from_env(cls, environ: dict | None = None, **overrides):
+        """Defaults, then the fields' variables, then ``overrides`` (None means unset)."""
         environ = os.environ if environ is None else environ
         values = {}
-        for field, (variable, convert) in cls._ENV.items():
+        for field in dataclasses.fields(cls):
+            variable, parse = field.metadata["env"], field.metadata["parse"]
             if environ.get(variable):
                 try:
-                    values[field] = convert(environ[variable])
+                    values[field.name] = parse(environ[variable])
                 except ValueError as exc:
                     raise InvalidArgumentError(f"{variable}={environ[variable]!r} is not valid: {exc}") from exc
-        values.setdefault("namespace", default_namespace(environ))
+        values.update(cls._derived(environ, values))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @classmethod
+    def given(cls, name: str, environ: dict | None = None):
+        """One setting as its variable gives it, or None where the variable is not set: for
+        a process that needs only that one and must not fail on the others."""
+        environ = os.environ if environ is None else environ
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        text = environ.get(field.metadata["env"])
+        if not text:
+            return None
+        try:
+            return field.metadata["parse"](text)
+        except ValueError as exc:
+            raise InvalidArgumentError(f"{field.metadata['env']}={text!r} is not valid: {exc}") from exc
+
+    @classmethod
+    def read(cls, name: str, environ: dict | None = None):
+        """One setting from the environment, else its default (see :meth:`given`)."""
+        value = cls.given(name, environ)
+        if value is not None:
+            return value
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+    @classmethod
+    def _derived(cls, environ, values) -> dict:
+        """Defaults that depend on other variables than the field's own."""
+        return {}
+
+    @classmethod
+    def flags(cls) -> list[dataclasses.Field]:
+        """The fields a command takes as flags."""
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("flag")]
+
+
+def _spin_default() -> float:
+    # 100 µs where there are ≥ 8 cores; none on smaller machines, where the spinning client
+    # would take the core the controller needs to answer.
+    return 100.0 if (os.cpu_count() or 1) >= 8 else 0.0
+
+
+@dataclasses.dataclass
+class Config(_FromEnvironment):
+    """Every setting of the controller and the SDK."""
+
+    socket: str = setting(DEFAULT_SOCKET, env="FAASTUBE_SOCKET", flag="--socket",
+                          help="the controller's Unix socket")
+    redis: str = setting(DEFAULT_REDIS, env="FAASTUBE_REDIS", flag="--redis", help="Redis URL for metadata")
+    node: str = setting(env="FAASTUBE_NODE", flag="--node", default_factory=lambda: os.uname().nodename,
+                        help="this node's name in the directory", shown="the hostname")
+    # The host tier of the pool (controller side).
+    slab_size: int = setting(64 << 20, env="FAASTUBE_SLAB_SIZE", parse=parse_size, flag="--slab-size",
+                             help="bytes per host slab", shown="64MiB")
+    pool_limit: int = setting(env="FAASTUBE_POOL_LIMIT", parse=parse_size, flag="--pool-limit",
+                              default_factory=_default_pool_limit, shown="1/4 of RAM",
+                              help="most bytes the host pool may hold, e.g. 8GiB")
+    idle_release_s: float = setting(30.0, env="FAASTUBE_IDLE_RELEASE_S", parse=float, flag="--idle-release",
+                                    metavar="SECONDS", help="release a slab after it stayed empty this long")
+    tombstone_ttl_s: int = setting(3600, env="FAASTUBE_TOMBSTONE_TTL_S", parse=int, flag="--tombstone-ttl",
+                                   metavar="SECONDS", help="how long Redis remembers why an object is gone")
+    # The GPU tier (controller side): one pool per GPU, CUDA VMM slabs (controller/gpu.py).
+    gpus: str = setting("auto", env="FAASTUBE_GPUS", parse=parse_gpus, flag="--gpus",
+                        help="'auto': a pool on every GPU the controller sees; 'none': host tier only")
+    gpu_slab_size: int = setting(256 << 20, env="FAASTUBE_GPU_SLAB_SIZE", parse=parse_size,
+                                 flag="--gpu-slab-size", help="bytes per GPU slab", shown="256MiB")
+    gpu_pool_limit: float = setting(0.5, env="FAASTUBE_GPU_POOL_LIMIT", parse=parse_share,
+                                    flag="--gpu-pool-limit", shown="50%%",
+                                    help="most bytes each GPU pool may hold: a size, or a share of the "
+                                         "GPU's memory such as 50%%")
+    secrets_file: str | None = setting(None, env="FAASTUBE_SECRETS_FILE", flag="--secrets-file",
+                                       help='JSON {"namespace": "secret"}', shown="none")
+    socket_mode: int = setting(0o660, env="FAASTUBE_SOCKET_MODE", parse=parse_octal, flag="--socket-mode",
+                               help="socket file mode, octal", shown="660")
+    metrics_port: int = setting(0, env="FAASTUBE_METRICS_PORT", parse=int, flag="--metrics-port",
+                                metavar="PORT", shown="off",
+                                help="serve Prometheus metrics on PORT, all interfaces")
+    # The transfer engine (controller side): the one place its link defaults are set.
+    chunk_size: int = setting(DEFAULT_CHUNK_BYTES, env="FAASTUBE_CHUNK_SIZE", parse=parse_size, flag="--chunk-size",
+                              shown="4MiB", help="bytes per chunk on PCIe links; NVLink links use chunks "
+                                                 "as many times larger as they are faster")
+    native_pump: bool = setting(True, env="FAASTUBE_NATIVE_PUMP", parse=parse_flag,
+                                help="0 issues direct links' copies from Python (controller/pump.py)")
+    native_dir: str = setting(None, env="FAASTUBE_NATIVE_DIR",
+                              help="where the native pump is compiled to and loaded from")
+    cc: str = setting("cc", env="CC", help="the C compiler that builds the native pump")
+    # The SDK (client side).
+    namespace: str = setting("default", env="FAASTUBE_NAMESPACE",
+                             help="the caller's namespace; else __OW_NAMESPACE, else POD_NAMESPACE")
+    secret: str | None = setting(None, env="FAASTUBE_SECRET", help="the namespace's secret, if it has one")
+    get_timeout_s: float = setting(30.0, env="FAASTUBE_GET_TIMEOUT_S", parse=float,
+                                   help="how long a get waits for a pending object")
+    connect_timeout_s: float = setting(5.0, env="FAASTUBE_CONNECT_TIMEOUT_S", parse=float)
+    slo_ms: float | None = setting(None, env="FAASTUBE_SLO_MS", parse=parse_slo_ms,
+                                   help="the default copy SLO of gets (docs/sdk.md)")
+    spare_bytes: int = setting(128 << 20, env="FAASTUBE_SPARE_BYTES", parse=parse_size,
+                               help="put's spares per process (0: none; Note [Spare objects])")
+    put_waits: bool = setting(True, env="FAASTUBE_PUT_WAITS", parse=parse_flag,
+                              help="1: a GPU put returns after its copy landed; 0: at once, sealing "
+                                   "when it lands (Note [Put seals when its copy lands])")
+    reply_spin_us: float = setting(env="FAASTUBE_REPLY_SPIN_US", parse=float, default_factory=_spin_default,
+                                   help="poll for a reply this long before sleeping in recv")
+
+    @classmethod
+    def _derived(cls, environ, values) -> dict:
+        return {"namespace": values.get("namespace") or default_namespace(environ),
+                "native_dir": values.get("native_dir") or default_native_dir(environ)}
+
+
+def _true_text(text: str) -> bool:
+    return text.lower() == "true"
+
+
+@dataclasses.dataclass
+class ShimConfig(_FromEnvironment):
+    """The action runtime's settings (``faastube shim``, shim/): what OpenWhisk and Knative
+    tell a container through its environment, and FaaSTube's own."""
+
+    port: int = setting(8080, env="PORT", parse=int, flag="--port", help="port to serve")
+    allow_concurrent: bool = setting(False, env="__OW_ALLOW_CONCURRENT", parse=_true_text,
+                                     help="OpenWhisk: the action may run activations concurrently")
+    concurrency: int = setting(8, env="FAASTUBE_CONCURRENCY", parse=parse_count,
+                               help="activations at once, where concurrency is allowed")
+    platform: str = setting("", env="FAASTUBE_PLATFORM", help="'knative' serves the Knative contract")
+    service: str = setting("", env="K_SERVICE", help="Knative: the service (its presence means Knative)")
+    pod_namespace: str = setting("", env="POD_NAMESPACE", help="Knative: the pod's namespace")
+    function: str = setting("func.py:main", env="FAASTUBE_FUNCTION",
+                            help="Knative: the function, /path/to/file.py:name")
+    ce_source: str | None = setting(None, env="FAASTUBE_CE_SOURCE",
+                                    help="Knative: the reply events' source (default /faastube/<service>)")
+    ce_type: str = setting("dev.faastube.result", env="FAASTUBE_CE_TYPE",
+                           help="Knative: the reply events' type")
+    log_marker: str = setting("", env="FAASTUBE_LOG_MARKER",
+                              help="set by the shim for an action process whose logs it captures")
+
+    @property
+    def knative(self) -> bool:
+        return bool(self.service) or self.platform.lower() == "knative"
+
+    @property
+    def activations_at_once(self) -> int:
+        """One at a time, unless OpenWhisk allows concurrency or this is Knative."""
+        return self.concurrency if self.allow_concurrent or self.knative else 1

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import statistics
 import time
 
 import numpy as np
 
-from .config import format_size
-from .local import LocalController, LocalRedis
+from .config import Config, format_size
+from .local import LocalController, redis_for
 
 FRAME = (720, 1280, 3)
 
@@ -140,10 +139,9 @@ def run_demo(size_mb: int = 48, runs: int = 5, progress=print) -> int:
     progress(f"FaaSTube demo: decode → preprocess → reduce, {format_size(nbytes)} per hand-off, "
              f"{runs} runs per mode (after one warm-up), host-memory pool (CPU)")
     with contextlib.ExitStack() as stack:
-        redis_url = os.environ.get("FAASTUBE_REDIS")
-        if not redis_url:
+        if not Config.given("redis"):
             progress("starting a private redis-server …")
-            redis_url = stack.enter_context(LocalRedis()).url
+        redis_url = redis_for(stack)
         progress(f"starting a controller (redis {redis_url}) …")
         socket_path = stack.enter_context(LocalController(redis_url, slab_size="256MiB")).socket
         results = {}

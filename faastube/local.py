@@ -4,6 +4,7 @@ containers (``faastube shim`` processes) driven over the OpenWhisk runtime proto
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -101,6 +102,11 @@ class LocalRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def redis_for(stack: contextlib.ExitStack) -> str:
+    """The Redis ``FAASTUBE_REDIS`` names, else a private redis-server that ``stack`` stops."""
+    return Config.given("redis") or stack.enter_context(LocalRedis()).url
 
 
 class LocalController:

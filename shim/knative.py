@@ -3,6 +3,7 @@ or a CloudEvent's data, and health probes have their own routes.
 
 - ``FAASTUBE_FUNCTION=/path/to/file.py:main`` names the function (default ``func.py:main``
   in the working directory); its folder is the working directory of the action processes.
+  (faastube.config.ShimConfig has every setting.)
 - A CloudEvent in binary mode (``ce-specversion`` header) or structured mode
   (``Content-Type: application/cloudevents+json``) calls ``main(event data)``; the answer is a
   CloudEvent in binary mode with ``ce-type: dev.faastube.result`` (or ``FAASTUBE_CE_TYPE``)
@@ -24,7 +25,6 @@ from flask import Flask, Response, request
 from .executor import ActionExited
 from .runtime import Runtime, action_environment
 
-DEFAULT_FUNCTION = "func.py:main"
 STRUCTURED = "application/cloudevents+json"
 
 
@@ -86,22 +86,18 @@ def register_knative(app: Flask, runtime: Runtime) -> None:
             return _json({"error": f"the request body is not valid JSON: {exc}"}, 400)
         if runtime.pool is None or runtime.gone:
             return _json({"error": runtime.load_error or "the function is not loaded"}, 503)
-        args = {"value": data, "activation_id": event_id,
-                "namespace": os.environ.get("POD_NAMESPACE", ""),
-                "action_name": os.environ.get("K_SERVICE", "")}
+        settings = runtime.settings
+        args = {"value": data, "activation_id": event_id, "namespace": settings.pod_namespace,
+                "action_name": settings.service}
         try:
             reply = runtime.call(args)
         except ActionExited:
             return _json({"error": "the function process exited"}, 500)
         if not is_event:
             return Response(reply, mimetype="application/json")
-        service = os.environ.get("K_SERVICE", "function")
         headers = {"ce-specversion": "1.0", "ce-id": str(uuid.uuid4()),
-                   "ce-source": os.environ.get("FAASTUBE_CE_SOURCE", f"/faastube/{service}"),
-                   "ce-type": os.environ.get("FAASTUBE_CE_TYPE", "dev.faastube.result")}
+                   "ce-source": settings.ce_source or f"/faastube/{settings.service or 'function'}",
+                   "ce-type": settings.ce_type}
         return Response(reply, mimetype="application/json", headers=headers)
 
-
-def knative_mode(environ=os.environ) -> bool:
-    return bool(environ.get("K_SERVICE")) or environ.get("FAASTUBE_PLATFORM", "").lower() == "knative"
 

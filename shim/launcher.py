@@ -24,8 +24,10 @@ import os
 import sys
 import traceback
 
+from faastube.config import ShimConfig
+
 IMPORT_FAILED_EXIT = 86     # "the import failed" (not the action's own sys.exit at import)
-LOG_MARKER = os.environ.get("FAASTUBE_LOG_MARKER", "")   # set when the shim captures logs
+LOG_MARKER = ShimConfig.read("log_marker")     # set when the shim captures logs
 
 
 def end_of_logs() -> None:

@@ -10,6 +10,8 @@ import os
 import sys
 import threading
 
+from faastube.config import ShimConfig
+
 from .executor import ActionExited, ActionPool, ActionProcess
 
 SENTINEL = b"XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX\n"
@@ -34,8 +36,9 @@ def action_environment(init_env: dict) -> dict:
 class Runtime:
     """The one action this container runs, and how many activations may run at once."""
 
-    def __init__(self, concurrency: int, sentinel: bytes = SENTINEL):
-        self.concurrency = concurrency
+    def __init__(self, settings: ShimConfig, sentinel: bytes = SENTINEL):
+        self.settings = settings
+        self.concurrency = settings.activations_at_once
         self.sentinel = sentinel            # OpenWhisk cuts logs per activation; Knative not
         self.pool: ActionPool | None = None
         self.initialized = False

@@ -63,11 +63,12 @@ def test_knative_services_run_the_examples_with_a_gpu_and_the_socket():
 
 
 def test_the_shim_serves_the_probe_routes_the_manifests_use():
+    from faastube.config import ShimConfig
     from shim.app import create_app
     import os
     import tempfile
     with tempfile.TemporaryDirectory() as folder:
-        app = create_app(1, knative=True, function=os.path.join(folder, "missing.py:main"))
+        app = create_app(ShimConfig(platform="knative", function=os.path.join(folder, "missing.py:main")))
     routes = {rule.rule for rule in app.url_map.iter_rules()}
     assert {"/", "/health/readiness", "/health/liveness"} <= routes
 

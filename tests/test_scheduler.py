@@ -72,4 +72,4 @@ def test_an_idle_link_waits_for_the_next_arrival():
 
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="must be positive"):
-        LinkScheduler(0)
+        LinkScheduler(0, MiB, 1)

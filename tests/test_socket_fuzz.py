@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from faastube import protocol
+from faastube import errors, protocol
 
 
 def raw_connection(controller) -> socket.socket:
@@ -47,7 +47,8 @@ def test_an_oversized_frame_gets_an_error_and_the_connection_closes(controller, 
     sock = raw_connection(controller)
     sock.sendall(struct.pack(">I", 1 << 31) + b"x" * 100)
     replies = replies_until_close(sock)
-    assert len(replies) == 1 and replies[0]["error"] == "ProtocolError"
+    assert len(replies) == 1 and replies[0]["error"] == "FrameTooLarge"     # a ProtocolError
+    assert isinstance(errors.from_wire(replies[0]["error"], ""), errors.ProtocolError)
     assert "exceeds the 1048576-byte limit" in replies[0]["message"]
     sock.close()
     assert_still_serving(ft)
