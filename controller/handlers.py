@@ -132,7 +132,7 @@ class Handlers:
         grant = self.table.get(session, request.id, request.timeout, may_wait,   # ≤ 3600 s: protocol.Get
                                request.device, request.prefer)
         if grant.copy is not None:
-            # Note [Copies for another device]: the lease already pins both regions.
+            # The lease already pins both regions (Note [Copies for another device]).
             started = time.perf_counter()
             try:
                 self.transfers.move(grant.copy.src, grant.copy.dst,

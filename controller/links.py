@@ -20,8 +20,8 @@ arrived move waits behind at most ``depth`` batches.
 Note [Express moves]: a move no larger than one chunk does not wait for a batch boundary
 and a leader's turn: its caller issues it at once, behind at most ``depth`` queued batches,
 waits for its own token and accounts it. Waking a thread at a batch boundary, then again when
-its chunk has landed, cost a 1 MB move ~140 µs of Python hand-offs on top of its ~20 µs copy
-(measured on an H200, docs/benchmarks.md); the copy engine's queue is what it must wait for,
+its chunk has landed, cost a 1 MB move several times its copy in Python hand-offs
+(docs/benchmarks.md); the copy engine's queue is what it must wait for,
 and that is bounded by ``depth``. One express move at a time per link: a stream of small
 moves still goes through the scheduler and shares the link with a large one.
 """

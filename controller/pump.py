@@ -1,11 +1,10 @@
 """A link's copy pump in C (controller/native/pump.c), for the transfer engine's direct links.
 
 Note [The native pump]: a small move on a busy link waits for whatever is queued on the copy
-engine ahead of it, and the engine drains its queue in order (gpu-facts.md: 17 ms behind a
-1 GB copy). With Python keeping two 4 MiB chunks queued, a 1 MB move during 1 GB moves took
-5.8–13× its time alone on an H200 (docs/benchmarks.md): up to two chunks of queue, plus
-threads taking turns on the GIL to issue and to notice completions. The pump takes both out
-of Python. A C thread per link holds the link's pieces (cut to at most ``piece_bytes``) and
+engine ahead of it, and the engine drains its queue in order. With Python keeping two chunks
+queued, a 1 MB move during 1 GB moves took many times its time alone: up to two chunks of
+queue, plus threads taking turns on the GIL to issue and to notice completions. The pump
+takes both out of Python. A C thread per link holds the link's pieces (cut to at most ``piece_bytes``) and
 puts each on the engine only when the one running is about to end: at its predicted end
 (from a rate the pump learns from the engine) less a lead, which grows when the engine ran
 dry with work waiting and shrinks while it did not. So the engine holds the running piece
@@ -13,11 +12,11 @@ and, briefly, the next. A small move queued "express" goes on at once, behind wh
 engine holds; while express moves have come in the last ``recent`` seconds, normal pieces go
 on ``split`` bytes at a time, so what an express move waits behind is short. Otherwise
 pieces go on whole, so a large move keeps the engine's rate (every copy costs the engine a
-few µs: 2 MiB copies 93%, 4 MiB 97% of one big copy on an H200). The thread spins (yielding)
-while its link has work and sleeps when idle; an idle engine takes the first piece from the
-caller's own thread. Callers wait in C with the GIL released. Measured on 2 × H200: the
-small move's p50 during large moves fell by 20–25%; its p99 did not (the tail is the host
-waking threads, docs/benchmarks.md).
+few µs besides its bytes). The thread spins (yielding) while its link has work and sleeps
+when idle; an idle engine takes the first piece from the caller's own thread. Callers wait
+in C with the GIL released. docs/benchmarks.md ("The native pump") has what it measured:
+the small move's p50 during large moves fell; its p99 did not (the tail is the host waking
+threads).
 
 The library is compiled at first use with the system's C compiler (``$CC``, else ``cc``) into
 ``$FAASTUBE_NATIVE_DIR`` (else the user's cache folder; faastube/config.py), named by its source's hash; where

@@ -1,7 +1,7 @@
 """Which chunks a link carries next: SLO-aware bandwidth sharing between transfers.
 
-Note [Batches bound waiting]: a copy engine drains its queue in order (gpu-facts.md: a 1 MB
-copy queued behind a 1 GB one waits 17 ms, 500× its time alone, however the big one is cut),
+Note [Batches bound waiting]: a copy engine drains its queue in order (a 1 MB copy queued
+behind a 1 GB one waits for all of it, however the big one is cut; docs/benchmarks.md),
 so the engine gives each link only a *batch* of chunks at a time (the transfer engine: one
 chunk per batch, two batches queued, controller/transfer.py) and asks this scheduler for the
 next batch when one completes. A transfer that arrives is therefore

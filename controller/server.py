@@ -62,10 +62,11 @@ class ControllerServer:
         self._admin_uids = {0, os.getuid()}
 
     def serve_forever(self) -> None:
-        """Accept connections until :meth:`stop`. Note [Signals wake the accept loop]: the
-        kernel hands a process's SIGTERM to any of its threads, and CPython runs the handler
-        in the main thread only when that thread runs again; blocked in ``accept`` it would
-        not until the next connection. So the loop waits on the listener and on a wake-up
+        """Accept connections until :meth:`stop`.
+
+        Note [Signals wake the accept loop]: the kernel hands a process's SIGTERM to any of
+        its threads, and CPython runs the handler in the main thread only when that thread
+        runs again; blocked in ``accept`` it would not until the next connection. So the loop waits on the listener and on a wake-up
         pipe together: :meth:`stop` writes to it, and so does CPython's C signal handler
         (``signal.set_wakeup_fd``) whichever thread took the signal."""
         previous_wakeup = None

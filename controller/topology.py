@@ -1,9 +1,9 @@
 """The node's links, and which paths a move should take over them.
 
-Note [Multi-path moves] (research-system.md, gpu-facts.md): one PCIe link carries ~55 GB/s
-each way, NVLink between two GPUs ~390 GB/s. A large host→GPU move therefore goes faster if
-part of it travels over *another* GPU's PCIe link and then over NVLink to the target (measured:
-1.66–1.7× with two GPUs). A route GPU must not sit behind the same PCIe switch as the target
+Routes (Note [Multi-path moves], controller/transfer.py): NVLink between two GPUs carries
+several times what one PCIe link carries each way. A large host→GPU move therefore goes faster if part of it travels over
+*another* GPU's PCIe link and then over NVLink to the target (docs/benchmarks.md has the
+multi-path figures). A route GPU must not sit behind the same PCIe switch as the target
 or as another route (they would share one uplink), and its relay is only as fast as the
 slower of its two hops. GPU→GPU moves take the direct NVLink; where it is missing or weak,
 they add (or use only) two-hop paths through intermediate GPUs; with no NVLink at all they go

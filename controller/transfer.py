@@ -9,10 +9,10 @@ Peer copies run between VMM mappings the controller made accessible to every pee
 NVLink; host slabs are pinned; so no staging copy is needed on a direct path.
 
 Note [Chunk size per link]: every copy a link queues costs the GPU a few µs besides its bytes
-(measured on H200: ~2 µs on PCIe, ~10 µs for a peer copy over NVLink), and the thread that
-refills a link needs tens of µs of Python per batch. So a chunk is sized by time, not bytes:
-``--chunk-size`` (4 MiB, ~75 µs of PCIe 5) is the PCIe links' chunk, and a faster link's
-chunk is that many times larger (NVLink: 8× → 32 MiB). One chunk per batch, two batches
+(more for a peer copy over NVLink than on PCIe), and the thread that refills a link needs
+tens of µs of Python per batch. So a chunk is sized by time, not bytes: ``--chunk-size``
+(faastube.config.DEFAULT_CHUNK_BYTES) is the PCIe links' chunk, and a faster link's chunk is
+that many times larger (NVLink: ``NVLINK_BYTES_PER_S / PCIE_BYTES_PER_S``). One chunk per batch, two batches
 queued: a newly arrived move waits for at most two chunks' time (docs/benchmarks.md, the
 transfer engine's table, has the sweep behind these numbers).
 
@@ -22,12 +22,12 @@ link, and each NVLinked peer on another PCIe switch), sized by the paths' measur
 and the shares travel at once, each as a move on its own link; the caller's thread drives
 one, pooled threads the others. A route through a peer is a relay link whose copier stages
 each chunk in a small ring on the peer GPU (controller.gpu.RelayQueue). Relay links move
-chunks ``relay_factor`` (4) times the PCIe chunk: with two links refilled by Python threads
-at once, 4 MiB relay chunks reached 65–72 GB/s for 1 GB host→GPU on 2 × H200, 16 MiB ones
-98–101 GB/s (everything queued at once, no Python between chunks: 104 GB/s). Only large
-moves take relays, so no small move waits on a relay link; but a relay link and the peer's
-own host link share that peer's PCIe wire without knowing of each other: the peer's own
-small moves may wait behind a relay chunk (~0.3 ms) as well as behind their own link's.
+chunks ``relay_factor`` times the PCIe chunk: with two links refilled by Python threads at
+once, larger relay chunks came much nearer the rate of everything queued at once
+(docs/benchmarks.md, the relay probe). Only large moves take relays, so no small move waits
+on a relay link; but a relay link and the peer's own host link share that peer's PCIe wire
+without knowing of each other: the peer's own small moves may wait behind a relay chunk as
+well as behind their own link's.
 
 GPU→GPU moves are planned the same way (topology.plan): the direct link where it is strong;
 where the direct NVLink is weak, large moves add routes through intermediate GPUs, and where
@@ -203,8 +203,8 @@ class TransferEngine:
         return self.devices.can_access_peer(self.devices.ordinal(target), self.devices.ordinal(source))
 
     def measure(self) -> None:
-        """Note [Measured links]: time a probe over every direct link, then over every route
-        through a peer the measured topology plans."""
+        """Time a probe over every direct link, then over every route through a peer the
+        measured topology plans (Note [Measured links])."""
         started = time.perf_counter()
         gpus = list(self.devices.uuids)
         scratch = []                              # pinned host and GPU slabs, as pools make them

@@ -53,7 +53,7 @@ class _Issue:
     through ``ctypes.PyDLL``, which keeps the GIL, instead of ``cuda.bindings``, which
     releases and re-takes it around every call. Each release lets another thread that wants
     the GIL (a link's leader whose event just completed) in, and taking it back then waits
-    for that thread: a 1 MB move issued next to a busy link lost ~100 µs that way on an H200
+    for that thread: a 1 MB move issued next to a busy link lost several copies' time that way
     (docs/benchmarks.md). The calls take a few µs; ``cuEventSynchronize``, which blocks,
     still releases the GIL. The functions are the driver's stable exported ABI names."""
 

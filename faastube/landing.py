@@ -11,8 +11,7 @@ has landed, so its memory is not reused under the copy; later writes to it must 
 on the same stream or wait for ``flush_puts``. A failed copy deletes its object, so a
 consumer's get fails at once instead of timing out. Not the default: it returns the
 producer sooner, but a get right behind the put then waits for the seal on a controller
-thread, and the 64 MB hand-off was slower in 7 of 8 paired rounds on an H200
-(docs/benchmarks.md).
+thread, and the hand-off as a whole came out slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -109,8 +109,8 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
 def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
     """Note [Put copies with one driver call]: a contiguous GPU array is copied into its
     object with one ``cuMemcpyAsync`` on the stream its data is valid on, found from its
-    ``__cuda_array_interface__``. Going through CuPy (``asarray``, ``copyto``) spent ~100 µs of
-    Python per put (docs/benchmarks.md); a put that waits for its copy gets back the part the
+    ``__cuda_array_interface__``. Going through CuPy (``asarray``, ``copyto``) cost more Python
+    per put than a mid-size copy (docs/benchmarks.md); a put that waits for its copy gets back the part the
     copy does not cover. The stream: faastube.views.stream_of. A strided array goes through
     CuPy, which makes it contiguous in the same copy."""
     shape = tuple(int(d) for d in interface["shape"])

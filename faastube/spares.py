@@ -1,8 +1,8 @@
 """Spare objects: the next put's create, made ahead.
 
 Note [Spare objects]: a ``put`` is create + copy + seal, and the create is a round trip the
-put waits for: on a node whose cores sleep between requests it costs 0.2–0.4 ms, more than
-the copy of tens of MB. A function usually puts the same shape again on every activation, so
+put waits for: on a node whose cores sleep between requests it costs more than the copy of
+tens of MB (docs/benchmarks.md). A function usually puts the same shape again on every activation, so
 once a process has put an (shape, dtype, device) twice, the client asks for a *spare* of
 that signature right after the put, without waiting: a pending object created with no
 consumers, ttl or scope. The next put of the signature takes the spare (its reply came in

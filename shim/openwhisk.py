@@ -1,6 +1,6 @@
 """The OpenWhisk action runtime protocol (``POST /init``, ``POST /run``), byte for byte as the
 stock Python runtime (Go ActionLoop proxy + Python launcher) answers it. The statuses and
-texts come from ../shared/reference/platform-contracts.md; handlers check each step in order
+texts are the stock runtime's (docs/runtime.md); handlers check each step in order
 and return early through :func:`error_response`.
 """
 

@@ -3,7 +3,7 @@
 
 Why not gunicorn's gthread worker: every keep-alive request there goes main loop → poller →
 thread pool and through gunicorn's pure-Python parser; on a 2-core machine that alone cost
-~0.6 ms per request, more than the whole stock runtime (Go proxy + launcher, 0.36–0.43 ms).
+more per request than the whole stock runtime (Go proxy + launcher; docs/benchmarks.md).
 A platform talks to a container over a few long-lived connections, so a thread that owns
 its connection and blocks in ``recv`` is the shortest path.
 
