@@ -337,3 +337,37 @@ def test_a_request_nobody_waits_for_that_fails_is_logged(ft, controller, caplog)
     conn.seal("0" * 32, wait=False)              # no such object: the controller says so
     conn.request(protocol.Ping())                # reading this reply reads the seal's first
     assert any("did not wait for failed: UnknownObjectError" in r.getMessage() for r in caplog.records)
+
+
+def test_a_forked_child_that_drops_its_parents_views_ends_none_of_the_parents_leases(ft, controller):
+    # Note [After fork]: the child inherits the parent's views and their finalizers; when the
+    # child drops them, nothing may reach the controller in the parent's name. (The writer
+    # comes from a spare, so the parent's SDK would delete it if collected unsealed.)
+    import gc
+    import os
+    ref = ft.put(np.arange(1000), consumers=1)
+    view = ft.get(ref)
+    for _ in range(2):
+        ft.seal(ft.empty((10,), "int64"))
+    writer = ft.empty((10,), "int64")
+    assert ft.client().leases.lifetimes            # from a spare: its lifetime waits for the seal
+    ft.client().request(protocol.Ping())
+    assert controller.leases() == 3                # reader, writer, the next spare
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            del view, writer
+            gc.collect()
+            own = ft.put(np.full(10, 5))          # the child's own connection, its own requests
+            code = 0 if int(ft.get(own).sum()) == 50 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    ft.client().request(protocol.Ping())
+    assert controller.leases() == 3                # the parent's reader, writer and spare
+    assert int(view.sum()) == 499500
+    writer[...] = 4
+    assert int(ft.get(ft.seal(writer)).sum()) == 40     # still the parent's to seal
+    del view, writer
