@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass
 
 from faastube.config import format_size
-from faastube.cuda import CudaError
-from faastube.errors import PoolExhaustedError
+from faastube.errors import CudaError, PoolExhaustedError
 
 from .allocator import align_up
 from .slabs import PAGE, MemfdSlab
