@@ -486,9 +486,9 @@ class StatusReport:
     topology: dict | None = None
 
     def as_dict(self) -> dict:
-        """The report as one JSON-like map, without the sections it lacks."""
+        """The report as one JSON-like map, without the admin's sections it lacks."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
+                if getattr(self, f.name) is not None or f.name == "clients"}
 
 
 #: The reply type of each request type.
