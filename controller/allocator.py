@@ -74,6 +74,11 @@ class RangeAllocator:
         self.used -= size
 
     @property
+    def holes(self) -> list[int]:
+        """The sizes of the free blocks."""
+        return list(self._sizes)
+
+    @property
     def largest_free(self) -> int:
         return max(self._sizes, default=0)
 

@@ -20,6 +20,7 @@ from .handlers import Handlers, load_secrets
 from .metrics import RequestStats, serve_metrics
 from .objects import ObjectTable
 from .pool import Pool
+from .reserver import Reserver
 from .server import ControllerServer, bind_unix_socket
 from .slabs import CudaSlab, MemfdSlab
 from .transfer import TransferEngine
@@ -39,16 +40,18 @@ class Controller:
         self.gpus = find_gpus(config)
         pin = bool(self.gpus)       # host slabs are pinned once when there are GPUs to copy to
         self.pools = [Pool(HOST, config.slab_size, config.pool_limit, config.idle_release_s,
-                           slab_factory=functools.partial(MemfdSlab, pin=pin))]
+                           slab_factory=functools.partial(MemfdSlab, pin=pin),
+                           idle_minimum=config.idle_minimum, reserve_share=config.reserve_share)]
         self.pools += [gpu_pool(config, devices, ordinal) for devices, ordinal in self.gpus]
         self.table = ObjectTable(self.pools, self.directory)
+        self.reserver = Reserver(self.table, config.demand_window_s)
         if config.chunk_size < 64 << 10:
             raise InvalidArgumentError(f"--chunk-size must be at least 64KiB, got {config.chunk_size}")
         self.transfers = (TransferEngine(self.gpus[0][0], config.chunk_size, pump=config.native_pump)
                           if self.gpus else None)
         self.stats = RequestStats()
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers,
-                                 self.stats)
+                                 self.stats, self.reserver)
         self.server: ControllerServer | None = None
         self.metrics_server = None
         self._stop = threading.Event()
@@ -76,6 +79,7 @@ class Controller:
         self._sweep_old_epochs()
         keeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         keeper.start()
+        self.reserver.start()
         try:
             self.server.serve_forever()
         finally:
@@ -91,6 +95,7 @@ class Controller:
         self._stop.set()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        self.reserver.stop()
         self.table.shutdown()
         if self.transfers is not None:
             self.transfers.close()
@@ -154,7 +159,8 @@ def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
                 slab_factory=functools.partial(CudaSlab, ordinal=ordinal, uuid=uuid),
                 alignment=devices.granularity(ordinal),
                 name=f"GPU {ordinal} {devices.name(ordinal)} {uuid}",
-                limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT")
+                limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT",
+                idle_minimum=config.idle_minimum, reserve_share=config.reserve_share)
 
 
 def run_controller(config: Config) -> None:

@@ -21,6 +21,7 @@ from .transfer import TransferEngine
 
 if TYPE_CHECKING:
     from .metrics import RequestStats
+    from .reserver import Reserver
 
 
 def load_secrets(path: str | None) -> dict[str, str]:
@@ -50,8 +51,10 @@ class Answer:
 
 class Handlers:
     def __init__(self, table: ObjectTable, node: str, epoch: str, namespace_secrets: dict[str, str],
-                 transfers: TransferEngine | None = None, stats: RequestStats | None = None):
+                 transfers: TransferEngine | None = None, stats: RequestStats | None = None,
+                 reserver: Reserver | None = None):
         self.table = table
+        self.reserver = reserver
         self.transfers = transfers
         self.stats = stats
         self.node = node
@@ -76,12 +79,18 @@ class Handlers:
         if session.namespace is None and not isinstance(
                 request, (protocol.Hello, protocol.Ping, protocol.Release, protocol.Status)):
             raise InvalidStateError(f"send 'hello' with your namespace before {request.op!r}")
-        if isinstance(request, protocol.Get):
-            answer = self.get(session, request, may_wait)
-        else:
-            answer = self._dispatch[type(request)](session, request)
-            if not isinstance(answer, Answer):
-                answer = Answer(answer)
+        try:
+            if isinstance(request, protocol.Get):
+                answer = self.get(session, request, may_wait)
+            else:
+                answer = self._dispatch[type(request)](session, request)
+                if not isinstance(answer, Answer):
+                    answer = Answer(answer)
+        finally:
+            # After the request: a hello that carries demand (queued before a reconnect)
+            # has declared the namespace it belongs to by now.
+            if envelope.demand and not may_wait and session.namespace is not None and self.reserver:
+                self.reserver.record(session.namespace, envelope.demand)   # Note [Reservation ahead of demand]
         if session.retired:
             answer.retired = self.table.take_retired(session)
         return answer
@@ -165,7 +174,8 @@ class Handlers:
             self.node, self.epoch, held["pools"], held["namespaces"], held["clients"],
             requests=self.stats.summary() if self.stats is not None and admin else None,
             links=self.transfers.link_stats() if self.transfers is not None and admin else None,
-            topology=self.transfers.topology_report() if self.transfers is not None and admin else None)
+            topology=self.transfers.topology_report() if self.transfers is not None and admin else None,
+            demand=self.reserver.summary() if self.reserver is not None and admin else None)
 
     def ping(self, session: Session, request: protocol.Ping):
         return protocol.Pong(self.node, self.epoch)

@@ -90,10 +90,22 @@ class ControllerCollector:
             "slabs_retired": CounterMetricFamily("faastube_pool_slabs_retired", "Slabs released",
                                                  labels=["device", "name"]),
         }
+        # Growth by path, and the room kept ahead (Note [Reservation ahead of demand]).
+        grown = CounterMetricFamily("faastube_pool_grown_bytes", "Bytes of slabs grown, by path: "
+                                    "ahead of demand, or on a request's path", labels=["device", "name", "path"])
+        grown_slabs = CounterMetricFamily("faastube_pool_grown_slabs", "Slabs grown, by path",
+                                          labels=["device", "name", "path"])
+        ahead = GaugeMetricFamily("faastube_pool_ahead_wanted_bytes", "Bytes of room the pool keeps "
+                                  "free ahead of the functions' demand", labels=["device", "name"])
         for pool in status["pools"]:
             for key, family in pool_metrics.items():
                 family.add_metric([pool["device"], pool["name"]], pool[key])
+            for path, entry in pool["grown"].items():
+                grown.add_metric([pool["device"], pool["name"], path], entry["bytes"])
+                grown_slabs.add_metric([pool["device"], pool["name"], path], entry["slabs"])
+            ahead.add_metric([pool["device"], pool["name"]], sum(pool["ahead_wanted"].values()))
         yield from pool_metrics.values()
+        yield from (grown, grown_slabs, ahead)
 
         per_namespace = {
             "objects": GaugeMetricFamily("faastube_objects", "Objects by state",

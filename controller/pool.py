@@ -1,9 +1,12 @@
 """An elastic pool of slabs for one device (the host tier, or one GPU), shared by all
 namespaces.
 
-The pool grows a slab at a time on demand, up to its byte limit, and retires slabs that have
-been empty for ``idle_release_s``. Under pressure it retires empty slabs of any namespace at
-once before it reports exhaustion. Slabs are per namespace (Note [Slabs never change
+The pool grows a slab at a time, up to its byte limit: ahead of demand, from the
+controller's reserver (Note [Reservation ahead of demand], controller/demand.py), or on a
+put's path when that found no room. It retires slabs that have been empty for
+``idle_release_s``, except those that hold the room reserved for a namespace and, beyond
+those, the most recently emptied up to ``idle_minimum`` bytes. Under pressure it retires
+empty slabs of any namespace at once before it reports exhaustion. Slabs are per namespace (Note [Slabs never change
 namespace] in controller/slabs.py); objects larger than a slab get a slab of their own.
 
 Not thread-safe by itself: the object table's lock guards every call.
@@ -18,6 +21,7 @@ from faastube.config import format_size
 from faastube.errors import CudaError, PoolExhaustedError
 
 from .allocator import align_up
+from .demand import fit
 from .slabs import PAGE, MemfdSlab
 
 
@@ -31,7 +35,8 @@ class Region:
 class Pool:
     def __init__(self, device: str, slab_size: int, limit: int, idle_release_s: float,
                  slab_factory=MemfdSlab, on_retire=lambda slab: None, alignment: int = PAGE,
-                 name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT"):
+                 name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT",
+                 idle_minimum: int = 0, reserve_share: float = 0.0):
         self.device = device            # "host" or a GPU's UUID
         self.name = name or device      # for people: "host", "GPU 0 (NVIDIA H100 …)"
         self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
@@ -40,11 +45,17 @@ class Pool:
         self.slab_size = align_up(slab_size, alignment)
         self.limit = limit
         self.idle_release_s = idle_release_s
+        self.idle_minimum = idle_minimum
+        self.reserve_share = reserve_share      # most of the limit kept free ahead of one namespace
         self._slab_factory = slab_factory
         self.slabs: dict[int, MemfdSlab] = {}
         self.reserved = 0        # bytes of all live slabs
         self.slabs_created = 0
         self.slabs_retired = 0
+        # Namespace → the object sizes to keep room for (Note [Reservation ahead of demand])
+        # (set by the reserver), and growth by path: [slabs, bytes].
+        self.wanted: dict[str, list[int]] = {}
+        self.grown = {"ahead": [0, 0], "request": [0, 0]}
 
     def allocate(self, namespace: str, nbytes: int) -> Region:
         """A region for ``nbytes`` in one of ``namespace``'s slabs, growing the pool if needed."""
@@ -55,6 +66,8 @@ class Pool:
                     best = slab
         if best is None:
             best = self._grow(namespace, nbytes)
+            self.grown["request"][0] += 1
+            self.grown["request"][1] += best.size
         offset = best.allocator.allocate(nbytes)
         assert offset is not None, "largest_free promised a fitting hole"
         best.empty_since = None
@@ -67,17 +80,76 @@ class Pool:
             slab.empty_since = time.monotonic()
 
     def retire_idle(self, now: float | None = None, idle_s: float | None = None,
-                    close: bool = True) -> list[MemfdSlab]:
-        """Retire slabs empty for at least ``idle_s`` (default: the pool's idle time). With
+                    close: bool = True, force: bool = False) -> list[MemfdSlab]:
+        """Retire slabs empty for at least ``idle_s`` (default: the pool's idle time), but
+        not those that hold reserved room nor, beyond them, the most recently emptied up to
+        the idle minimum, unless ``force`` (a put that needs the memory). With
         ``close=False`` the caller closes them (outside its lock: unmapping and unpinning a
         large slab takes milliseconds)."""
         now = time.monotonic() if now is None else now
         idle_s = self.idle_release_s if idle_s is None else idle_s
-        retired = [s for s in self.slabs.values()
-                   if s.empty_since is not None and now - s.empty_since >= idle_s]
-        for slab in retired:
+        candidates = [s for s in self.slabs.values()
+                      if s.empty_since is not None and now - s.empty_since >= idle_s]
+        if not force and candidates:
+            kept = self.reserving()
+            kept_bytes = 0
+            for slab in sorted(candidates, key=lambda s: s.empty_since, reverse=True):
+                if slab.id not in kept and kept_bytes + slab.size <= self.idle_minimum:
+                    kept.add(slab.id)
+                    kept_bytes += slab.size
+            candidates = [s for s in candidates if s.id not in kept]
+        for slab in candidates:
             self._retire(slab, close)
-        return retired
+        return candidates
+
+    # -- room ahead of demand (Note [Reservation ahead of demand]) ------------------------
+
+    def _fit(self, namespace: str) -> tuple[list[MemfdSlab], list[int], list[int]]:
+        slabs = [s for s in self.slabs.values() if s.namespace == namespace]
+        holes, owners = [], []
+        for slab in slabs:
+            for hole in slab.allocator.holes:
+                holes.append(hole)
+                owners.append(slab)
+        used, missing = fit(holes, self.wanted.get(namespace, []), align_up)
+        return owners, used, missing
+
+    def reserving(self) -> set[int]:
+        """The ids of the slabs whose free room is reserved for a namespace."""
+        kept = set()
+        for namespace in self.wanted:
+            owners, used, _missing = self._fit(namespace)
+            kept.update(owners[i].id for i in used)
+        return kept
+
+    def next_ahead(self) -> tuple[str, int] | None:
+        """(namespace, slab size) of the next slab to grow ahead of demand, or None: every
+        wanted size fits, or growing would pass the limit or the namespace's reserve share."""
+        for namespace, sizes in self.wanted.items():
+            _owners, _used, missing = self._fit(namespace)
+            if not missing:
+                continue
+            size = max(self.slab_size, align_up(max(missing), self.alignment))
+            free = sum(s.size - s.allocator.used for s in self.slabs.values() if s.namespace == namespace)
+            if self.reserved + size <= self.limit and free + size <= self.reserve_share * self.limit:
+                return namespace, size
+        return None
+
+    def make_slab(self, namespace: str, size: int) -> MemfdSlab:
+        """A new slab, not yet in the pool (made outside the table's lock: it takes long)."""
+        return self._slab_factory(namespace, size)
+
+    def adopt(self, slab: MemfdSlab) -> bool:
+        """Take in a slab grown ahead of demand; False (the caller closes it) if the pool has
+        no room for it any more."""
+        if self.reserved + slab.size > self.limit:
+            return False
+        self.slabs[slab.id] = slab
+        self.reserved += slab.size
+        self.slabs_created += 1
+        self.grown["ahead"][0] += 1
+        self.grown["ahead"][1] += slab.size
+        return True
 
     def close(self) -> list[MemfdSlab]:
         slabs = list(self.slabs.values())
@@ -88,8 +160,9 @@ class Pool:
     def _grow(self, namespace: str, nbytes: int) -> MemfdSlab:
         size = max(self.slab_size, align_up(nbytes, self.alignment))
         if self.reserved + size > self.limit:
-            # Elastic: empty slabs of any namespace go first, whatever their idle time.
-            self.retire_idle(idle_s=0.0)
+            # Elastic: empty slabs of any namespace go first, whatever their idle time, reserved
+            # or not: a put that needs the memory comes before room kept for later ones.
+            self.retire_idle(idle_s=0.0, force=True)
         if self.reserved + size > self.limit:
             raise PoolExhaustedError(
                 f"the {self.name} pool cannot hold {format_size(nbytes)} for namespace "
@@ -118,4 +191,7 @@ class Pool:
         used = sum(s.allocator.used for s in self.slabs.values())
         return {"device": self.device, "name": self.name, "limit": self.limit, "slab_size": self.slab_size,
                 "slabs": len(self.slabs), "reserved": self.reserved, "used": used,
-                "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired}
+                "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired,
+                "ahead_wanted": {ns: sum(sizes) for ns, sizes in self.wanted.items()},
+                "idle_minimum": self.idle_minimum,
+                "grown": {path: {"slabs": n, "bytes": b} for path, (n, b) in self.grown.items()}}

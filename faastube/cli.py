@@ -73,6 +73,13 @@ def render_status(status: dict) -> str:
             f"pool {pool.get('name', pool['device'])}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
             f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
             f"limit {format_size(pool['limit'])}")
+        if "grown" in pool:             # Note [Reservation ahead of demand]
+            ahead, request = pool["grown"]["ahead"], pool["grown"]["request"]
+            wanted = pool["ahead_wanted"]
+            lines.append(f"  room kept ahead {format_size(sum(wanted.values()))} for {len(wanted)} namespaces; "
+                         f"grown ahead {ahead['slabs']} slabs ({format_size(ahead['bytes'])}), on a request's "
+                         f"path {request['slabs']} ({format_size(request['bytes'])}); idle minimum "
+                         f"{format_size(pool['idle_minimum'])}")
     topology = status.get("topology")
     if topology:
         lines.append(f"topology ({topology['source']}); moves of {format_size(topology['multipath_min'])} "
@@ -96,6 +103,11 @@ def render_status(status: dict) -> str:
                      f"measured {link['bandwidth'] / 1e9:.1f} GB/s"
                      + (f", native pump ({link['pump']['express_pieces']} express moves, lead "
                         f"{link['pump']['lead_s'] * 1e6:.0f} µs)" if link.get("pump") else ""))
+    for entry in (status.get("demand") or [])[:20]:
+        sizes = ", ".join(f"{device} {format_size(n)}" for device, n in sorted(entry["bytes"].items())) or "nothing"
+        lines.append(f"function {entry['namespace']}/{entry['function']}: {entry['activations']} activations, "
+                     f"puts {sizes} each, concurrency {entry['concurrency']}, window {entry['window_s']:.1f} s, "
+                     f"idle {entry['idle_s']:.1f} s" + (", room kept" if entry["reserving"] else ""))
     requests = status.get("requests")
     if requests and requests["ops"]:
         answered = []

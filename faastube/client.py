@@ -79,7 +79,7 @@ class Client:
         if self.connection.connected:
             self.flush_puts()
             self.drop_spares()
-        if self.connection.releases and self.connection.connected:
+        if self.connection.has_piggyback and self.connection.connected:
             try:
                 self.request(protocol.Release())
             except FaasTubeError:
@@ -93,6 +93,12 @@ class Client:
     def send_only(self, request) -> None:
         """Send a request whose reply nobody waits for (Note [Seal without waiting])."""
         self.connection.send_only(request)
+
+    def report(self, activity: protocol.Activity) -> None:
+        """An activation ended: its demand rides on the next request, or goes within a few ms
+        (Note [Reservation ahead of demand], controller/demand.py)."""
+        self.connection.demand.append(activity)
+        self.leases.wake()
 
     def drop_spares(self) -> None:
         """Free every spare of this process (Note [Spare objects])."""

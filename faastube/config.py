@@ -64,6 +64,14 @@ def parse_count(text: str) -> int:
     return value
 
 
+def parse_fraction(text: str) -> float:
+    """A share between 0 and 1, e.g. ``0.5``."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("write a share between 0 and 1, e.g. 0.5")
+    return value
+
+
 def parse_gpus(text: str) -> str:
     if text not in ("auto", "none"):
         raise ValueError("write 'auto' (every GPU the controller sees) or 'none'")
@@ -216,6 +224,16 @@ class Config(_FromEnvironment):
                               help="most bytes the host pool may hold, e.g. 8GiB")
     idle_release_s: float = setting(30.0, env="FAASTUBE_IDLE_RELEASE_S", parse=float, flag="--idle-release",
                                     metavar="SECONDS", help="release a slab after it stayed empty this long")
+    idle_minimum: int = setting(300 << 20, env="FAASTUBE_IDLE_MINIMUM", parse=parse_size, flag="--idle-minimum",
+                                shown="300MiB", help="bytes of empty slabs each pool keeps however long "
+                                                     "they stay empty (the most recently emptied)")
+    reserve_share: float = setting(0.5, env="FAASTUBE_RESERVE_SHARE", parse=parse_fraction,
+                                   flag="--reserve-share",
+                                   help="most of a pool's limit kept free ahead of one namespace's "
+                                        "demand (0: no room kept ahead)")
+    demand_window_s: float = setting(60.0, env="FAASTUBE_DEMAND_WINDOW_S", parse=float,
+                                     flag="--demand-window", metavar="SECONDS",
+                                     help="how long room is kept for a function seen only once")
     tombstone_ttl_s: int = setting(3600, env="FAASTUBE_TOMBSTONE_TTL_S", parse=int, flag="--tombstone-ttl",
                                    metavar="SECONDS", help="how long Redis remembers why an object is gone")
     # The GPU tier (controller side): one pool per GPU, CUDA VMM slabs (controller/gpu.py).

@@ -58,6 +58,9 @@ class Connection:
         #: (lease, "consume" | "drop" | "abandon") to travel on the next request (Note
         #: [Releases ride along], faastube/leases.py).
         self.releases: collections.deque = collections.deque()
+        #: protocol.Activity of activations that ended, to travel the same way (Note
+        #: [Reservation ahead of demand], controller/demand.py).
+        self.demand: collections.deque = collections.deque()
         self.reset()
 
     def reset(self) -> None:
@@ -74,10 +77,16 @@ class Connection:
         self._unawaited: set[int] = set()   # Note [Seal without waiting], faastube/client.py
         self._seq = 0
         self.releases.clear()               # a parent's leases are not the child's to end
+        self.demand.clear()
 
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    @property
+    def has_piggyback(self) -> bool:
+        """Whether releases or demand wait for a request to ride on."""
+        return bool(self.releases or self.demand)
 
     def request(self, request, wait_s: float = 0.0):
         """Send one request (plus queued releases) and return its typed reply
@@ -173,12 +182,14 @@ class Connection:
 
     def _send(self, request) -> int:
         """Frame and send a request (send lock held); returns its seq."""
-        releases = []
+        releases, demand = [], []
         while self.releases:
             releases.append(self.releases.popleft())
+        while self.demand and len(demand) < protocol.MAX_ACTIVITIES:
+            demand.append(self.demand.popleft())
         self._seq += 1
         try:
-            protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases))
+            protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases, demand))
         except OSError as exc:
             self._disconnect()
             raise self._lost(f"failed: {exc}") from None

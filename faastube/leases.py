@@ -121,6 +121,10 @@ class Leases:
             if self.lifetimes.pop(view.object_id, None) is not None:
                 self.orphans.append(view.object_id)     # Note [Spare objects]
         self.connection.releases.append((view.lease, "drop"))
+        self.wake()
+
+    def wake(self) -> None:
+        """Have what waits to ride on a request sent soon, if no request takes it first."""
         if self._flusher is None or not self._flusher.is_alive():
             self._flusher = threading.Thread(target=self._flush, name="faastube-releases", daemon=True)
             self._flusher.start()
@@ -132,7 +136,7 @@ class Leases:
             self._release_wanted.wait()
             self._release_wanted.clear()
             time.sleep(RELEASE_DELAY_S)
-            if connection.releases and connection.connected:
+            if connection.has_piggyback and connection.connected:
                 try:
                     connection.request(protocol.Release())
                 except Exception:

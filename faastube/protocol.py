@@ -7,7 +7,10 @@ its reply is ``{"v": ..., "seq": <same>, "ok": true, ...}`` or ``{"ok": false, "
 ``SCM_RIGHTS`` ancillary data; the reply's ``"fds"`` list says which slab each one maps.
 
 Any request may carry ``"releases": [[lease, "consume"|"drop"|"abandon"], ...]`` so that leases ended
-by the garbage collector travel on the next request instead of costing a round trip each.
+by the garbage collector travel on the next request instead of costing a round trip each, and
+``"demand": [[function, seconds, {device: [object bytes, ...]}], ...]``: the activations of
+functions that ended in the caller's process, how long each ran and what it put
+(:class:`Activity`; Note [Reservation ahead of demand] in controller/demand.py).
 
 Requests are frozen dataclasses (:data:`REQUESTS`); :func:`decode_request` validates a map
 into one of them or raises :class:`ProtocolError` with the field at fault. Handlers never see
@@ -350,7 +353,10 @@ REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, C
 # consume: counts toward consumers, view kept; drop: the view is gone (consumed, lease ends);
 # abandon: the client never used the grant (lease ends, nothing consumed).
 RELEASE_KINDS = ("consume", "drop", "abandon")
-_ENVELOPE_KEYS = {"v", "seq", "op", "releases"}
+_ENVELOPE_KEYS = {"v", "seq", "op", "releases", "demand"}
+MAX_ACTIVITIES = 1000           # per request
+MAX_ACTIVITY_DEVICES = 16
+MAX_ACTIVITY_OBJECTS = 64       # object sizes reported per device and activation
 # Per request type, computed once: (field names in order, required ones, allowed keys).
 _LAYOUT = {
     cls: (tuple(f.name for f in dataclasses.fields(cls)),
@@ -366,6 +372,20 @@ class Envelope:
     seq: int
     request: object
     releases: tuple = ()
+    demand: tuple = ()          # Activity, one per activation that ended
+
+
+@dataclasses.dataclass(frozen=True)
+class Activity:
+    """One activation of ``function`` that ended: it ran ``seconds`` and put objects of these
+    sizes per device (``{"host" or a GPU's UUID: (bytes, ...)}``; at most
+    MAX_ACTIVITY_OBJECTS per device, the largest)."""
+    function: str
+    seconds: float
+    sizes: dict
+
+    def as_list(self) -> list:
+        return [self.function, self.seconds, {device: list(sizes) for device, sizes in self.sizes.items()}]
 
 
 def decode_request(message: dict) -> Envelope:
@@ -392,7 +412,32 @@ def decode_request(message: dict) -> Envelope:
         unknown = set(message) - allowed
         raise ProtocolError(f"op {op!r} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
     releases = _releases(message["releases"]) if "releases" in message else ()
-    return Envelope(seq=seq, request=cls(**fields), releases=releases)
+    demand = _demand(message["demand"]) if "demand" in message else ()
+    return Envelope(seq=seq, request=cls(**fields), releases=releases, demand=demand)
+
+
+def _demand(value) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_ACTIVITIES:
+        raise ProtocolError(f"field 'demand' must be a list of at most {MAX_ACTIVITIES} "
+                            f"[function, seconds, {{device: [bytes, ...]}}] entries")
+    out = []
+    for item in value:
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise ProtocolError("each 'demand' entry must be [function, seconds, {device: [bytes, ...]}]")
+        function, seconds, sizes = item
+        _name(function, "demand function")
+        _number(seconds, "demand seconds", 0.0, 86400.0)
+        if not isinstance(sizes, dict) or len(sizes) > MAX_ACTIVITY_DEVICES:
+            raise ProtocolError(f"a 'demand' entry's sizes must map at most {MAX_ACTIVITY_DEVICES} "
+                                f"devices to lists of byte counts")
+        checked = {}
+        for device, counts in sizes.items():
+            _name(device, "demand device")
+            if not isinstance(counts, (list, tuple)) or len(counts) > MAX_ACTIVITY_OBJECTS:
+                raise ProtocolError(f"a 'demand' entry lists at most {MAX_ACTIVITY_OBJECTS} sizes per device")
+            checked[device] = tuple(_nbytes(n, "demand bytes") for n in counts)
+        out.append(Activity(function, float(seconds), checked))
+    return tuple(out)
 
 
 def _releases(value) -> tuple:
@@ -407,8 +452,9 @@ def _releases(value) -> tuple:
     return tuple(out)
 
 
-def request_message(seq: int, request, releases=()) -> dict:
-    """The map for a request dataclass (the SDK side of decode_request)."""
+def request_message(seq: int, request, releases=(), demand=()) -> dict:
+    """The map for a request dataclass (the SDK side of decode_request); ``demand``:
+    Activity entries."""
     message = {"v": PROTOCOL_VERSION, "seq": seq, "op": request.op}
     for name in _LAYOUT[type(request)][0]:
         value = getattr(request, name)
@@ -416,6 +462,8 @@ def request_message(seq: int, request, releases=()) -> dict:
             message[name] = list(value) if isinstance(value, tuple) else value
     if releases:
         message["releases"] = [list(r) for r in releases]
+    if demand:
+        message["demand"] = [activity.as_list() for activity in demand]
     return message
 
 
@@ -474,7 +522,8 @@ class Pong:
 class StatusReport:
     """``status``'s reply: per pool and per namespace what is held (the caller's namespace
     only, unless the caller is the controller's own user or root); for those, also the
-    number of connections, the request counters, the links and the topology. The sections
+    number of connections, the request counters, the links, the topology and each
+    function's demand. The sections
     are JSON-like maps, as ``faastube status --json`` prints them (docs/operations.md)."""
     node: str
     epoch: str
@@ -484,6 +533,7 @@ class StatusReport:
     requests: dict | None = None
     links: dict | None = None
     topology: dict | None = None
+    demand: list | None = None      # per function: Note [Reservation ahead of demand]
 
     def as_dict(self) -> dict:
         """The report as one JSON-like map, without the admin's sections it lacks."""

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -24,13 +25,39 @@ from .refs import make_ref, parse_ref
 _client: Client | None = None
 _client_lock = threading.Lock()
 _scope: contextvars.ContextVar[str | None] = contextvars.ContextVar("faastube_scope", default=None)
+_activity: contextvars.ContextVar["_Activity | None"] = contextvars.ContextVar("faastube_activity", default=None)
+
+
+class _Activity:
+    """What one activation put, per device: the demand the controller reserves ahead of
+    (Note [Reservation ahead of demand], controller/demand.py)."""
+    __slots__ = ("function", "started", "sizes")
+
+    def __init__(self, function: str):
+        self.function, self.started, self.sizes = function, time.monotonic(), {}
+
+    def put(self, device: str, nbytes: int) -> None:
+        sizes = self.sizes.setdefault(device, [])
+        if len(sizes) < protocol.MAX_ACTIVITY_OBJECTS:
+            sizes.append(nbytes)
+        elif nbytes > min(sizes):                   # keep the largest ones
+            sizes[sizes.index(min(sizes))] = nbytes
+
+    def ended(self) -> protocol.Activity:
+        return protocol.Activity(self.function, min(time.monotonic() - self.started, 86400.0),
+                                 {device: tuple(sizes) for device, sizes in self.sizes.items()})
 
 
 @contextlib.contextmanager
-def activation(scope: str | None):
+def activation(scope: str | None, function: str | None = None):
     """Within this block, objects put or created without a ``scope`` get ``scope``; if the
-    block raises, the scope is closed (what the failed activation allocated is freed)."""
+    block raises, the scope is closed (what the failed activation allocated is freed).
+    ``function`` (the action's name): what it put is reported to the controller when the
+    block ends, so the pool keeps room ready for its next activations."""
     token = _scope.set(scope)
+    name = function if isinstance(function, str) and function.isprintable() else None
+    activity = _Activity(name[:protocol.MAX_NAME]) if name else None
+    activity_token = _activity.set(activity)
     try:
         yield
     except BaseException:
@@ -42,6 +69,21 @@ def activation(scope: str | None):
         raise
     finally:
         _scope.reset(token)
+        _activity.reset(activity_token)
+        if activity is not None and _client is not None:
+            _client.report(activity.ended())
+
+
+def _note(device: str, nbytes: int) -> None:
+    """Count an object put or made by ``empty`` in the activation's demand."""
+    activity = _activity.get()
+    if activity is not None:
+        activity.put(device, nbytes)
+
+
+def _noted(ref: dict) -> dict:
+    _note(ref["device"], ref["nbytes"])
+    return ref
 
 
 def client() -> Client:
@@ -103,7 +145,7 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     np.copyto(target, array, casting="no")
     del target   # Note [Leases pin memory]: drop the writer's view before its lease ends
     conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
-    return make_ref(object_id, array.shape, dtype)
+    return _noted(make_ref(object_id, array.shape, dtype))
 
 
 def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
@@ -126,7 +168,7 @@ def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
     target, object_id, lifetime = conn.create_for_put(shape, dtype, consumers, ttl, scope, device)
     cuda.copy_on_stream(target, address, nbytes, ordinal, stream)
     _seal_put(conn, object_id, lifetime, array, ordinal, device, stream)
-    return make_ref(object_id, shape, dtype, device)
+    return _noted(make_ref(object_id, shape, dtype, device))
 
 
 def _put_gpu_through_cupy(array, conn, consumers, ttl, scope) -> dict:
@@ -142,7 +184,7 @@ def _put_gpu_through_cupy(array, conn, consumers, ttl, scope) -> dict:
         stream = cupy.cuda.get_current_stream().ptr
     del view
     _seal_put(conn, object_id, lifetime, (array, source), ordinal, device, stream)
-    return make_ref(object_id, source.shape, dtype, device)
+    return _noted(make_ref(object_id, source.shape, dtype, device))
 
 
 def _seal_put(conn, object_id: str, lifetime, keep, ordinal: int, device: str, stream: int) -> None:
@@ -216,8 +258,10 @@ def empty(shape, dtype="float32", consumers: int | None = None, ttl: float | Non
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"shape must not have negative dimensions, got {shape}")
     _check_lifetime(consumers, ttl)
-    array, _object_id, _lease = client().create(shape, check_dtype(dtype), consumers, ttl,
-                                                scope or _scope.get(), device=device_of(device))
+    dtype, target = check_dtype(dtype), device_of(device)
+    array, object_id, _lease = client().create(shape, dtype, consumers, ttl, scope or _scope.get(),
+                                               device=target)
+    _note(target, math.prod(shape) * dtype.itemsize)
     return array
 
 

@@ -74,7 +74,8 @@ def serve(main, requests, replies) -> None:
             saved[variable] = os.environ.get(variable)
             os.environ[variable] = item if isinstance(item, str) else json.dumps(item)
         try:
-            with activation(os.environ.get("__OW_ACTIVATION_ID") or None):
+            with activation(os.environ.get("__OW_ACTIVATION_ID") or None,
+                            os.environ.get("__OW_ACTION_NAME") or None):
                 result = publish_arrays(main(value))
         except Exception as exc:
             print(traceback.format_exc(), file=sys.stderr)

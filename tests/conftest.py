@@ -51,7 +51,7 @@ class ControllerProcess(LocalController):
         # GPU pools only where a test asks for them (tests/test_gpu.py): the rest of the suite
         # checks the host tier alone, on any machine.
         settings = {"slab_size": "4MiB", "pool_limit": "256MiB", "idle_release": "30",
-                    "gpus": "none", **settings}
+                    "idle_minimum": "0", "gpus": "none", **settings}
         super().__init__(redis_url, socket_path=str(tmp_path / "ctl" / "controller.sock"),
                          node=f"test-node-{os.getpid()}-{next(_nodes)}",
                          log_path=str(tmp_path / "controller.log"), **settings)

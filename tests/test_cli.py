@@ -32,12 +32,14 @@ def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, f
         lines = result.stdout.splitlines()
         assert lines[0].startswith(f"node {controller.node}  epoch ")
         assert lines[1].startswith("pool host: 2 slabs of 4.0 MiB, reserved 8.0 MiB, used ")
+        assert lines[2] == ("  room kept ahead 0 B for 0 namespaces; grown ahead 0 slabs (0 B), on a "
+                            "request's path 2 (8.0 MiB); idle minimum 0 B")
         # Requests answered so far, by op (this status itself is counted after its reply).
-        answered = dict(re.findall(r"(\w+) (\d+) mean \d+ µs", lines[2]))
-        assert lines[2].startswith("requests: ") and answered["create"] == "2" and answered["hello"] == "2"
-        assert lines[3].split() == ["namespace", "slabs", "reserved", "used", "objects", "pending",
+        answered = dict(re.findall(r"(\w+) (\d+) mean \d+ µs", lines[3]))
+        assert lines[3].startswith("requests: ") and answered["create"] == "2" and answered["hello"] == "2"
+        assert lines[4].split() == ["namespace", "slabs", "reserved", "used", "objects", "pending",
                                     "sealed", "bytes", "leases", "freeing", "waiting", "clients"]
-        rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[4:])}
+        rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[5:])}
         #                 slabs reserved     used         objects pending sealed bytes        leases freeing waiting clients
         assert rows["test"][1:] == ["1", "4.0 MiB", "976.8 KiB", "1", "0", "1", "976.6 KiB", "0", "0", "0", "1"]
         assert rows["team-b"][1:] == ["1", "4.0 MiB", "256 B", "1", "1", "0", "80 B", "1", "0", "0", "1"]

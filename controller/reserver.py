@@ -1,0 +1,98 @@
+"""The thread that keeps room free ahead of demand (Note [Reservation ahead of demand],
+controller/demand.py): it learns demand from the activations the handlers pass it, tells each
+pool what to keep room for, and grows the pools one slab at a time, making each slab outside
+the object table's lock so requests go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from faastube.config import format_size
+from faastube.errors import CudaError
+
+from .demand import DemandTracker
+
+log = logging.getLogger("faastube.controller")
+
+TICK_S = 0.1          # how often wanted room is recomputed when no activation wakes it
+RETRY_S = 5.0         # after a slab could not be made: the memory is not there for now
+
+
+class Reserver:
+    def __init__(self, table, default_window_s: float, clock=time.monotonic):
+        self.table = table
+        self.tracker = DemandTracker(default_window_s)
+        self._clock = clock
+        self._lock = threading.Lock()          # the tracker's; never held with the table's
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+        self._retry_at = 0.0
+
+    def record(self, namespace: str, activities) -> None:
+        """Activations that ended in a process of ``namespace`` (a request carried them)."""
+        with self._lock:
+            self.tracker.record(namespace, activities, self._clock())
+        self._wake.set()
+
+    def summary(self) -> list[dict]:
+        with self._lock:
+            return self.tracker.summary(self._clock())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="reserver", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                grew = self.step()
+            except Exception:
+                log.exception("reserving room ahead of demand failed")
+                grew = False
+            if not grew:
+                self._wake.wait(TICK_S)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """Tell every pool what to keep room for and grow one slab where room is missing;
+        whether a slab was grown (then the next step follows at once)."""
+        now = self._clock()
+        with self._lock:
+            wanted = self.tracker.wanted(now)
+        pools = self.table.pools
+        with self.table.lock:
+            for device, pool in pools.items():
+                pool.wanted = {ns: sizes for (ns, dev), sizes in wanted.items() if dev == device}
+            if now < self._retry_at:
+                return False
+            for pool in pools.values():
+                ahead = pool.next_ahead()
+                if ahead is not None:
+                    break
+            else:
+                return False
+        namespace, size = ahead
+        try:
+            slab = pool.make_slab(namespace, size)          # the slow part, outside the lock
+        except (OSError, CudaError) as exc:
+            self.failures += 1
+            self._retry_at = self._clock() + RETRY_S
+            log.warning("could not grow the %s pool by %s ahead of demand: %s", pool.name,
+                        format_size(size), exc)
+            return False
+        with self.table.lock:
+            adopted = pool.adopt(slab)
+        if not adopted:
+            slab.close()
+        return adopted
