@@ -219,6 +219,26 @@ def test_a_repeated_gpu_put_takes_its_spare_and_another_process_reads_each_put(f
     assert ft.close_scope("gpu-run") == 3             # the spare's seal put it in the scope
 
 
+def test_a_gpu_pool_keeps_room_ahead_of_a_function_that_keeps_its_objects(ft, controller):
+    # Note [Reservation ahead of demand], on a real GPU tier: after the first activation the
+    # reserver makes the next VMM slab off the request path; later puts grow nothing there.
+    import cupy
+    from faastube import sdk
+    refs = []
+    ft.connect(socket=controller.socket, namespace="test", spare_bytes=0)   # the room alone, no spares
+    for n in range(4):
+        with sdk.activation(None, "gpu-keeper"):
+            refs.append(ft.put(cupy.full(96 * MB, n, dtype=cupy.uint8)))
+        wait_for(lambda: pool(controller, uuid(0))["grown"]["ahead"]["slabs"] == n + 1, timeout=30,
+                 message="the next room on GPU 0")
+    gpu = pool(controller, uuid(0))
+    assert gpu["grown"]["request"]["slabs"] == 1       # only the first put grew on its path
+    assert gpu["ahead_wanted"] == {"test": 96 * MB}
+    for n, ref in enumerate(refs):
+        assert int(ft.get(ref).sum()) == n * 96 * MB
+        ft.delete(ref)
+
+
 def test_status_lists_a_pool_per_gpu(controller):
     pools = controller.status()["pools"]
     assert [p["device"] for p in pools] == ["host", *cuda.devices().uuids]
