@@ -105,7 +105,7 @@ def render_status(status: dict) -> str:
                         f"{link['pump']['lead_s'] * 1e6:.0f} µs)" if link.get("pump") else ""))
     for entry in (status.get("demand") or [])[:20]:
         sizes = ", ".join(f"{device} {format_size(n)}" for device, n in sorted(entry["bytes"].items())) or "nothing"
-        lines.append(f"function {entry['namespace']}/{entry['function']}: {entry['activations']} activations, "
+        lines.append(f"function {entry['function']} (namespace {entry['namespace']}): {entry['activations']} activations, "
                      f"puts {sizes} each, concurrency {entry['concurrency']}, window {entry['window_s']:.1f} s, "
                      f"idle {entry['idle_s']:.1f} s" + (", room kept" if entry["reserving"] else ""))
     requests = status.get("requests")
