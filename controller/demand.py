@@ -25,8 +25,12 @@ import collections
 import dataclasses
 import math
 
+# What a client can make the controller keep is bounded: functions followed, activations and
+# sizes kept per function, and the sizes room is kept for per namespace and device.
 ACTIVATIONS_KEPT = 64          # per function: the window and the concurrency come from these
-FUNCTIONS_KEPT = 4096          # functions followed at once; the least recently active go first
+FUNCTIONS_KEPT = 1024          # functions followed at once; the least recently active go first
+SIZES_KEPT = 16                # per activation and device, the largest
+WANTED_KEPT = 256              # sizes room is kept for per namespace and device, the largest
 WINDOW_MIN_S, WINDOW_MAX_S = 0.5, 3600.0
 
 
@@ -38,7 +42,7 @@ class FunctionDemand:
     spans: collections.deque = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=ACTIVATIONS_KEPT))   # (start, end)
     recent_sizes: collections.deque = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=8))   # {device: sizes} per activation
+        default_factory=lambda: collections.deque(maxlen=4))   # {device: sizes} per activation
     activations: int = 0
 
     def window_s(self, default_s: float) -> float:
@@ -80,8 +84,9 @@ class DemandTracker:
         self.default_window_s = default_window_s
         self._functions: collections.OrderedDict[tuple[str, str], FunctionDemand] = collections.OrderedDict()
 
-    def record(self, namespace: str, activities, now: float) -> None:
-        """Activations that ended just now in a process of ``namespace`` (protocol.Activity)."""
+    def record(self, namespace: str, activities, now: float, devices=None) -> None:
+        """Activations that ended just now in a process of ``namespace`` (protocol.Activity);
+        ``devices``: the only devices whose sizes are kept (this node's pools)."""
         for activity in activities:
             key = (namespace, activity.function)
             demand = self._functions.get(key)
@@ -92,7 +97,9 @@ class DemandTracker:
             else:
                 self._functions.move_to_end(key)
             demand.spans.append((now - activity.seconds, now))
-            demand.recent_sizes.append(activity.sizes)
+            demand.recent_sizes.append({device: tuple(sorted(sizes, reverse=True)[:SIZES_KEPT])
+                                        for device, sizes in activity.sizes.items()
+                                        if devices is None or device in devices})
             demand.activations += 1
 
     def wanted(self, now: float) -> dict[tuple[str, str], list[int]]:
@@ -106,6 +113,7 @@ class DemandTracker:
                 wanted.setdefault((demand.namespace, device), []).extend(sizes * times)
         for sizes in wanted.values():
             sizes.sort(reverse=True)
+            del sizes[WANTED_KEPT:]
         return wanted
 
     def summary(self, now: float, most: int = 100) -> list[dict]:

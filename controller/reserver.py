@@ -36,7 +36,7 @@ class Reserver:
     def record(self, namespace: str, activities) -> None:
         """Activations that ended in a process of ``namespace`` (a request carried them)."""
         with self._lock:
-            self.tracker.record(namespace, activities, self._clock())
+            self.tracker.record(namespace, activities, self._clock(), devices=self.table.pools)
         self._wake.set()
 
     def summary(self) -> list[dict]:

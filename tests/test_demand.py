@@ -48,6 +48,19 @@ def test_overlapping_activations_multiply_the_room_and_the_largest_recent_activa
     assert concurrency == {"fn": 2, "other": 1}
 
 
+def test_what_clients_report_is_kept_within_bounds():
+    from controller import demand as policy
+    tracker = DemandTracker(default_window_s=60)
+    for n in range(policy.FUNCTIONS_KEPT + 500):
+        tracker.record("ns", [activity(function=f"f{n}", host=list(range(1, 65)), elsewhere=[5])],
+                       now=1.0, devices={"host"})
+    assert len(tracker.summary(1.0, most=10**6)) == policy.FUNCTIONS_KEPT
+    wanted = tracker.wanted(1.0)
+    assert list(wanted) == [("ns", "host")]                       # unknown devices dropped
+    assert wanted[("ns", "host")] == [64] * policy.WANTED_KEPT       # the largest, at most this many
+    assert tracker.summary(1.0)[0]["bytes"] == {"host": sum(range(49, 65))}   # the 16 largest
+
+
 def test_fit_places_the_largest_sizes_first_and_names_what_fits_nowhere():
     assert fit([10, 4], [3, 4, 6], align=lambda n: n) == ([0, 1], [])
     assert fit([10, 4], [8, 8], align=lambda n: n) == ([0], [8])
