@@ -41,7 +41,8 @@ class Controller:
         pin = bool(self.gpus)       # host slabs are pinned once when there are GPUs to copy to
         self.pools = [Pool(HOST, config.slab_size, config.pool_limit, config.idle_release_s,
                            slab_factory=functools.partial(MemfdSlab, pin=pin),
-                           idle_minimum=config.idle_minimum, reserve_share=config.reserve_share)]
+                           idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
+                           quota=config.namespace_quota)]
         self.pools += [gpu_pool(config, devices, ordinal) for devices, ordinal in self.gpus]
         self.table = ObjectTable(self.pools, self.directory)
         self.reserver = Reserver(self.table, config.demand_window_s)
@@ -160,7 +161,8 @@ def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
                 alignment=devices.granularity(ordinal),
                 name=f"GPU {ordinal} {devices.name(ordinal)} {uuid}",
                 limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT",
-                idle_minimum=config.idle_minimum, reserve_share=config.reserve_share)
+                idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
+                quota=config.namespace_quota)
 
 
 def run_controller(config: Config) -> None:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from faastube.config import format_size
-from faastube.errors import CudaError, PoolExhaustedError
+from faastube.errors import CudaError, PoolExhaustedError, QuotaExceededError
 
 from .allocator import align_up
 from .demand import fit
@@ -36,7 +36,7 @@ class Pool:
     def __init__(self, device: str, slab_size: int, limit: int, idle_release_s: float,
                  slab_factory=MemfdSlab, on_retire=lambda slab: None, alignment: int = PAGE,
                  name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT",
-                 idle_minimum: int = 0, reserve_share: float = 0.0):
+                 idle_minimum: int = 0, reserve_share: float = 0.0, quota: float = 1.0):
         self.device = device            # "host" or a GPU's UUID
         self.name = name or device      # for people: "host", "GPU 0 (NVIDIA H100 …)"
         self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
@@ -47,6 +47,8 @@ class Pool:
         self.idle_release_s = idle_release_s
         self.idle_minimum = idle_minimum
         self.reserve_share = reserve_share      # most of the limit kept free ahead of one namespace
+        # Most bytes of slabs one namespace may hold: a share (≤ 1) of the limit, or a size.
+        self.quota = int(limit * quota) if isinstance(quota, float) else int(quota)
         self._slab_factory = slab_factory
         self.slabs: dict[int, MemfdSlab] = {}
         self.reserved = 0        # bytes of all live slabs
@@ -131,7 +133,8 @@ class Pool:
                 continue
             size = max(self.slab_size, align_up(max(missing), self.alignment))
             free = sum(s.size - s.allocator.used for s in self.slabs.values() if s.namespace == namespace)
-            if self.reserved + size <= self.limit and free + size <= self.reserve_share * self.limit:
+            if (self.reserved + size <= self.limit and free + size <= self.reserve_share * self.limit
+                    and self.held_by(namespace) + size <= self.quota):
                 return namespace, size
         return None
 
@@ -157,8 +160,22 @@ class Pool:
             self._retire(slab)
         return slabs
 
+    def held_by(self, namespace: str) -> int:
+        """Bytes of slabs ``namespace`` holds in this pool."""
+        return sum(s.size for s in self.slabs.values() if s.namespace == namespace)
+
     def _grow(self, namespace: str, nbytes: int) -> MemfdSlab:
         size = max(self.slab_size, align_up(nbytes, self.alignment))
+        if self.quota < self.limit and self.held_by(namespace) + size > self.quota:
+            for slab in [s for s in self.slabs.values() if s.namespace == namespace and s.allocator.empty]:
+                self._retire(slab)          # its own empty slabs (room kept ahead) go first
+        held = self.held_by(namespace) if self.quota < self.limit else 0
+        if self.quota < self.limit and held + size > self.quota:
+            raise QuotaExceededError(
+                f"namespace {namespace!r} cannot grow the {self.name} pool by {format_size(size)} for "
+                f"{format_size(nbytes)}: it holds {format_size(held)} of its {format_size(self.quota)} "
+                f"quota there; delete objects it no longer needs, give them a ttl or consumers, or "
+                f"raise the quota (--namespace-quota / FAASTUBE_NAMESPACE_QUOTA)")
         if self.reserved + size > self.limit:
             # Elastic: empty slabs of any namespace go first, whatever their idle time, reserved
             # or not: a put that needs the memory comes before room kept for later ones.
@@ -190,7 +207,7 @@ class Pool:
     def stats(self) -> dict:
         used = sum(s.allocator.used for s in self.slabs.values())
         return {"device": self.device, "name": self.name, "limit": self.limit, "slab_size": self.slab_size,
-                "slabs": len(self.slabs), "reserved": self.reserved, "used": used,
+                "slabs": len(self.slabs), "reserved": self.reserved, "used": used, "quota": self.quota,
                 "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired,
                 "ahead_wanted": {ns: sum(sizes) for ns, sizes in self.wanted.items()},
                 "idle_minimum": self.idle_minimum,

@@ -239,6 +239,10 @@ class Config(_FromEnvironment):
     # The GPU tier (controller side): one pool per GPU, CUDA VMM slabs (controller/gpu.py).
     gpus: str = setting("auto", env="FAASTUBE_GPUS", parse=parse_gpus, flag="--gpus",
                         help="'auto': a pool on every GPU the controller sees; 'none': host tier only")
+    namespace_quota: float = setting(1.0, env="FAASTUBE_NAMESPACE_QUOTA", parse=parse_share,
+                                     flag="--namespace-quota", shown="100%% (the pool's limit)",
+                                     help="most of each pool one namespace may hold in slabs: a share "
+                                          "of the pool's limit such as 50%%, or a size")
     gpu_slab_size: int = setting(256 << 20, env="FAASTUBE_GPU_SLAB_SIZE", parse=parse_size,
                                  flag="--gpu-slab-size", help="bytes per GPU slab", shown="256MiB")
     gpu_pool_limit: float = setting(0.5, env="FAASTUBE_GPU_POOL_LIMIT", parse=parse_share,

@@ -18,6 +18,7 @@ or in the controller.
     │   └── ObjectLostError          its bytes died with a controller (restart, crash)
     ├── NamespaceError (PermissionError)   another namespace's object, or a bad secret
     ├── PoolExhaustedError (MemoryError)
+    │   └── QuotaExceededError       the namespace holds its quota of the pool already
     ├── ControllerUnavailableError (ConnectionError)
     ├── RedisUnavailableError (ConnectionError)
     ├── FaasTubeTimeoutError (TimeoutError)
@@ -83,6 +84,10 @@ class PoolExhaustedError(FaasTubeError, MemoryError):
     """The pool cannot hold the requested bytes within its limit."""
 
 
+class QuotaExceededError(PoolExhaustedError):
+    """The caller's namespace already holds its quota of the pool (``--namespace-quota``)."""
+
+
 class ControllerUnavailableError(FaasTubeError, ConnectionError):
     """No controller answers on the socket."""
 
@@ -122,7 +127,7 @@ WIRE_NAMES = {
         FaasTubeError, InvalidArgumentError, NotAnArrayError, UnsupportedDtypeError,
         InvalidRefError, InvalidStateError, ObjectNotFoundError, UnknownObjectError,
         ObjectDeletedError, ObjectExpiredError, ObjectLostError, NamespaceError,
-        PoolExhaustedError, ControllerUnavailableError, RedisUnavailableError,
+        PoolExhaustedError, QuotaExceededError, ControllerUnavailableError, RedisUnavailableError,
         FaasTubeTimeoutError, ProtocolError, FrameTooLarge, CudaError, PumpUnavailable, PumpError,
     )
 }

@@ -75,3 +75,30 @@ def test_slabs_are_never_shared_between_namespaces(controller):
     finally:
         alice.close()
         bob.close()
+
+
+def test_a_namespace_at_its_quota_gets_a_clear_error_and_another_namespace_still_has_room(tmp_path, redis_server):
+    from .conftest import ControllerProcess
+    ctl = ControllerProcess(tmp_path, redis_server.url, slab_size="1MiB", pool_limit="8MiB",
+                            namespace_quota="50%").start()
+    greedy, other = ctl.client("greedy", spare_bytes=0), ctl.client("other", spare_bytes=0)
+    try:
+        def put(client, nbytes, value):
+            target, object_id, lifetime = client.create_for_put((nbytes,), np.dtype("uint8"))
+            target[...] = value
+            del target
+            client.seal(object_id, drop_writer=True, lifetime=lifetime)
+            return object_id
+        kept = [put(greedy, 900_000, n) for n in range(4)]          # 4 × 1 MiB slabs: its half
+        with pytest.raises(errors.QuotaExceededError,
+                           match=r"namespace 'greedy' cannot grow the host pool by 1\.0 MiB for 878\.9 KiB: "
+                                 r"it holds 4\.0 MiB of its 4\.0 MiB quota there.*--namespace-quota"):
+            put(greedy, 900_000, 9)
+        theirs = [put(other, 900_000, 7) for _ in range(4)]          # the other half is still there
+        assert [int(greedy.get(i, 1).sum()) for i in kept] == [n * 900_000 for n in range(4)]
+        assert all(int(other.get(i, 1).sum()) == 7 * 900_000 for i in theirs)
+        assert ctl.status()["pools"][0]["quota"] == 4 << 20
+    finally:
+        greedy.close()
+        other.close()
+        assert ctl.stop() == 0
