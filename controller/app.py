@@ -15,6 +15,7 @@ from faastube.config import Config, format_size
 from faastube.errors import InvalidArgumentError
 from faastube.cuda import HOST
 
+from . import gpu
 from .directory import Directory, redact
 from .handlers import Handlers, load_secrets
 from .metrics import RequestStats, serve_metrics
@@ -155,6 +156,8 @@ def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
     total = devices.total_memory(ordinal)
     limit = config.gpu_pool_limit
     limit = int(total * limit) if isinstance(limit, float) else int(limit)
+    watermark = config.gpu_watermark
+    watermark = int(total * watermark) if isinstance(watermark, float) else int(watermark)
     uuid = devices.uuids[ordinal]
     return Pool(uuid, config.gpu_slab_size, limit, config.idle_release_s,
                 slab_factory=functools.partial(CudaSlab, ordinal=ordinal, uuid=uuid),
@@ -162,7 +165,8 @@ def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
                 name=f"GPU {ordinal} {devices.name(ordinal)} {uuid}",
                 limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT",
                 idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
-                quota=config.namespace_quota)
+                quota=config.namespace_quota, free_probe=functools.partial(gpu.free_memory, ordinal),
+                free_share=config.gpu_free_share, watermark=watermark)
 
 
 def run_controller(config: Config) -> None:

@@ -31,6 +31,14 @@ def create_slab(size: int, ordinal: int) -> tuple[VmmMapping, int]:
         raise
 
 
+def free_memory(ordinal: int) -> int:
+    """Bytes of GPU ``ordinal``'s memory free now, every process's use counted (the driver's
+    ``cuMemGetInfo``, the figure NVML reports as free)."""
+    with devices().current(ordinal):
+        free, _total = check(cu.cuMemGetInfo())
+    return int(free)
+
+
 def raise_for(code: int) -> None:
     """CudaError for a CUresult a native caller returned (nothing for 0)."""
     issue_calls().check(code)

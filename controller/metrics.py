@@ -97,7 +97,11 @@ class ControllerCollector:
                                           labels=["device", "name", "path"])
         ahead = GaugeMetricFamily("faastube_pool_ahead_wanted_bytes", "Bytes of room the pool keeps "
                                   "free ahead of the functions' demand", labels=["device", "name"])
+        given_back = CounterMetricFamily("faastube_pool_given_back_bytes", "Bytes of empty slabs retired "
+                                         "because the device's free memory fell under the watermark",
+                                         labels=["device", "name"])
         for pool in status["pools"]:
+            given_back.add_metric([pool["device"], pool["name"]], pool["given_back"]["bytes"])
             for key, family in pool_metrics.items():
                 family.add_metric([pool["device"], pool["name"]], pool[key])
             for path, entry in pool["grown"].items():
@@ -105,7 +109,7 @@ class ControllerCollector:
                 grown_slabs.add_metric([pool["device"], pool["name"], path], entry["slabs"])
             ahead.add_metric([pool["device"], pool["name"]], sum(pool["ahead_wanted"].values()))
         yield from pool_metrics.values()
-        yield from (grown, grown_slabs, ahead)
+        yield from (grown, grown_slabs, ahead, given_back)
 
         per_namespace = {
             "objects": GaugeMetricFamily("faastube_objects", "Objects by state",

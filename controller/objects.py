@@ -362,7 +362,7 @@ class ObjectTable:
                 self._orphans.remove(session)
                 self._end_session_leases(session)
             retired = [slab for pool in self.pools.values()
-                       for slab in pool.retire_idle(now, close=False)]
+                       for slab in pool.retire_idle(now, close=False) + pool.give_back()]
         for slab in retired:            # out of the lock: requests go on meanwhile
             slab.close()
 

@@ -9,6 +9,15 @@ those, the most recently emptied up to ``idle_minimum`` bytes. Under pressure it
 empty slabs of any namespace at once before it reports exhaustion. Slabs are per namespace (Note [Slabs never change
 namespace] in controller/slabs.py); objects larger than a slab get a slab of their own.
 
+Note [Giving memory back]: a GPU is shared with the models of the functions that run on it.
+A GPU pool never grows past ``--gpu-free-share`` of the memory the driver reports free plus
+its own slabs, so memory other processes took is not counted as the pool's; and when the
+free memory falls under ``--gpu-watermark`` (a model loading), housekeeping retires empty
+slabs, the longest empty first, reserved room and the idle minimum included, until it would
+be over the watermark again: within a housekeeping tick (0.1 s). The driver frees a slab's
+memory once no process maps it: a function drops its mapping when its next reply names the
+slab retired. Slabs that hold objects stay (moving objects to the host tier is not built).
+
 Not thread-safe by itself: the object table's lock guards every call.
 """
 
@@ -36,7 +45,8 @@ class Pool:
     def __init__(self, device: str, slab_size: int, limit: int, idle_release_s: float,
                  slab_factory=MemfdSlab, on_retire=lambda slab: None, alignment: int = PAGE,
                  name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT",
-                 idle_minimum: int = 0, reserve_share: float = 0.0, quota: float = 1.0):
+                 idle_minimum: int = 0, reserve_share: float = 0.0, quota: float = 1.0,
+                 free_probe=None, free_share: float = 1.0, watermark: int = 0):
         self.device = device            # "host" or a GPU's UUID
         self.name = name or device      # for people: "host", "GPU 0 (NVIDIA H100 …)"
         self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
@@ -49,6 +59,13 @@ class Pool:
         self.reserve_share = reserve_share      # most of the limit kept free ahead of one namespace
         # Most bytes of slabs one namespace may hold: a share (≤ 1) of the limit, or a size.
         self.quota = int(limit * quota) if isinstance(quota, float) else int(quota)
+        # The device's free memory (None: not probed, the host tier), the most of it with its
+        # own slabs the pool may hold, and the watermark (Note [Giving memory back]).
+        self.free_probe = free_probe
+        self.free_share = free_share
+        self.watermark = watermark
+        self.device_free: int | None = None
+        self.given_back = [0, 0]                # slabs, bytes
         self._slab_factory = slab_factory
         self.slabs: dict[int, MemfdSlab] = {}
         self.reserved = 0        # bytes of all live slabs
@@ -133,7 +150,7 @@ class Pool:
                 continue
             size = max(self.slab_size, align_up(max(missing), self.alignment))
             free = sum(s.size - s.allocator.used for s in self.slabs.values() if s.namespace == namespace)
-            if (self.reserved + size <= self.limit and free + size <= self.reserve_share * self.limit
+            if (self.reserved + size <= self.cap() and free + size <= self.reserve_share * self.limit
                     and self.held_by(namespace) + size <= self.quota):
                 return namespace, size
         return None
@@ -145,7 +162,7 @@ class Pool:
     def adopt(self, slab: MemfdSlab) -> bool:
         """Take in a slab grown ahead of demand; False (the caller closes it) if the pool has
         no room for it any more."""
-        if self.reserved + slab.size > self.limit:
+        if self.reserved + slab.size > self.cap():
             return False
         self.slabs[slab.id] = slab
         self.reserved += slab.size
@@ -159,6 +176,34 @@ class Pool:
         for slab in slabs:
             self._retire(slab)
         return slabs
+
+    def cap(self) -> int:
+        """The most bytes of slabs the pool may hold now: its limit, and where the device's
+        free memory is probed, ``free_share`` of that memory with the pool's own slabs."""
+        if self.free_probe is None:
+            return self.limit
+        self.device_free = self.free_probe()
+        return min(self.limit, int(self.free_share * (self.reserved + self.device_free)))
+
+    def give_back(self) -> list[MemfdSlab]:
+        """When the device's free memory is under the watermark (another process, a model
+        loading, takes it), retire empty slabs, longest empty first and reserved room too,
+        until it would be over again (Note [Giving memory back]); returns them unclosed for
+        the caller to close outside the lock."""
+        if self.free_probe is None or not self.watermark:
+            return []
+        free = self.device_free = self.free_probe()
+        retired = []
+        for slab in sorted((s for s in self.slabs.values() if s.empty_since is not None),
+                           key=lambda s: s.empty_since):
+            if free >= self.watermark:
+                break
+            self._retire(slab, close=False)
+            free += slab.size
+            retired.append(slab)
+            self.given_back[0] += 1
+            self.given_back[1] += slab.size
+        return retired
 
     def held_by(self, namespace: str) -> int:
         """Bytes of slabs ``namespace`` holds in this pool."""
@@ -176,11 +221,20 @@ class Pool:
                 f"{format_size(nbytes)}: it holds {format_size(held)} of its {format_size(self.quota)} "
                 f"quota there; delete objects it no longer needs, give them a ttl or consumers, or "
                 f"raise the quota (--namespace-quota / FAASTUBE_NAMESPACE_QUOTA)")
-        if self.reserved + size > self.limit:
+        cap = self.cap()
+        if self.reserved + size > cap:
             # Elastic: empty slabs of any namespace go first, whatever their idle time, reserved
             # or not: a put that needs the memory comes before room kept for later ones.
             self.retire_idle(idle_s=0.0, force=True)
-        if self.reserved + size > self.limit:
+            cap = self.cap()
+        if self.reserved + size > cap:
+            if cap < self.limit:
+                raise PoolExhaustedError(
+                    f"the {self.name} pool cannot hold {format_size(nbytes)} for namespace "
+                    f"{namespace!r}: it holds {format_size(self.reserved)} and the device has "
+                    f"{format_size(self.device_free)} free, of which with its own slabs it may hold "
+                    f"{self.free_share:.0%} (--gpu-free-share / FAASTUBE_GPU_FREE_SHARE): other "
+                    f"processes use the rest; delete objects you no longer need or free GPU memory")
             raise PoolExhaustedError(
                 f"the {self.name} pool cannot hold {format_size(nbytes)} for namespace "
                 f"{namespace!r}: {format_size(self.reserved)} of its {format_size(self.limit)} "
@@ -210,5 +264,7 @@ class Pool:
                 "slabs": len(self.slabs), "reserved": self.reserved, "used": used, "quota": self.quota,
                 "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired,
                 "ahead_wanted": {ns: sum(sizes) for ns, sizes in self.wanted.items()},
-                "idle_minimum": self.idle_minimum,
+                "idle_minimum": self.idle_minimum, "device_free": self.device_free,
+                "watermark": self.watermark, "given_back": {"slabs": self.given_back[0],
+                                                            "bytes": self.given_back[1]},
                 "grown": {path: {"slabs": n, "bytes": b} for path, (n, b) in self.grown.items()}}

@@ -79,7 +79,11 @@ def render_status(status: dict) -> str:
             lines.append(f"  room kept ahead {format_size(sum(wanted.values()))} for {len(wanted)} namespaces; "
                          f"grown ahead {ahead['slabs']} slabs ({format_size(ahead['bytes'])}), on a request's "
                          f"path {request['slabs']} ({format_size(request['bytes'])}); idle minimum "
-                         f"{format_size(pool['idle_minimum'])}")
+                         f"{format_size(pool['idle_minimum'])}"
+                         + ("" if pool.get("device_free") is None else
+                            f"; device free {format_size(pool['device_free'])}, watermark "
+                            f"{format_size(pool['watermark'])}, given back {pool['given_back']['slabs']} slabs "
+                            f"({format_size(pool['given_back']['bytes'])})"))
     topology = status.get("topology")
     if topology:
         lines.append(f"topology ({topology['source']}); moves of {format_size(topology['multipath_min'])} "

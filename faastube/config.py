@@ -249,6 +249,12 @@ class Config(_FromEnvironment):
                                     flag="--gpu-pool-limit", shown="50%%",
                                     help="most bytes each GPU pool may hold: a size, or a share of the "
                                          "GPU's memory such as 50%%")
+    gpu_free_share: float = setting(0.5, env="FAASTUBE_GPU_FREE_SHARE", parse=parse_fraction,
+                                    flag="--gpu-free-share",
+                                    help="most of a GPU's free memory (with its own slabs) its pool may hold")
+    gpu_watermark: float = setting(0.05, env="FAASTUBE_GPU_WATERMARK", parse=parse_share, flag="--gpu-watermark",
+                                   shown="5%%", help="a GPU's pool gives empty slabs back when the GPU's free "
+                                                     "memory falls below this: a size, or a share of its memory")
     secrets_file: str | None = setting(None, env="FAASTUBE_SECRETS_FILE", flag="--secrets-file",
                                        help='JSON {"namespace": "secret"}', shown="none")
     socket_mode: int = setting(0o660, env="FAASTUBE_SOCKET_MODE", parse=parse_octal, flag="--socket-mode",

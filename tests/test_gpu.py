@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from faastube import cuda
+from faastube import cuda, protocol
 
 from .conftest import ControllerProcess, wait_for
 
@@ -237,6 +237,39 @@ def test_a_gpu_pool_keeps_room_ahead_of_a_function_that_keeps_its_objects(ft, co
     for n, ref in enumerate(refs):
         assert int(ft.get(ref).sum()) == n * 96 * MB
         ft.delete(ref)
+
+
+def test_a_gpu_pool_gives_empty_slabs_back_when_another_process_takes_the_memory(tmp_path, redis_server):
+    # Note [Giving memory back] on a real GPU: this process takes the GPU's memory down
+    # under the watermark, as a model loading would; the pool retires its empty slabs.
+    import cupy
+    import faastube
+    ctl = ControllerProcess(tmp_path, redis_server.url, gpus="auto", gpu_slab_size="64MiB",
+                            gpu_pool_limit="4GiB", idle_minimum="4GiB", gpu_watermark="8GiB").start()
+    hog = None
+    try:
+        faastube.connect(socket=ctl.socket, namespace="test", spare_bytes=0)
+        refs = [faastube.put(cupy.full(48 * MB, n, dtype=cupy.uint8)) for n in range(4)]   # 4 slabs
+        for ref in refs[1:]:
+            faastube.delete(ref)                              # 3 empty slabs, kept: idle minimum
+        assert pool(ctl, uuid(0))["slabs"] == 4
+        with cupy.cuda.Device(0):
+            free, _total = cupy.cuda.runtime.memGetInfo()
+            hog = cupy.cuda.Memory(free - (4 << 30))         # leaves ~4 GiB, under the 8 GiB watermark
+        wait_for(lambda: pool(ctl, uuid(0))["slabs"] == 1, timeout=5, message="the empty slabs given back")
+        gpu = pool(ctl, uuid(0))
+        assert gpu["given_back"]["slabs"] == 3 and gpu["device_free"] < 8 << 30
+        with cupy.cuda.Device(0):
+            before = cupy.cuda.runtime.memGetInfo()[0]
+            faastube.client().request(protocol.Ping())        # learns of the retired slabs, unmaps
+            after = cupy.cuda.runtime.memGetInfo()[0]
+        assert after - before >= 3 * 48 * MB                  # the memory is the device's again
+        assert int(faastube.get(refs[0]).sum()) == 0          # the object in use stayed
+    finally:
+        del hog
+        faastube.sdk._client.close()
+        faastube.sdk._client = None
+        assert ctl.stop() == 0
 
 
 def test_status_lists_a_pool_per_gpu(controller):
