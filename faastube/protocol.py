@@ -452,14 +452,20 @@ def _releases(value) -> tuple:
     return tuple(out)
 
 
+def _with_fields(message: dict, value_object, names) -> dict:
+    """``message`` with the set fields of a request or reply dataclass (tuples as lists)."""
+    for name in names:
+        value = getattr(value_object, name)
+        if value is not None:
+            message[name] = list(value) if isinstance(value, tuple) else value
+    return message
+
+
 def request_message(seq: int, request, releases=(), demand=()) -> dict:
     """The map for a request dataclass (the SDK side of decode_request); ``demand``:
     Activity entries."""
-    message = {"v": PROTOCOL_VERSION, "seq": seq, "op": request.op}
-    for name in _LAYOUT[type(request)][0]:
-        value = getattr(request, name)
-        if value is not None:
-            message[name] = list(value) if isinstance(value, tuple) else value
+    message = _with_fields({"v": PROTOCOL_VERSION, "seq": seq, "op": request.op}, request,
+                           _LAYOUT[type(request)][0])
     if releases:
         message["releases"] = [list(r) for r in releases]
     if demand:
@@ -558,11 +564,8 @@ def reply_message(seq: int | None, reply, descriptors=(), retired=()) -> dict:
     """The map for a reply dataclass (the controller side of :func:`decode_reply`):
     ``descriptors`` say which slab each passed descriptor maps, ``retired`` lists slabs the
     client should drop from its cache."""
-    message = {"v": PROTOCOL_VERSION, "seq": seq, "ok": True}
-    for name in _REPLY_LAYOUT[type(reply)][0]:
-        value = getattr(reply, name)
-        if value is not None:
-            message[name] = list(value) if isinstance(value, tuple) else value
+    message = _with_fields({"v": PROTOCOL_VERSION, "seq": seq, "ok": True}, reply,
+                           _REPLY_LAYOUT[type(reply)][0])
     if descriptors:
         message["fds"] = [dataclasses.asdict(d) for d in descriptors]
     if retired:
