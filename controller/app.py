@@ -11,7 +11,7 @@ import signal
 import threading
 
 from faastube import cuda
-from faastube.config import Config, format_size
+from faastube.config import Config, format_size, share_of
 from faastube.errors import InvalidArgumentError
 from faastube.cuda import HOST
 
@@ -154,19 +154,15 @@ def find_gpus(config: Config) -> list:
 
 def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
     total = devices.total_memory(ordinal)
-    limit = config.gpu_pool_limit
-    limit = int(total * limit) if isinstance(limit, float) else int(limit)
-    watermark = config.gpu_watermark
-    watermark = int(total * watermark) if isinstance(watermark, float) else int(watermark)
     uuid = devices.uuids[ordinal]
-    return Pool(uuid, config.gpu_slab_size, limit, config.idle_release_s,
+    return Pool(uuid, config.gpu_slab_size, share_of(config.gpu_pool_limit, total), config.idle_release_s,
                 slab_factory=functools.partial(CudaSlab, ordinal=ordinal, uuid=uuid),
                 alignment=devices.granularity(ordinal),
                 name=f"GPU {ordinal} {devices.name(ordinal)} {uuid}",
                 limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT",
                 idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
                 quota=config.namespace_quota, free_probe=functools.partial(gpu.free_memory, ordinal),
-                free_share=config.gpu_free_share, watermark=watermark)
+                free_share=config.gpu_free_share, watermark=share_of(config.gpu_watermark, total))
 
 
 def run_controller(config: Config) -> None:

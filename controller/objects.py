@@ -352,6 +352,8 @@ class ObjectTable:
     def housekeeping(self, now: float | None = None) -> None:
         """Expire objects whose TTL ran out and retire slabs that stayed empty."""
         now = time.monotonic() if now is None else now
+        # The devices' free memory, asked of the driver before the lock is taken.
+        free = {device: pool.probe_for_give_back() for device, pool in self.pools.items()}
         with self.lock:
             while self._expiries and self._expiries[0][0] <= now:
                 _deadline, object_id = heapq.heappop(self._expiries)
@@ -361,8 +363,8 @@ class ObjectTable:
             for session in [s for s in self._orphans if s.exited()]:
                 self._orphans.remove(session)
                 self._end_session_leases(session)
-            retired = [slab for pool in self.pools.values()
-                       for slab in pool.retire_idle(now, close=False) + pool.give_back()]
+            retired = [slab for device, pool in self.pools.items()
+                       for slab in pool.retire_idle(now, close=False) + pool.give_back(free[device])]
         for slab in retired:            # out of the lock: requests go on meanwhile
             slab.close()
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from faastube.config import format_size
+from faastube.config import format_size, share_of
 from faastube.errors import CudaError, PoolExhaustedError, QuotaExceededError
 
 from .allocator import align_up
@@ -58,7 +58,7 @@ class Pool:
         self.idle_minimum = idle_minimum
         self.reserve_share = reserve_share      # most of the limit kept free ahead of one namespace
         # Most bytes of slabs one namespace may hold: a share (≤ 1) of the limit, or a size.
-        self.quota = int(limit * quota) if isinstance(quota, float) else int(quota)
+        self.quota = share_of(quota, limit)
         # The device's free memory (None: not probed, the host tier), the most of it with its
         # own slabs the pool may hold, and the watermark (Note [Giving memory back]).
         self.free_probe = free_probe
@@ -144,13 +144,15 @@ class Pool:
     def next_ahead(self) -> tuple[str, int] | None:
         """(namespace, slab size) of the next slab to grow ahead of demand, or None: every
         wanted size fits, or growing would pass the limit or the namespace's reserve share."""
-        for namespace, sizes in self.wanted.items():
+        cap = None                      # probed once, and only if some room is missing
+        for namespace in self.wanted:
             _owners, _used, missing = self._fit(namespace)
             if not missing:
                 continue
             size = max(self.slab_size, align_up(max(missing), self.alignment))
             free = sum(s.size - s.allocator.used for s in self.slabs.values() if s.namespace == namespace)
-            if (self.reserved + size <= self.cap() and free + size <= self.reserve_share * self.limit
+            cap = self.cap() if cap is None else cap
+            if (self.reserved + size <= cap and free + size <= self.reserve_share * self.limit
                     and self.held_by(namespace) + size <= self.quota):
                 return namespace, size
         return None
@@ -185,14 +187,19 @@ class Pool:
         self.device_free = self.free_probe()
         return min(self.limit, int(self.free_share * (self.reserved + self.device_free)))
 
-    def give_back(self) -> list[MemfdSlab]:
-        """When the device's free memory is under the watermark (another process, a model
-        loading, takes it), retire empty slabs, longest empty first and reserved room too,
-        until it would be over again (Note [Giving memory back]); returns them unclosed for
-        the caller to close outside the lock."""
-        if self.free_probe is None or not self.watermark:
+    def probe_for_give_back(self) -> int | None:
+        """The device's free memory, where the pool watches a watermark, else None: asked for
+        outside the table's lock, for :meth:`give_back`."""
+        return self.free_probe() if self.free_probe is not None and self.watermark else None
+
+    def give_back(self, free: int | None) -> list[MemfdSlab]:
+        """When the device's free memory (``free``, from :meth:`probe_for_give_back`) is under
+        the watermark (another process, a model loading, takes it), retire empty slabs,
+        longest empty first and reserved room too, until it would be over again (Note [Giving
+        memory back]); returns them unclosed for the caller to close outside the lock."""
+        if free is None:
             return []
-        free = self.device_free = self.free_probe()
+        self.device_free = free
         retired = []
         for slab in sorted((s for s in self.slabs.values() if s.empty_since is not None),
                            key=lambda s: s.empty_since):
@@ -214,13 +221,14 @@ class Pool:
         if self.quota < self.limit and self.held_by(namespace) + size > self.quota:
             for slab in [s for s in self.slabs.values() if s.namespace == namespace and s.allocator.empty]:
                 self._retire(slab)          # its own empty slabs (room kept ahead) go first
-        held = self.held_by(namespace) if self.quota < self.limit else 0
-        if self.quota < self.limit and held + size > self.quota:
-            raise QuotaExceededError(
-                f"namespace {namespace!r} cannot grow the {self.name} pool by {format_size(size)} for "
-                f"{format_size(nbytes)}: it holds {format_size(held)} of its {format_size(self.quota)} "
-                f"quota there; delete objects it no longer needs, give them a ttl or consumers, or "
-                f"raise the quota (--namespace-quota / FAASTUBE_NAMESPACE_QUOTA)")
+            held = self.held_by(namespace)
+            if held + size > self.quota:
+                raise QuotaExceededError(
+                    f"namespace {namespace!r} cannot grow the {self.name} pool by {format_size(size)} "
+                    f"for {format_size(nbytes)}: it holds {format_size(held)} of its "
+                    f"{format_size(self.quota)} quota there; delete objects it no longer needs, give "
+                    f"them a ttl or consumers, or raise the quota (--namespace-quota / "
+                    f"FAASTUBE_NAMESPACE_QUOTA)")
         cap = self.cap()
         if self.reserved + size > cap:
             # Elastic: empty slabs of any namespace go first, whatever their idle time, reserved

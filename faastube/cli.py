@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
-from .config import Config, ShimConfig, format_size
+from .config import Config, ShimConfig, field_default, format_size
 from .errors import FaasTubeError
 
 
@@ -31,10 +30,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, config_class, names=None)
         if names is not None and field.name not in names:
             continue
         meta = field.metadata
-        shown = meta["shown"]
-        if shown is None:
-            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            shown = default
+        shown = field_default(field) if meta["shown"] is None else meta["shown"]
         parser.add_argument(meta["flag"], dest=field.name, type=_words(meta["parse"]), metavar=meta["metavar"],
                             help=f"{meta['help']} ({meta['env']}; default {shown})")
 

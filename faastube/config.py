@@ -93,6 +93,12 @@ def parse_share(text: str) -> float:
     return value if value <= 1 else int(value)       # above 1: a byte count
 
 
+def share_of(value: float | int, whole: int) -> int:
+    """Bytes for a value :func:`parse_share` read: a share (a float up to 1) of ``whole``, or
+    a byte count as it is."""
+    return int(whole * value) if isinstance(value, float) else int(value)
+
+
 def parse_slo_ms(text: str) -> float:
     """A copy SLO in milliseconds, e.g. ``50`` or ``0.5``."""
     from .protocol import MAX_SLO_MS, MIN_SLO_MS
@@ -148,6 +154,11 @@ def setting(default=dataclasses.MISSING, *, env: str, parse=str, flag: str | Non
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def field_default(field: dataclasses.Field):
+    """A configuration field's default value."""
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
 class _FromEnvironment:
     """``from_env`` and the field list shared by the configuration dataclasses."""
 
@@ -187,8 +198,7 @@ class _FromEnvironment:
         value = cls.given(name, environ)
         if value is not None:
             return value
-        field = next(f for f in dataclasses.fields(cls) if f.name == name)
-        return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        return field_default(next(f for f in dataclasses.fields(cls) if f.name == name))
 
     @classmethod
     def _derived(cls, environ, values) -> dict:

@@ -123,13 +123,13 @@ def test_a_device_pool_holds_a_share_of_free_memory_and_gives_empty_slabs_back_u
         for region in regions[:5]:
             pool.free(region)                                          # 5 empty slabs
         device_free[0] = 6 * MiB                                       # a model took 26 MiB
-        given = pool.give_back()
+        given = pool.give_back(pool.probe_for_give_back())
         assert len(given) == 3 and pool.reserved == 20 * MiB           # 6 + 3 × 4 ≥ 16: enough
         assert pool.stats()["given_back"] == {"slabs": 3, "bytes": 12 * MiB}
         assert len(pool.slabs) == 5 and sum(s.allocator.empty for s in pool.slabs.values()) == 2
         for slab in given:
             slab.close()
         device_free[0] = 30 * MiB
-        assert pool.give_back() == []                                  # over the watermark: nothing
+        assert pool.give_back(pool.probe_for_give_back()) == []        # over the watermark: nothing
     finally:
         pool.close()
