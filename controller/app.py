@@ -24,7 +24,7 @@ from .pool import Pool
 from .reserver import Reserver
 from .server import ControllerServer, bind_unix_socket
 from .slabs import CudaSlab, MemfdSlab
-from .transfer import TransferEngine
+from .transfer import TransferEngine, move_region
 
 log = logging.getLogger("faastube.controller")
 
@@ -39,18 +39,23 @@ class Controller:
         namespace_secrets = load_secrets(config.secrets_file)
         self.directory = Directory(config.redis, config.node, self.epoch, config.tombstone_ttl_s)
         self.gpus = find_gpus(config)
+        if config.stand_in_gpus and (self.gpus or config.stand_in_gpus < 0 or config.stand_in_gpus > 16):
+            raise InvalidArgumentError("--stand-in-gpus takes 1 to 16 and needs --gpus none (stand-ins "
+                                       "replace GPUs, they do not join them)")
         pin = bool(self.gpus)       # host slabs are pinned once when there are GPUs to copy to
         self.pools = [Pool(HOST, config.slab_size, config.pool_limit, config.idle_release_s,
-                           slab_factory=functools.partial(MemfdSlab, pin=pin),
+                           slab_factory=functools.partial(MemfdSlab, pin=pin, mapped=bool(config.stand_in_gpus)),
                            idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
                            quota=config.namespace_quota)]
         self.pools += [gpu_pool(config, devices, ordinal) for devices, ordinal in self.gpus]
-        self.table = ObjectTable(self.pools, self.directory)
-        self.reserver = Reserver(self.table, config.demand_window_s)
+        self.pools += [stand_in_pool(config, index) for index in range(config.stand_in_gpus)]
         if config.chunk_size < 64 << 10:
             raise InvalidArgumentError(f"--chunk-size must be at least 64KiB, got {config.chunk_size}")
         self.transfers = (TransferEngine(self.gpus[0][0], config.chunk_size, pump=config.native_pump)
                           if self.gpus else None)
+        self.table = ObjectTable(self.pools, self.directory, config.eviction, config.evict_wait_s,
+                                 move=functools.partial(move_region, self.transfers))
+        self.reserver = Reserver(self.table, config.demand_window_s)
         self.stats = RequestStats()
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers,
                                  self.stats, self.reserver)
@@ -163,6 +168,21 @@ def gpu_pool(config: Config, devices, ordinal: int) -> Pool:
                 idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
                 quota=config.namespace_quota, free_probe=functools.partial(gpu.free_memory, ordinal),
                 free_share=config.gpu_free_share, watermark=share_of(config.gpu_watermark, total))
+
+
+STAND_IN_MEMORY = 1 << 30      # what a stand-in's share settings are shares of
+
+
+def stand_in_pool(config: Config, index: int) -> Pool:
+    """Note [Host-backed stand-ins] (faastube/cuda.py): a tier of host memory with a GPU
+    pool's settings, named ``host:<index>``."""
+    device = f"{cuda.STAND_IN}{index}"
+    return Pool(device, config.gpu_slab_size, share_of(config.gpu_pool_limit, STAND_IN_MEMORY),
+                config.idle_release_s, slab_factory=functools.partial(MemfdSlab, mapped=True, device=device),
+                name=f"stand-in {index} (host memory for a GPU)",
+                limit_setting="--gpu-pool-limit / FAASTUBE_GPU_POOL_LIMIT",
+                idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
+                quota=config.namespace_quota)
 
 
 def run_controller(config: Config) -> None:

@@ -25,6 +25,8 @@ import collections
 import dataclasses
 import math
 
+from .eviction import DemandView
+
 # What a client can make the controller keep is bounded: functions followed, activations and
 # sizes kept per function, and the sizes room is kept for per namespace and device.
 ACTIVATIONS_KEPT = 64          # per function: the window and the concurrency come from these
@@ -78,11 +80,38 @@ class FunctionDemand:
 
 
 class DemandTracker:
-    """Every function's demand, and the room it asks each namespace and device to keep."""
+    """Every function's demand, the room it asks each namespace and device to keep, and which
+    function gets what another puts (Note [Queue-aware eviction], controller/eviction.py)."""
 
     def __init__(self, default_window_s: float):
         self.default_window_s = default_window_s
         self._functions: collections.OrderedDict[tuple[str, str], FunctionDemand] = collections.OrderedDict()
+        self._consumers: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+
+    def learn(self, namespace: str, producer: str, consumer: str) -> bool:
+        """A get by ``consumer`` of an object ``producer`` put (the latest consumer wins);
+        whether that is news."""
+        key = (namespace, producer)
+        news = self._consumers.get(key) != consumer
+        self._consumers[key] = consumer
+        self._consumers.move_to_end(key)
+        while len(self._consumers) > FUNCTIONS_KEPT:
+            self._consumers.popitem(last=False)
+        return news
+
+    def view(self, now: float) -> DemandView:
+        """What eviction reads: who consumes what, and each active function's pace (its
+        activations' mean run time over their concurrency) and concurrency."""
+        pace, active = {}, {}
+        for key, demand in self._functions.items():
+            if not demand.spans:
+                continue
+            times = demand.concurrency()
+            mean = sum(end - start for start, end in demand.spans) / len(demand.spans)
+            pace[key] = max(mean, 1e-3) / times
+            if now - demand.last_end() <= demand.window_s(self.default_window_s):
+                active[key] = times
+        return DemandView(dict(self._consumers), pace, active)
 
     def record(self, namespace: str, activities, now: float, devices=None) -> None:
         """Activations that ended just now in a process of ``namespace`` (protocol.Activity);
@@ -126,6 +155,7 @@ class DemandTracker:
                         "concurrency": demand.concurrency(),
                         "bytes": {device: sum(sizes) for device, sizes in demand.sizes().items()},
                         "idle_s": now - demand.last_end(),
+                        "consumer": self._consumers.get((demand.namespace, demand.function)),
                         "reserving": now - demand.last_end() <= window})
         return out
 

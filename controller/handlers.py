@@ -74,6 +74,8 @@ class Handlers:
         Raises WouldWait (controller/objects.py) for a get that must wait, unless ``may_wait``;
         piggybacked releases are applied by the first call only."""
         request = envelope.request
+        if envelope.function is not None:
+            session.function = envelope.function
         if envelope.releases and not may_wait:
             self.table.release(session, envelope.releases)
         if session.namespace is None and not isinstance(
@@ -143,9 +145,11 @@ class Handlers:
         if grant.copy is not None:
             # The lease already pins both regions (Note [Copies for another device]).
             started = time.perf_counter()
+            ok = False
             try:
-                self.transfers.move(grant.copy.src, grant.copy.dst,
-                                    None if request.slo_ms is None else request.slo_ms / 1e3)
+                self.table.move(grant.copy.src, grant.copy.dst,
+                                None if request.slo_ms is None else request.slo_ms / 1e3)
+                ok = True
                 if self.stats is not None:      # Note [Where a get's time goes]
                     self.stats.observe_copy(time.perf_counter() - started)
             except BaseException:
@@ -154,7 +158,11 @@ class Handlers:
                     os.close(fd)
                 raise
             finally:
-                self.table.copied(grant.lease)      # frees the replica if the lease ended
+                # Ends a restore; frees the replica if the lease ended.
+                self.table.copied(grant.lease, ok, time.perf_counter() - started)
+        producer = grant.record.function
+        if self.reserver is not None and producer and session.function and producer != session.function:
+            self.reserver.learn(session.namespace, producer, session.function)  # Note [Queue-aware eviction]
         return self._grant_reply(grant)
 
     def delete(self, session: Session, request: protocol.Delete):

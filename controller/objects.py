@@ -36,10 +36,11 @@ import time
 
 from faastube.cuda import HOST
 from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceError, ObjectDeletedError,
-                             ObjectExpiredError, ObjectLostError, ObjectNotFoundError,
-                             FaasTubeTimeoutError, UnknownObjectError)
+                             ObjectExpiredError, ObjectLostError, ObjectNotFoundError, PoolExhaustedError,
+                             QuotaExceededError, FaasTubeTimeoutError, UnknownObjectError)
 from faastube.protocol import SlabDescriptor
 
+from .eviction import MOVE_WAIT_S, Evictor, Move
 from .pool import Pool, Region
 
 FORGOTTEN_CAP = 100_000    # local tombstones kept in memory (Redis keeps them longer)
@@ -62,6 +63,15 @@ class ObjectRecord:
     consumed: int = 0
     leases: int = 0
     unlinked: str | None = None   # why it left the table, once it has
+    # Note [Queue-aware eviction] (controller/eviction.py): the device it was made on (its
+    # region may have moved to the host tier since), the function that made it, when it was
+    # sealed and last got, how many gets it had, and whether its bytes are being moved.
+    home: str = HOST
+    function: str | None = None
+    sealed_at: float = 0.0
+    used_at: float = 0.0
+    gets: int = 0
+    moving: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,17 +79,15 @@ class Lease:
     id: int
     record: ObjectRecord
     writer: bool
+    region: Region                # the bytes this lease pins (the object's, or its replica)
     counted: bool = False
     # Note [Copies for another device]: a get on another device than the object's leases a
     # copy (the replica) made for it; the replica is freed when the lease ends, or, if the
     # lease ends while the copy still runs, when the copy finishes.
-    replica: Region | None = None
+    replica: bool = False
     copying: bool = False
     ended: bool = False
-
-    @property
-    def region(self) -> Region:
-        return self.replica or self.record.region
+    restore: Move | None = None   # a get that brings an evicted object back (eviction.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +102,42 @@ class WouldWait(Exception):
     the connection keeps serving the process's other requests meanwhile."""
 
 
+class _NoRoom(Exception):
+    """A device tier had no room (lock held): evict, unlocked, and try again."""
+
+    def __init__(self, pool: Pool, error: Exception, nbytes: int):
+        self.pool, self.error, self.nbytes = pool, error, nbytes
+
+
+class _Missing(Exception):
+    """The object is not in the table: ``forgotten`` says why, else Redis must (unlocked)."""
+
+    def __init__(self, forgotten):
+        self.forgotten = forgotten
+
+
+class _Waiting:
+    """How long one request has waited for eviction to make room (Note [Queue-aware
+    eviction]), counted in its pool."""
+
+    def __init__(self):
+        self.pool: Pool | None = None
+        self.since = 0.0
+
+    def start(self, pool: Pool, wait_s: float) -> float:
+        """The deadline (the first call counts the wait)."""
+        if self.pool is None:
+            self.pool, self.since = pool, time.monotonic()
+            pool.waits[0] += 1
+        return self.since + wait_s
+
+    def done(self, failed: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.waits[1] += time.monotonic() - self.since
+            self.pool.waits[2] += failed
+            self.pool = None
+
+
 class Session:
     """One client connection: who it is and what it holds."""
 
@@ -105,6 +149,7 @@ class Session:
         self.admin = admin
         self.namespace: str | None = None
         self.client: str | None = None
+        self.function: str | None = None          # the function it last said it runs
         self.slabs_sent: dict[int, bool] = {}     # slab id → a writable descriptor was sent
         self.leases: dict[int, Lease] = {}
         self.pending: set[str] = set()            # objects created here, not sealed yet
@@ -163,7 +208,8 @@ def gone_error(object_id: str, reason: str) -> ObjectNotFoundError:
 
 
 class ObjectTable:
-    def __init__(self, pools: list[Pool], directory):
+    def __init__(self, pools: list[Pool], directory, eviction: str = "queue", evict_wait_s: float = 2.0,
+                 move=None):
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.pools = {pool.device: pool for pool in pools}     # "host" and each GPU's UUID
@@ -177,6 +223,9 @@ class ObjectTable:
         self._lease_ids = itertools.count(1)
         for pool in pools:
             pool.on_retire = self._slab_retired
+        # Copies a region's bytes into another, unlocked (controller/transfer.py move_region).
+        self.move = move
+        self.evictor = Evictor(self, eviction, evict_wait_s)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -219,16 +268,53 @@ class ObjectTable:
     def create(self, session: Session, shape, dtype: str, nbytes: int, consumers, ttl, scope,
                device: str = HOST) -> Grant:
         self.directory.require()      # fail before the caller writes, not at seal
-        with self.lock:
-            region = self.pool_for(device).allocate(session.namespace, nbytes)
-            record = ObjectRecord(
-                id=secrets.token_hex(16), namespace=session.namespace, region=region,
-                dtype=dtype, shape=tuple(shape), consumers=None, scope=None, expires_at=None,
-                expiry_unix=None, created_unix=round(time.time(), 3), creator=session)
-            self.objects[record.id] = record
-            session.pending.add(record.id)
-            self._set_lifetime(record, consumers, ttl, scope)
-            return self._grant(session, record, writer=True)
+        pool = self.pool_for(device)
+        waiting = _Waiting()
+        while True:
+            with self.lock:
+                try:
+                    region = self._allocate(pool, session.namespace, nbytes)
+                except _NoRoom as no_room:
+                    moves = self._room_for(no_room, session.namespace, waiting)
+                else:
+                    waiting.done()
+                    record = ObjectRecord(
+                        id=secrets.token_hex(16), namespace=session.namespace, region=region,
+                        dtype=dtype, shape=tuple(shape), consumers=None, scope=None, expires_at=None,
+                        expiry_unix=None, created_unix=round(time.time(), 3), creator=session,
+                        home=device, function=session.function)
+                    self.objects[record.id] = record
+                    session.pending.add(record.id)
+                    self._set_lifetime(record, consumers, ttl, scope)
+                    return self._grant(session, record, writer=True)
+            self.evictor.run(moves)
+
+    def _allocate(self, pool: Pool, namespace: str, nbytes: int) -> Region:
+        """A region in ``pool`` (lock held); _NoRoom where eviction could make some."""
+        try:
+            return pool.allocate(namespace, nbytes)
+        except (PoolExhaustedError, QuotaExceededError) as exc:
+            if self.evictor.serves(pool):
+                raise _NoRoom(pool, exc, nbytes) from None
+            raise
+
+    def _room_for(self, no_room: _NoRoom, namespace: str, waiting: _Waiting) -> list[Move]:
+        """Moves that make room for the bytes asked (lock held; the caller runs them unlocked and
+        tries again), or an empty list after waiting a little for moves already running; once
+        ``--evict-wait`` has passed, or when nothing can move, the error that stopped it."""
+        pool, error, nbytes = no_room.pool, no_room.error, no_room.nbytes
+        deadline = waiting.start(pool, self.evictor.wait_s)
+        moves = self.evictor.pick(pool, nbytes, namespace, own_only=isinstance(error, QuotaExceededError))
+        if moves:
+            return moves
+        remaining = deadline - time.monotonic()
+        if remaining > 0:       # moves of others may end, views be dropped: look again soon
+            self.changed.wait(min(remaining, 0.05))
+            return []
+        waiting.done(failed=True)
+        raise type(error)(f"{error} (eviction to the host tier could not make room within "
+                          f"{self.evictor.wait_s:g} s, --evict-wait: the objects left there are in use "
+                          f"or pending, or the host tier is full)")
 
     def _set_lifetime(self, record: ObjectRecord, consumers, ttl, scope) -> None:
         record.consumers, record.scope = consumers, scope
@@ -256,6 +342,8 @@ class ObjectTable:
                                             f"when it was created; a seal cannot change them")
                 self._set_lifetime(record, *lifetime)
             record.state = "sealed"
+            record.sealed_at = record.used_at = time.monotonic()
+            record.function = session.function or record.function
             self.directory.publish(record)      # queued: Note [The local table answers first]
             session.pending.discard(object_id)
             if drop_writer:
@@ -268,54 +356,90 @@ class ObjectTable:
     def get(self, session: Session, object_id: str, timeout: float, may_wait: bool = True,
             device: str | None = None, prefer: str | None = None) -> Grant:
         """Lease a sealed object; for a pending one wait up to ``timeout`` if ``may_wait``,
-        else raise WouldWait. ``device``: where the caller wants it (default: where it is,
-        except that an object on a GPU goes to ``prefer``, the caller's own GPU, or to the
-        host for a caller without one); elsewhere means a copy (Note [Copies for another
-        device])."""
+        else raise WouldWait. ``device``: where the caller wants it (default: where it was
+        made, except that an object made on a GPU goes to ``prefer``, the caller's own GPU,
+        or to the host for a caller without one); elsewhere means a copy (Note [Copies for
+        another device]), and an evicted object asked for on its device is restored (Note
+        [Queue-aware eviction])."""
         self.directory.require()
-        with self.lock:
-            record = self.objects.get(object_id)
-            if record is not None:
-                self._check_namespace(session, record.namespace, object_id)
-                if record.state == "pending" and timeout > 0:
-                    if not may_wait:
-                        raise WouldWait()
-                    session.waiting_gets += 1
-                    try:
-                        self.changed.wait_for(
-                            lambda: record.state != "pending" or record.unlinked or session.closed,
-                            timeout=timeout)
-                    finally:
-                        session.waiting_gets -= 1
-                if session.closed:
-                    raise InvalidStateError("the connection closed while waiting")
-                if record.unlinked is not None:
-                    raise gone_error(object_id, record.unlinked)
-                if record.state == "pending":
-                    raise FaasTubeTimeoutError(
-                        f"object {object_id} was not sealed within {timeout:g} s: its producer "
-                        f"is still writing it (or forgot to seal it); pass a longer timeout")
-                where = record.region.slab.device
-                target = device or (where if where == HOST else prefer or HOST)
-                if target == where:
-                    return self._grant(session, record, writer=False)
-                replica = self.pool_for(target).allocate(session.namespace, record.region.nbytes)
-                grant = self._grant(session, record, writer=False, replica=replica)
-                grant.lease.copying = True
-                return dataclasses.replace(grant, copy=Copy(record.region, replica))
-            forgotten = self._forgotten.get(object_id)
+        waiting = _Waiting()
+        while True:
+            with self.lock:
+                try:
+                    grant = self._get(session, object_id, timeout, may_wait, device, prefer)
+                except _NoRoom as no_room:
+                    moves = self._room_for(no_room, session.namespace, waiting)
+                except _Missing as missing:
+                    forgotten = missing.forgotten
+                    break
+                else:
+                    waiting.done()
+                    return grant
+            self.evictor.run(moves)
         if forgotten is not None:
             self._check_namespace(session, forgotten[0], object_id)
             raise gone_error(object_id, forgotten[1])
-        raise self._resolve_elsewhere(session, object_id)
+        raise self._resolve_elsewhere(session, object_id)       # Redis: never under the lock
 
-    def copied(self, lease: Lease) -> None:
-        """The copy for ``lease`` has finished (or failed): free its replica if the lease
-        ended meanwhile."""
+    def _get(self, session: Session, object_id: str, timeout: float, may_wait: bool,
+             device: str | None, prefer: str | None) -> Grant:
+        record = self.objects.get(object_id)
+        if record is None:
+            raise _Missing(self._forgotten.get(object_id))
+        self._check_namespace(session, record.namespace, object_id)
+        if record.state == "pending" and timeout > 0:
+            if not may_wait:
+                raise WouldWait()
+            session.waiting_gets += 1
+            try:
+                self.changed.wait_for(
+                    lambda: record.state != "pending" or record.unlinked or session.closed,
+                    timeout=timeout)
+            finally:
+                session.waiting_gets -= 1
+        if record.moving and record.unlinked is None:       # a bounded copy: wait for it
+            if not may_wait:
+                raise WouldWait()
+            self.changed.wait_for(lambda: not record.moving or session.closed, timeout=MOVE_WAIT_S)
+        if session.closed:
+            raise InvalidStateError("the connection closed while waiting")
+        if record.unlinked is not None:
+            raise gone_error(object_id, record.unlinked)
+        if record.state == "pending":
+            raise FaasTubeTimeoutError(
+                f"object {object_id} was not sealed within {timeout:g} s: its producer "
+                f"is still writing it (or forgot to seal it); pass a longer timeout")
+        if record.moving:
+            raise FaasTubeTimeoutError(f"object {object_id} is still being moved between tiers "
+                                       f"after {MOVE_WAIT_S:g} s")
+        where = record.region.slab.device
+        target = device or (prefer if record.home != HOST else None) or HOST
+        if target == where:
+            grant = self._grant(session, record, writer=False)
+        else:
+            region = self._allocate(self.pool_for(target), session.namespace, record.region.nbytes)
+            if target == record.home and record.leases == 0:       # restore it there
+                record.moving = True
+                grant = self._grant(session, record, writer=False, region=region)
+                grant.lease.restore = Move(record, record.region, region, "restore")
+            else:
+                grant = self._grant(session, record, writer=False, region=region, replica=True)
+            grant.lease.copying = True
+            grant = dataclasses.replace(grant, copy=Copy(record.region, region))
+        record.used_at = time.monotonic()
+        record.gets += 1
+        return grant
+
+    def copied(self, lease: Lease, ok: bool = True, seconds: float = 0.0) -> None:
+        """The copy for ``lease`` has finished (or failed): a restore ends (Note
+        [Queue-aware eviction]); a replica is freed if the lease ended meanwhile."""
         with self.lock:
             lease.copying = False
-            if lease.ended and lease.replica is not None:
-                self._free(lease.replica)
+            if lease.restore is not None:
+                move, lease.restore = lease.restore, None
+                self.evictor.finish(move, ok, seconds)
+            elif lease.ended and lease.replica:
+                self.free_region(lease.region)
 
     def abandon(self, session: Session, grant: Grant) -> None:
         """Undo a grant the client never received (it failed after the table made it): end
@@ -363,10 +487,29 @@ class ObjectTable:
             for session in [s for s in self._orphans if s.exited()]:
                 self._orphans.remove(session)
                 self._end_session_leases(session)
-            retired = [slab for device, pool in self.pools.items()
-                       for slab in pool.retire_idle(now, close=False) + pool.give_back(free[device])]
+            retired, short = [], {}
+            for device, pool in self.pools.items():
+                retired += pool.retire_idle(now, close=False)
+                given = pool.give_back(free[device])
+                retired += given
+                if free[device] is not None:
+                    free[device] += sum(slab.size for slab in given)
+                    if free[device] < pool.watermark and self.evictor.serves(pool):
+                        short[device] = pool.watermark - free[device]
+            # Note [Giving memory back]: not enough empty slabs: empty some by eviction.
+            evictions = [move for device, need in short.items()
+                         for move in self.evictor.pick_slabs(self.pools[device], need)]
+            restores = self.evictor.restores_ahead() if not short else []
         for slab in retired:            # out of the lock: requests go on meanwhile
             slab.close()
+        if evictions:
+            self.evictor.run(evictions)
+            with self.lock:
+                retired = [slab for device in short for slab in self.pools[device].give_back(free[device])]
+            for slab in retired:
+                slab.close()
+        if restores:
+            self.evictor.run(restores)
 
     def shutdown(self) -> None:
         with self.lock:
@@ -395,8 +538,8 @@ class ObjectTable:
                                  f"{session.namespace!r}")
 
     def _grant(self, session: Session, record: ObjectRecord, writer: bool,
-               replica: Region | None = None) -> Grant:
-        lease = Lease(next(self._lease_ids), record, writer, replica=replica)
+               region: Region | None = None, replica: bool = False) -> Grant:
+        lease = Lease(next(self._lease_ids), record, writer, region or record.region, replica=replica)
         session.leases[lease.id] = lease
         record.leases += 1
         fds = []
@@ -419,14 +562,14 @@ class ObjectTable:
     def _end_lease(self, session: Session, lease: Lease) -> None:
         del session.leases[lease.id]
         lease.ended = True
-        if lease.replica is not None and not lease.copying:
-            self._free(lease.replica)
+        if lease.replica and not lease.copying:
+            self.free_region(lease.region)
         record = lease.record
         record.leases -= 1
-        if record.unlinked is not None and record.leases == 0:
-            self._free(record.region)
+        if record.unlinked is not None and record.leases == 0 and not record.moving:
+            self.free_region(record.region)
 
-    def _free(self, region: Region) -> None:
+    def free_region(self, region: Region) -> None:
         self.pools[region.slab.device].free(region)
 
     def _unlink(self, record: ObjectRecord, reason: str, scope_index: bool = True) -> None:
@@ -447,8 +590,8 @@ class ObjectTable:
             self._forgotten.popitem(last=False)
         if record.state == "sealed":      # pending objects never reached Redis
             self.directory.forget(record.id, reason)
-        if record.leases == 0:
-            self._free(record.region)
+        if record.leases == 0 and not record.moving:     # a move ends by freeing it
+            self.free_region(record.region)
         self.changed.notify_all()
 
     def _slab_retired(self, slab) -> None:
@@ -518,7 +661,15 @@ class ObjectTable:
                                         if lease.record.unlinked is not None)
             if not session.admin:
                 namespaces = {ns: v for ns, v in namespaces.items() if ns == session.namespace}
-            pools = [pool.stats() for pool in self.pools.values()]
+            evicted: dict[str, list[int]] = {}      # home device → [objects, bytes] on the host now
+            for record in self.objects.values():
+                if record.home != record.region.slab.device:
+                    entry_ = evicted.setdefault(record.home, [0, 0])
+                    entry_[0] += 1
+                    entry_[1] += record.region.nbytes
+            pools = [{**pool.stats(), "eviction": self.evictor.policy if self.evictor.serves(pool) else "none",
+                      "evicted": dict(zip(("objects", "bytes"), evicted.get(pool.device, [0, 0])))}
+                     for pool in self.pools.values()]
             if not session.admin:
                 pools = [{k: pool[k] for k in ("device", "name", "limit", "slab_size")} for pool in pools]
             return {"pools": pools, "namespaces": namespaces,

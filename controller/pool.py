@@ -16,7 +16,8 @@ free memory falls under ``--gpu-watermark`` (a model loading), housekeeping reti
 slabs, the longest empty first, reserved room and the idle minimum included, until it would
 be over the watermark again: within a housekeeping tick (0.1 s). The driver frees a slab's
 memory once no process maps it: a function drops its mapping when its next reply names the
-slab retired. Slabs that hold objects stay (moving objects to the host tier is not built).
+slab retired. If that is not enough, housekeeping moves objects to the host tier until whole
+slabs are empty, and retires them (Note [Queue-aware eviction], controller/eviction.py).
 
 Not thread-safe by itself: the object table's lock guards every call.
 """
@@ -75,15 +76,23 @@ class Pool:
         # (set by the reserver), and growth by path: [slabs, bytes].
         self.wanted: dict[str, list[int]] = {}
         self.grown = {"ahead": [0, 0], "request": [0, 0]}
+        # Objects moved off this tier and back (Note [Queue-aware eviction]): [objects, bytes,
+        # seconds] by kind, and puts that waited for eviction: [puts, seconds, failed].
+        self.moves = {"evict": [0, 0, 0.0], "restore": [0, 0, 0.0], "ahead": [0, 0, 0.0]}
+        self.waits = [0, 0.0, 0]
 
-    def allocate(self, namespace: str, nbytes: int) -> Region:
-        """A region for ``nbytes`` in one of ``namespace``'s slabs, growing the pool if needed."""
+    def allocate(self, namespace: str, nbytes: int, grow: bool = True) -> Region:
+        """A region for ``nbytes`` in one of ``namespace``'s slabs, growing the pool if needed
+        (unless ``grow`` is False: then PoolExhaustedError)."""
         best = None
         for slab in self.slabs.values():
             if slab.namespace == namespace and slab.allocator.largest_free >= align_up(max(nbytes, 1)):
                 if best is None or slab.allocator.largest_free < best.allocator.largest_free:
                     best = slab
         if best is None:
+            if not grow:
+                raise PoolExhaustedError(f"no room for {format_size(nbytes)} in the {self.name} "
+                                         f"pool's slabs of namespace {namespace!r}")
             best = self._grow(namespace, nbytes)
             self.grown["request"][0] += 1
             self.grown["request"][1] += best.size
@@ -212,6 +221,12 @@ class Pool:
             self.given_back[1] += slab.size
         return retired
 
+    def count_move(self, kind: str, nbytes: int, seconds: float) -> None:
+        entry = self.moves[kind]
+        entry[0] += 1
+        entry[1] += nbytes
+        entry[2] += seconds
+
     def held_by(self, namespace: str) -> int:
         """Bytes of slabs ``namespace`` holds in this pool."""
         return sum(s.size for s in self.slabs.values() if s.namespace == namespace)
@@ -275,4 +290,8 @@ class Pool:
                 "idle_minimum": self.idle_minimum, "device_free": self.device_free,
                 "watermark": self.watermark, "given_back": {"slabs": self.given_back[0],
                                                             "bytes": self.given_back[1]},
-                "grown": {path: {"slabs": n, "bytes": b} for path, (n, b) in self.grown.items()}}
+                "grown": {path: {"slabs": n, "bytes": b} for path, (n, b) in self.grown.items()},
+                "moves": {kind: {"objects": n, "bytes": b, "seconds": round(t, 6)}
+                          for kind, (n, b, t) in self.moves.items()},
+                "waits": {"puts": self.waits[0], "seconds": round(self.waits[1], 6),
+                          "failed": self.waits[2]}}

@@ -39,6 +39,12 @@ class Reserver:
             self.tracker.record(namespace, activities, self._clock(), devices=self.table.pools)
         self._wake.set()
 
+    def learn(self, namespace: str, producer: str, consumer: str) -> None:
+        """A get told who consumes what (Note [Queue-aware eviction])."""
+        with self._lock:
+            if self.tracker.learn(namespace, producer, consumer):
+                self.table.evictor.view = self.tracker.view(self._clock())   # at once, not next tick
+
     def summary(self) -> list[dict]:
         with self._lock:
             return self.tracker.summary(self._clock())
@@ -70,6 +76,8 @@ class Reserver:
         now = self._clock()
         with self._lock:
             wanted = self.tracker.wanted(now)
+            # Published whole: the table reads it under its own lock (Note [Queue-aware eviction]).
+            self.table.evictor.view = self.tracker.view(now)
         pools = self.table.pools
         with self.table.lock:
             for device, pool in pools.items():

@@ -37,10 +37,10 @@ _slab_ids = itertools.count(1)
 class MemfdSlab:
     """A memfd segment, its two descriptors and the allocator of the regions inside it."""
 
-    device = cuda.HOST
-
-    def __init__(self, namespace: str, size: int, populate: bool = True, pin: bool = False):
+    def __init__(self, namespace: str, size: int, populate: bool = True, pin: bool = False,
+                 mapped: bool = False, device: str = cuda.HOST):
         self.id = next(_slab_ids)
+        self.device = device            # the host tier, or a stand-in (Note [Host-backed stand-ins])
         self.namespace = namespace
         self.size = size
         self.fd_rw = os.memfd_create(f"faastube-{self.id}", os.MFD_CLOEXEC)
@@ -58,15 +58,18 @@ class MemfdSlab:
         self.allocator = RangeAllocator(size)
         self.empty_since: float | None = time.monotonic()
         self.retired = False
+        self.pinned = pin
         # With GPUs, the controller maps the slab and pins it once (cuMemHostRegister), so
-        # host↔GPU copies run at PCIe speed straight from it, with no staging copy.
+        # host↔GPU copies run at PCIe speed straight from it, with no staging copy. With
+        # stand-ins it maps it to copy between tiers.
         self.address = 0
         self._map = None
-        if pin:
+        if pin or mapped:
             try:
                 self._map = mmap.mmap(self.fd_rw, size, flags=mmap.MAP_SHARED)
                 self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-                gpu.register_host(self.address, size)
+                if pin:
+                    gpu.register_host(self.address, size)
             except BaseException:
                 self.address = 0
                 self.close()
@@ -79,7 +82,7 @@ class MemfdSlab:
         """Drop the controller's descriptors; mappings in other processes stay valid."""
         if not self.retired:
             self.retired = True
-            if self.address:
+            if self.address and self.pinned:
                 gpu.unregister_host(self.address)
             if self._map is not None:
                 try:

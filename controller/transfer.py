@@ -45,13 +45,14 @@ multi-path shares and the schedulers' SLO arithmetic, and ``faastube status`` sh
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import logging
 import threading
 import time
 
 from faastube import cuda
 from faastube.config import DEFAULT_CHUNK_BYTES
-from faastube.errors import PumpUnavailable
+from faastube.errors import InvalidArgumentError, PumpUnavailable
 
 from .gpu import CopyQueue, RelayQueue
 from .links import DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, PUMP_BATCH_CHUNKS, PUMP_DEPTH, Link
@@ -266,3 +267,20 @@ class TransferEngine:
             if isinstance(link.copier, Pump):
                 link.copier.close()
 
+
+def move_region(transfers: TransferEngine | None, src: Region, dst: Region, slo_s: float | None = None) -> None:
+    """Copy ``src``'s bytes into ``dst``: within host memory (the host tier and its stand-ins,
+    Note [Host-backed stand-ins]) with one memmove, which releases the GIL; anything else
+    through the transfer engine."""
+    if src.nbytes != dst.nbytes:
+        raise ValueError(f"cannot move {src.nbytes} bytes into a region of {dst.nbytes}")
+    if cuda.in_host_memory(src.slab.device) and cuda.in_host_memory(dst.slab.device):
+        if not (src.slab.address and dst.slab.address):
+            raise InvalidArgumentError("this controller does not map its host slabs: it has neither "
+                                       "GPUs nor stand-ins to copy between")
+        ctypes.memmove(dst.slab.address + dst.offset, src.slab.address + src.offset, src.nbytes)
+        return
+    if transfers is None:
+        raise InvalidArgumentError(f"cannot copy {src.slab.device} → {dst.slab.device}: this controller "
+                                   f"has no GPU transfer engine")
+    transfers.move(src, dst, slo_s)

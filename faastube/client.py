@@ -35,7 +35,7 @@ import numpy as np
 from . import protocol, views
 from .config import Config
 from .connection import Connection
-from .cuda import HOST
+from .cuda import HOST, in_host_memory
 from .errors import FaasTubeError, InvalidStateError, ObjectNotFoundError, PoolExhaustedError
 from .landing import Landing, Sealer
 from .leases import Leases
@@ -117,7 +117,7 @@ class Client:
                                        spare=ttl is None)
         if lifetime is not None:
             self.leases.lifetimes[grant.id] = lifetime
-        if grant.device != HOST:
+        if not in_host_memory(grant.device):
             array, owner, start = views.gpu_view(self.slabs, grant, writable=True)
             self.leases.track_gpu(owner, grant, writable=True, start=start)
             return array.reshape(shape), grant.id, grant.lease
@@ -135,7 +135,7 @@ class Client:
         shape = tuple(int(d) for d in shape)
         grant, lifetime = self._create(shape, dtype, protocol.Lifetime(consumers, ttl, scope), device,
                                        spare=True)
-        if grant.device != HOST:
+        if not in_host_memory(grant.device):
             return views.gpu_address(self.slabs, grant), grant.id, lifetime
         return views.host_view(self.slabs, grant, writable=True).reshape(shape), grant.id, lifetime
 
@@ -225,7 +225,7 @@ class Client:
         """A read-only view: numpy for a host object, CuPy for a GPU one (protocol.Get says
         where the object comes to)."""
         grant = self.request(protocol.Get(object_id, timeout, device, prefer, slo_ms), wait_s=timeout)
-        if grant.device != HOST:
+        if not in_host_memory(grant.device):
             array, owner, start = views.gpu_view(self.slabs, grant, writable=False)
             self.leases.track_gpu(owner, grant, writable=False, start=start)
             return array.reshape(grant.shape)

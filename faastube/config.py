@@ -78,6 +78,12 @@ def parse_gpus(text: str) -> str:
     return text
 
 
+def parse_eviction(text: str) -> str:
+    if text not in ("queue", "lru", "off"):
+        raise ValueError("write 'queue', 'lru' or 'off'")
+    return text
+
+
 def parse_share(text: str) -> float:
     """``0.5`` or ``50%`` (a share of each GPU's memory) or a size such as ``40GiB``."""
     text = text.strip()
@@ -265,6 +271,16 @@ class Config(_FromEnvironment):
     gpu_watermark: float = setting(0.05, env="FAASTUBE_GPU_WATERMARK", parse=parse_share, flag="--gpu-watermark",
                                    shown="5%%", help="a GPU's pool gives empty slabs back when the GPU's free "
                                                      "memory falls below this: a size, or a share of its memory")
+    eviction: str = setting("queue", env="FAASTUBE_EVICTION", parse=parse_eviction, flag="--eviction",
+                            help="what a full GPU tier moves to the host tier first: 'queue' (the objects "
+                                 "needed last), 'lru' (the least recently used) or 'off' (none: puts fail)")
+    evict_wait_s: float = setting(2.0, env="FAASTUBE_EVICT_WAIT_S", parse=float, flag="--evict-wait",
+                                  metavar="SECONDS",
+                                  help="how long a put to a full GPU tier waits for eviction before it fails")
+    stand_in_gpus: int = setting(0, env="FAASTUBE_STAND_IN_GPUS", parse=int, flag="--stand-in-gpus",
+                                 metavar="N", help="N tiers of host memory standing in for GPUs (host:0 …; "
+                                                   "--gpu-slab-size, --gpu-pool-limit as a size): for "
+                                                   "tests and benchmarks without a GPU; needs --gpus none")
     secrets_file: str | None = setting(None, env="FAASTUBE_SECRETS_FILE", flag="--secrets-file",
                                        help='JSON {"namespace": "secret"}', shown="none")
     socket_mode: int = setting(0o660, env="FAASTUBE_SOCKET_MODE", parse=parse_octal, flag="--socket-mode",

@@ -13,6 +13,7 @@ One thread alone therefore reads its own reply directly, with no thread hop.
 from __future__ import annotations
 
 import collections
+import contextvars
 import dataclasses
 import logging
 import os
@@ -31,6 +32,11 @@ log = logging.getLogger("faastube")
 READ_TICK_S = 0.25            # how often a waiting reader re-checks its deadline
 REPLY_MARGIN_S = 10.0         # a controller slower than this past a request's own wait is hung
 DEFAULT_REPLY_TIMEOUT_S = 60.0
+
+#: The function this thread runs (faastube.sdk.activation sets it): requests carry it when it
+#: changed since the last one sent (Note [Queue-aware eviction], controller/eviction.py).
+CURRENT_FUNCTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("faastube_function",
+                                                                              default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Connection:
         self._abandoned: set[int] = set()
         self._unawaited: set[int] = set()   # Note [Seal without waiting], faastube/client.py
         self._seq = 0
+        self._function_sent: str | None = None
         self.releases.clear()               # a parent's leases are not the child's to end
         self.demand.clear()
 
@@ -159,6 +166,7 @@ class Connection:
         with self._state:
             self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
             self._generation += 1
+        self._function_sent = None          # a new connection is a new session
         if self.anonymous:
             return
         hello = protocol.Hello(self.config.namespace, self.config.secret, f"pid {os.getpid()}")
@@ -187,9 +195,15 @@ class Connection:
             releases.append(self.releases.popleft())
         while self.demand and len(demand) < protocol.MAX_ACTIVITIES:
             demand.append(self.demand.popleft())
+        function = CURRENT_FUNCTION.get()
+        if function == self._function_sent:
+            function = None
+        elif function is not None:
+            self._function_sent = function
         self._seq += 1
         try:
-            protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases, demand))
+            protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases, demand,
+                                                                     function))
         except OSError as exc:
             self._disconnect()
             raise self._lost(f"failed: {exc}") from None

@@ -33,6 +33,17 @@ except ImportError:                             # pragma: no cover - CPU install
     cu = None
 
 HOST = "host"
+# Note [Host-backed stand-ins]: a controller run with --stand-in-gpus N also holds N tiers of
+# host memory named "host:0" … that stand in for GPUs (a budget, eviction to the host tier,
+# restore), so every pool policy runs on a machine without a GPU, in the tests and the CPU
+# benchmarks. Their slabs are memfd segments like the host tier's; a function gets numpy
+# arrays from them.
+STAND_IN = "host:"
+
+
+def in_host_memory(device: str) -> bool:
+    """Whether ``device``'s slabs are host memory (the host tier or a stand-in)."""
+    return device == HOST or device.startswith(STAND_IN)
 
 
 def check(result):

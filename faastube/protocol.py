@@ -10,7 +10,10 @@ Any request may carry ``"releases": [[lease, "consume"|"drop"|"abandon"], ...]``
 by the garbage collector travel on the next request instead of costing a round trip each, and
 ``"demand": [[function, seconds, {device: [object bytes, ...]}], ...]``: the activations of
 functions that ended in the caller's process, how long each ran and what it put
-(:class:`Activity`; Note [Reservation ahead of demand] in controller/demand.py).
+(:class:`Activity`; Note [Reservation ahead of demand] in controller/demand.py), and
+``"function": <name>``, the function the caller runs, sent when it changes: the controller
+learns from it which function gets what another put (Note [Queue-aware eviction] in
+controller/eviction.py).
 
 Requests are frozen dataclasses (:data:`REQUESTS`); :func:`decode_request` validates a map
 into one of them or raises :class:`ProtocolError` with the field at fault. Handlers never see
@@ -353,7 +356,7 @@ REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, C
 # consume: counts toward consumers, view kept; drop: the view is gone (consumed, lease ends);
 # abandon: the client never used the grant (lease ends, nothing consumed).
 RELEASE_KINDS = ("consume", "drop", "abandon")
-_ENVELOPE_KEYS = {"v", "seq", "op", "releases", "demand"}
+_ENVELOPE_KEYS = {"v", "seq", "op", "releases", "demand", "function"}
 MAX_ACTIVITIES = 1000           # per request
 MAX_ACTIVITY_DEVICES = 16
 MAX_ACTIVITY_OBJECTS = 64       # object sizes reported per device and activation
@@ -373,6 +376,7 @@ class Envelope:
     request: object
     releases: tuple = ()
     demand: tuple = ()          # Activity, one per activation that ended
+    function: str | None = None     # the function the caller runs now, when it changed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,7 +417,8 @@ def decode_request(message: dict) -> Envelope:
         raise ProtocolError(f"op {op!r} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
     releases = _releases(message["releases"]) if "releases" in message else ()
     demand = _demand(message["demand"]) if "demand" in message else ()
-    return Envelope(seq=seq, request=cls(**fields), releases=releases, demand=demand)
+    function = _name(message["function"], "function") if "function" in message else None
+    return Envelope(seq=seq, request=cls(**fields), releases=releases, demand=demand, function=function)
 
 
 def _demand(value) -> tuple:
@@ -461,15 +466,17 @@ def _with_fields(message: dict, value_object, names) -> dict:
     return message
 
 
-def request_message(seq: int, request, releases=(), demand=()) -> dict:
+def request_message(seq: int, request, releases=(), demand=(), function: str | None = None) -> dict:
     """The map for a request dataclass (the SDK side of decode_request); ``demand``:
-    Activity entries."""
+    Activity entries; ``function``: the caller's function, when it changed."""
     message = _with_fields({"v": PROTOCOL_VERSION, "seq": seq, "op": request.op}, request,
                            _LAYOUT[type(request)][0])
     if releases:
         message["releases"] = [list(r) for r in releases]
     if demand:
         message["demand"] = [activity.as_list() for activity in demand]
+    if function:
+        message["function"] = function
     return message
 
 

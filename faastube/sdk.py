@@ -18,6 +18,7 @@ import numpy as np
 from . import cuda, protocol, views
 from .client import Client
 from .config import Config
+from .connection import CURRENT_FUNCTION
 from .errors import InvalidArgumentError, NotAnArrayError
 from .protocol import check_dtype
 from .refs import make_ref, parse_ref
@@ -53,11 +54,14 @@ def activation(scope: str | None, function: str | None = None):
     """Within this block, objects put or created without a ``scope`` get ``scope``; if the
     block raises, the scope is closed (what the failed activation allocated is freed).
     ``function`` (the action's name): what it put is reported to the controller when the
-    block ends, so the pool keeps room ready for its next activations."""
+    block ends, so the pool keeps room ready for its next activations, and the requests
+    inside the block name it, so the controller learns which function gets what another put
+    (Note [Queue-aware eviction])."""
     token = _scope.set(scope)
     name = function if isinstance(function, str) and function.isprintable() else None
     activity = _Activity(name[:protocol.MAX_NAME]) if name else None
     activity_token = _activity.set(activity)
+    function_token = CURRENT_FUNCTION.set(activity.function) if activity else None
     try:
         yield
     except BaseException:
@@ -70,6 +74,8 @@ def activation(scope: str | None, function: str | None = None):
     finally:
         _scope.reset(token)
         _activity.reset(activity_token)
+        if function_token is not None:
+            CURRENT_FUNCTION.reset(function_token)
         if activity is not None and _client is not None:
             _client.report(activity.ended())
 
@@ -213,8 +219,8 @@ def device_of(device) -> str:
     ("GPU-…") as it is."""
     if device is None or device in ("cpu", "host"):
         return cuda.HOST
-    if isinstance(device, str) and device.startswith("GPU-"):
-        return device
+    if isinstance(device, str) and (device.startswith("GPU-") or device.startswith(cuda.STAND_IN)):
+        return device             # a UUID, or a stand-in tier (Note [Host-backed stand-ins])
     if device == "cuda":
         cuda.devices()                # says why not, where this process has no usable GPU
         try:
@@ -290,7 +296,7 @@ def seal(array) -> dict:
     controller's reply (Note [Seal without waiting], faastube/client.py)."""
     conn = client()
     flat, object_id, device = conn.writer_of(array, sealing=True)
-    if device != cuda.HOST:
+    if not cuda.in_host_memory(device):
         cuda.synchronize(device)
     conn.seal(object_id, wait=False)
     if flat is not None:
@@ -329,7 +335,7 @@ def get(ref, timeout: float | None = None, device=None, slo_ms: float | None = N
     target = prefer = None
     if device is not None:
         target = device_of(device)
-    elif ref.get("device", cuda.HOST) != cuda.HOST:
+    elif not cuda.in_host_memory(ref.get("device", cuda.HOST)):
         prefer = _current_gpu()
     return conn.get(object_id, float(timeout), target, prefer,
                     None if slo_ms is None else float(slo_ms))

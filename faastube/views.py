@@ -95,7 +95,7 @@ class SlabMappings:
         mapping = self._by_id.get(descriptor.slab)
         if mapping is None:
             mapping = self._by_id[descriptor.slab] = (
-                HostSlab(descriptor.size) if descriptor.device == cuda.HOST
+                HostSlab(descriptor.size) if cuda.in_host_memory(descriptor.device)
                 else GpuSlab(descriptor.size, descriptor.device))
         mapping.attach(fd, descriptor.writable)
 

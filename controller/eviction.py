@@ -1,0 +1,252 @@
+"""Moving objects off a device tier to the host tier and back (the object table's evictor).
+
+Note [Queue-aware eviction]: a device tier (a GPU's pool, or a stand-in, Note [Host-backed
+stand-ins] in faastube/cuda.py) that has no room for a put, or whose GPU's free memory fell
+under the watermark (Note [Giving memory back], controller/pool.py), moves sealed objects
+to the host tier, where they keep their id, bytes and lifetime. Which ones: those that will
+be needed last. The controller learns who gets what: requests name the function the caller
+runs (protocol.Envelope.function), so a get tells it that objects the producer function puts
+go to the getting function. The objects waiting for one consumer function form its queue,
+oldest seal first (functions take their inputs in order); the one at rank r is expected in
+about r × the consumer's pace (its activations' mean run time over their concurrency,
+controller/demand.py). Eviction takes the objects expected furthest ahead first: before all,
+those their consumer already got (no consumer is known to be left); objects whose consumer is
+not known yet count their time since last use, so for them the order is least recently used
+(``--eviction lru`` uses that order for every object). An object is never moved while a view
+of it is held (a lease), nor while it is pending; objects whose lifetime ended (consumed,
+deleted, expired) are freed, never moved.
+
+A get of an evicted object on its device (by default, where the caller has that GPU)
+restores it: the bytes come back to a new region of that device and the host copy is freed;
+a caller on the host reads the host copy as it is. When a consumer function is active, the
+evicted objects at the front of its queue (rank below its concurrency) are restored ahead,
+while the device has room without evicting anything. While an object moves, gets of it wait
+for the move (a bounded copy) and a delete frees it when the move ends.
+
+A put that finds no room on a device tier (the pool full or its namespace at its quota)
+evicts, first objects of its own namespace, and retries for up to ``--evict-wait`` seconds,
+then fails with the error it met. The host tier has no tier below it: a put there fails at
+once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+
+from faastube.cuda import HOST
+from faastube.errors import FaasTubeError, PoolExhaustedError, QuotaExceededError
+
+from .allocator import align_up
+
+log = logging.getLogger("faastube.controller")
+
+POLICIES = ("queue", "lru", "off")
+RESTORE_AHEAD_BYTES = 1 << 30     # per housekeeping tick: restores ahead wait behind requests
+MOVE_WAIT_S = 60.0                # longest a get waits for an object being moved
+
+
+@dataclasses.dataclass(frozen=True)
+class DemandView:
+    """What eviction reads of demand (a snapshot the reserver publishes each tick, so the
+    table never takes the demand tracker's lock): (namespace, producer) → the function that
+    gets what it puts; (namespace, function) → its pace (seconds per input) and concurrency,
+    for functions active within their window."""
+    consumers: dict = dataclasses.field(default_factory=dict)
+    pace: dict = dataclasses.field(default_factory=dict)
+    active: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Move:
+    """One object's bytes going from ``src`` to ``dst`` (both regions held until it ends)."""
+    record: object
+    src: object
+    dst: object
+    kind: str                     # "evict" or "restore" (an ahead one: "ahead")
+
+
+def expected_use(records, view: DemandView, now: float, policy: str) -> dict:
+    """id(record) → how far ahead (seconds) each sealed live object is expected to be got:
+    math.inf for one its consumer already got (Note [Queue-aware eviction])."""
+    if policy == "lru":
+        return {id(r): now - r.used_at for r in records}
+    queues: dict[tuple, list] = {}
+    out = {}
+    for record in records:
+        consumer = view.consumers.get((record.namespace, record.function)) if record.function else None
+        if consumer is None:
+            out[id(record)] = now - record.used_at
+        elif record.gets:
+            out[id(record)] = math.inf
+        else:
+            queues.setdefault((record.namespace, consumer), []).append(record)
+    for key, queue in queues.items():
+        pace = view.pace.get(key, 1.0)
+        queue.sort(key=lambda r: r.sealed_at)
+        for rank, record in enumerate(queue):
+            out[id(record)] = rank * pace
+    return out
+
+
+def ranks(records, view: DemandView) -> dict:
+    """id(record) → (rank in its consumer's queue, the consumer's concurrency) for objects
+    whose consumer is active and has not got them yet (the ones a restore ahead serves)."""
+    queues: dict[tuple, list] = {}
+    for record in records:
+        if record.function and not record.gets:
+            key = (record.namespace, view.consumers.get((record.namespace, record.function)))
+            if key in view.active:
+                queues.setdefault(key, []).append(record)
+    out = {}
+    for key, queue in queues.items():
+        queue.sort(key=lambda r: r.sealed_at)
+        for rank, record in enumerate(queue):
+            out[id(record)] = (rank, view.active[key])
+    return out
+
+
+class Evictor:
+    """Picks, moves and restores objects for the object table (every method but
+    :meth:`run` is called with the table's lock held)."""
+
+    def __init__(self, table, policy: str = "queue", wait_s: float = 2.0):
+        if policy not in POLICIES:
+            raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.table = table
+        self.policy = policy
+        self.wait_s = wait_s
+        self.view = DemandView()
+
+    def serves(self, pool) -> bool:
+        """Whether ``pool`` is a device tier this evictor may move objects off."""
+        return self.policy != "off" and pool.device != HOST and HOST in self.table.pools
+
+    def evictable(self, pool, namespace: str | None = None) -> list:
+        return [r for r in self.table.objects.values()
+                if r.state == "sealed" and r.leases == 0 and not r.moving
+                and r.region.slab.device == pool.device and (namespace is None or r.namespace == namespace)]
+
+    def _sealed(self) -> list:
+        return [r for r in self.table.objects.values() if r.state == "sealed"]
+
+    def order(self, candidates) -> list:
+        """``candidates`` in eviction order (Note [Queue-aware eviction])."""
+        use = expected_use(self._sealed(), self.view, time.monotonic(), self.policy)
+        return sorted(candidates, key=lambda r: (-use.get(id(r), 0.0), r.used_at))
+
+    def pick(self, pool, nbytes: int, namespace: str, own_only: bool) -> list[Move]:
+        """Moves that free at least ``nbytes`` of ``pool`` (fewer if not that many can go):
+        ``namespace``'s objects first, then, unless ``own_only`` (its quota is what is full),
+        other namespaces'. Each gets a host region now; the caller runs them unlocked."""
+        own = self.order(self.evictable(pool, namespace))
+        others = [] if own_only else self.order(
+            [r for r in self.evictable(pool) if r.namespace != namespace])
+        return self._claim(own + others, nbytes)
+
+    def pick_slabs(self, pool, nbytes: int) -> list[Move]:
+        """Moves that empty whole slabs of at least ``nbytes`` (what gives memory back to the
+        driver): slabs whose every object may move, the one whose soonest-needed object is
+        needed latest first."""
+        use = expected_use(self._sealed(), self.view, time.monotonic(), self.policy)
+        by_slab: dict[int, list] = {}
+        blocked = set()
+        for record in self.table.objects.values():
+            slab = record.region.slab
+            if slab.device == pool.device:
+                by_slab.setdefault(slab.id, []).append(record)
+                if record.state != "sealed" or record.leases or record.moving:
+                    blocked.add(slab.id)
+        for slab_id, records in by_slab.items():
+            # Bytes no live object accounts for: a replica, or a freed object still leased.
+            if pool.slabs[slab_id].allocator.used != sum(align_up(max(r.region.nbytes, 1)) for r in records):
+                blocked.add(slab_id)
+        slabs = sorted((s for s in by_slab if s not in blocked),
+                       key=lambda s: -min(use.get(id(r), 0.0) for r in by_slab[s]))
+        chosen, freed = [], 0
+        for slab_id in slabs:
+            if freed >= nbytes:
+                break
+            chosen += by_slab[slab_id]
+            freed += pool.slabs[slab_id].size
+        return self._claim(chosen, math.inf)
+
+    def _claim(self, records, nbytes: float) -> list[Move]:
+        moves, freed = [], 0
+        host = self.table.pools[HOST]
+        for record in records:
+            if freed >= nbytes:
+                break
+            try:
+                dst = host.allocate(record.namespace, record.region.nbytes)
+            except FaasTubeError as exc:
+                log.warning("cannot evict %s of namespace %r to the host tier: %s", record.id,
+                            record.namespace, exc)
+                break
+            record.moving = True
+            moves.append(Move(record, record.region, dst, "evict"))
+            freed += record.region.nbytes
+        return moves
+
+    def restores_ahead(self) -> list[Move]:
+        """Evicted objects at the front of an active consumer's queue, restored while their
+        device has room without evicting (at most RESTORE_AHEAD_BYTES per call)."""
+        if self.policy == "off":
+            return []
+        evicted = [r for r in self.table.objects.values()
+                   if r.state == "sealed" and not r.moving and r.home != r.region.slab.device]
+        if not evicted:
+            return []
+        rank = ranks(self._sealed(), self.view)
+        due = sorted((r for r in evicted if id(r) in rank and rank[id(r)][0] < rank[id(r)][1]),
+                     key=lambda r: rank[id(r)][0])
+        moves, total = [], 0
+        for record in due:
+            pool = self.table.pools.get(record.home)
+            if pool is None or total + record.region.nbytes > RESTORE_AHEAD_BYTES:
+                continue
+            try:
+                dst = pool.allocate(record.namespace, record.region.nbytes, grow=False)
+            except (PoolExhaustedError, QuotaExceededError):
+                continue
+            record.moving = True
+            moves.append(Move(record, record.region, dst, "ahead"))
+            total += record.region.nbytes
+        return moves
+
+    # -- running moves (unlocked) ---------------------------------------------------------
+
+    def run(self, moves: list[Move]) -> None:
+        """Copy each move's bytes (the table's lock not held) and end it under the lock."""
+        for move in moves:
+            started = time.perf_counter()
+            ok = True
+            try:
+                self.table.move(move.src, move.dst)
+            except Exception as exc:
+                ok = False
+                log.warning("moving object %s (%s) failed: %s", move.record.id, move.kind, exc)
+            with self.table.lock:
+                self.finish(move, ok, time.perf_counter() - started)
+
+    def finish(self, move: Move, ok: bool, seconds: float) -> None:
+        """End a move (lock held): the object's region becomes ``dst`` and ``src`` is freed;
+        if the copy failed, ``dst`` is freed and the object stays where it was; an object
+        unlinked meanwhile frees both (no lease can have been granted while it moved)."""
+        record = move.record
+        record.moving = False
+        free = self.table.free_region
+        if ok:
+            record.region = move.dst
+            free(move.src)
+            pool = self.table.pools[move.src.slab.device if move.kind == "evict" else move.dst.slab.device]
+            pool.count_move(move.kind, move.dst.nbytes, seconds)
+        else:
+            free(move.dst)
+        if record.unlinked is not None and record.leases == 0:
+            free(record.region)
+        elif ok and record.unlinked is None:
+            self.table.directory.publish(record)        # Redis says where its bytes are now
+        self.table.changed.notify_all()
