@@ -100,7 +100,27 @@ class ControllerCollector:
         given_back = CounterMetricFamily("faastube_pool_given_back_bytes", "Bytes of empty slabs retired "
                                          "because the device's free memory fell under the watermark",
                                          labels=["device", "name"])
+        # Note [Queue-aware eviction]: objects moved off the tier and back, by kind.
+        moved = CounterMetricFamily("faastube_pool_moved_bytes", "Bytes moved off the device tier "
+                                    "(evict) or back (restore: on a get; ahead: before it)",
+                                    labels=["device", "name", "kind"])
+        moved_objects = CounterMetricFamily("faastube_pool_moved_objects", "Objects moved off the device "
+                                            "tier or back, by kind", labels=["device", "name", "kind"])
+        moved_seconds = CounterMetricFamily("faastube_pool_moved_seconds", "Seconds spent copying "
+                                            "moved objects, by kind", labels=["device", "name", "kind"])
+        evicted = GaugeMetricFamily("faastube_pool_evicted_bytes", "Bytes of this tier's objects on the "
+                                    "host tier now", labels=["device", "name"])
+        waits = CounterMetricFamily("faastube_pool_eviction_waits", "Puts and gets that waited for "
+                                    "eviction to make room, by outcome", labels=["device", "name", "outcome"])
         for pool in status["pools"]:
+            labels = [pool["device"], pool["name"]]
+            for kind, entry in pool["moves"].items():
+                moved.add_metric(labels + [kind], entry["bytes"])
+                moved_objects.add_metric(labels + [kind], entry["objects"])
+                moved_seconds.add_metric(labels + [kind], entry["seconds"])
+            evicted.add_metric(labels, pool["evicted"]["bytes"])
+            waits.add_metric(labels + ["room"], pool["waits"]["requests"] - pool["waits"]["failed"])
+            waits.add_metric(labels + ["failed"], pool["waits"]["failed"])
             given_back.add_metric([pool["device"], pool["name"]], pool["given_back"]["bytes"])
             for key, family in pool_metrics.items():
                 family.add_metric([pool["device"], pool["name"]], pool[key])
@@ -109,7 +129,7 @@ class ControllerCollector:
                 grown_slabs.add_metric([pool["device"], pool["name"], path], entry["slabs"])
             ahead.add_metric([pool["device"], pool["name"]], sum(pool["ahead_wanted"].values()))
         yield from pool_metrics.values()
-        yield from (grown, grown_slabs, ahead, given_back)
+        yield from (grown, grown_slabs, ahead, given_back, moved, moved_objects, moved_seconds, evicted, waits)
 
         per_namespace = {
             "objects": GaugeMetricFamily("faastube_objects", "Objects by state",

@@ -293,5 +293,5 @@ class Pool:
                 "grown": {path: {"slabs": n, "bytes": b} for path, (n, b) in self.grown.items()},
                 "moves": {kind: {"objects": n, "bytes": b, "seconds": round(t, 6)}
                           for kind, (n, b, t) in self.moves.items()},
-                "waits": {"puts": self.waits[0], "seconds": round(self.waits[1], 6),
+                "waits": {"requests": self.waits[0], "seconds": round(self.waits[1], 6),
                           "failed": self.waits[2]}}

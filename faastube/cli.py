@@ -80,6 +80,16 @@ def render_status(status: dict) -> str:
                             f"; device free {format_size(pool['device_free'])}, watermark "
                             f"{format_size(pool['watermark'])}, given back {pool['given_back']['slabs']} slabs "
                             f"({format_size(pool['given_back']['bytes'])})"))
+        if pool.get("eviction") not in (None, "none"):      # Note [Queue-aware eviction]
+            moves, waits, evicted = pool["moves"], pool["waits"], pool["evicted"]
+            lines.append(
+                f"  eviction {pool['eviction']}: {evicted['objects']} objects ({format_size(evicted['bytes'])}) "
+                f"on the host now; " + ", ".join(
+                    f"{label} {moves[kind]['objects']} ({format_size(moves[kind]['bytes'])}, "
+                    f"{moves[kind]['seconds']:.3f} s)"
+                    for kind, label in (("evict", "evicted"), ("restore", "restored on get"),
+                                        ("ahead", "restored ahead")))
+                + f"; requests that waited {waits['requests']} ({waits['seconds']:.3f} s, {waits['failed']} failed)")
     topology = status.get("topology")
     if topology:
         lines.append(f"topology ({topology['source']}); moves of {format_size(topology['multipath_min'])} "

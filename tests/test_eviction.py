@@ -10,8 +10,11 @@ import pytest
 import redis
 
 from faastube import errors, sdk
+from faastube.cli import render_status
+from faastube.config import format_size
 
 from .conftest import ControllerProcess, wait_for
+from .test_metrics import scrape
 
 MiB = 1 << 20
 OBJECT = 900_000            # one per 1 MiB slab
@@ -25,8 +28,8 @@ def stand_in(tmp_path, redis_url, **settings):
 
 
 @pytest.fixture
-def tier(tmp_path, redis_server, request):
-    ctl = stand_in(tmp_path, redis_server.url, **getattr(request, "param", {}))
+def tier(tmp_path, redis_server, request, metrics_port):
+    ctl = stand_in(tmp_path, redis_server.url, metrics_port=metrics_port, **getattr(request, "param", {}))
     sdk.connect(socket=ctl.socket, namespace="test", spare_bytes=0)
     yield ctl
     gc.collect()
@@ -67,11 +70,12 @@ def evicted(redis_url, refs) -> set:
     return {name for name, ref in refs.items() if where(redis_url, ref) == "host"}
 
 
-def test_a_full_device_tier_moves_objects_to_the_host_and_gets_bring_back_the_same_bytes(tier, redis_server):
+def test_a_full_device_tier_moves_objects_to_the_host_and_gets_bring_back_the_same_bytes(tier, redis_server,
+                                                                                       metrics_port):
     refs = [put_on_tier(n) for n in range(6)]             # 6 objects, room for 4
     stats = tier_stats(tier)
     assert stats["moves"]["evict"]["objects"] == 2 and stats["evicted"] == {"objects": 2, "bytes": 2 * OBJECT}
-    assert stats["waits"]["puts"] == 2 and stats["waits"]["failed"] == 0
+    assert stats["waits"]["requests"] == 2 and stats["waits"]["failed"] == 0
     wait_for(lambda: sum(where(redis_server.url, r) == "host" for r in refs) == 2, message="Redis to follow")
     # On the host, a get reads an evicted object where it is; on the tier, it restores it.
     for n, ref in enumerate(refs):
@@ -86,6 +90,14 @@ def test_a_full_device_tier_moves_objects_to_the_host_and_gets_bring_back_the_sa
     assert stats["moves"]["evict"]["bytes"] == stats["moves"]["evict"]["objects"] * OBJECT
     assert stats["eviction"] == "queue"
     assert next(p for p in tier.status()["pools"] if p["device"] == "host")["eviction"] == "none"
+    # The same figures in `faastube status` and on /metrics.
+    text = render_status(tier.status())
+    assert (f"  eviction queue: 2 objects (1.7 MiB) on the host now; evicted {stats['moves']['evict']['objects']} "
+            f"({format_size(stats['moves']['evict']['bytes'])},") in text
+    samples = scrape(metrics_port)
+    labels = (("device", TIER), ("kind", "evict"), ("name", "stand-in 0 (host memory for a GPU)"))
+    assert samples[("faastube_pool_moved_objects_total", labels)] == stats["moves"]["evict"]["objects"]
+    assert samples[("faastube_pool_evicted_bytes", labels[:1] + labels[2:])] == 2 * OBJECT
 
 
 @pytest.mark.parametrize("tier, expected", [
@@ -126,7 +138,7 @@ def test_objects_with_a_live_view_never_move_and_the_put_fails_clearly_after_the
     assert [int(v[0]) for v in views] == [0, 1, 2, 3]
     stats = tier_stats(tier)
     assert stats["moves"]["evict"]["objects"] == 0 and stats["waits"] == {
-        "puts": 1, "seconds": pytest.approx(stats["waits"]["seconds"]), "failed": 1}
+        "requests": 1, "seconds": pytest.approx(stats["waits"]["seconds"]), "failed": 1}
     del views
     gc.collect()
     ref = put_on_tier(9)                               # the views are gone: one can move now
