@@ -87,6 +87,7 @@ class Controller:
         keeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
         keeper.start()
         self.reserver.start()
+        self.table.evictor.start()
         try:
             self.server.serve_forever()
         finally:
@@ -103,6 +104,7 @@ class Controller:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.reserver.stop()
+        self.table.evictor.stop()
         self.table.shutdown()
         if self.transfers is not None:
             self.transfers.close()

@@ -18,9 +18,11 @@ deleted, expired) are freed, never moved.
 
 A get of an evicted object on its device (by default, where the caller has that GPU)
 restores it: the bytes come back to a new region of that device and the host copy is freed;
-a caller on the host reads the host copy as it is. When a consumer function is active, the
-evicted objects at the front of its queue (rank below its concurrency) are restored ahead,
-while the device has room without evicting anything. While an object moves, gets of it wait
+a caller on the host reads the host copy as it is. With ``--eviction queue``, the evicted
+objects of an active consumer function's queue are restored ahead, front first, while the
+device has room without evicting anything: the controller's restorer thread looks whenever
+a region of a device tier is freed (a consumer's input deleted, say), so the copy runs while
+the consumer works on what it has. While an object moves, gets of it wait
 for the move (a bounded copy) and a delete frees it when the move ends.
 
 A put that finds no room on a device tier (the pool full or its namespace at its quota)
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 
 from faastube.cuda import HOST
@@ -46,6 +49,7 @@ log = logging.getLogger("faastube.controller")
 POLICIES = ("queue", "lru", "off")
 RESTORE_AHEAD_BYTES = 1 << 30     # per housekeeping tick: restores ahead wait behind requests
 MOVE_WAIT_S = 60.0                # longest a get waits for an object being moved
+RESTORE_TICK_S = 0.1              # the restorer looks at least this often (frees wake it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +123,9 @@ class Evictor:
         self.policy = policy
         self.wait_s = wait_s
         self.view = DemandView()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def serves(self, pool) -> bool:
         """Whether ``pool`` is a device tier this evictor may move objects off."""
@@ -191,30 +198,56 @@ class Evictor:
         return moves
 
     def restores_ahead(self) -> list[Move]:
-        """Evicted objects at the front of an active consumer's queue, restored while their
+        """Evicted objects of active consumers' queues, front first, restored while their
         device has room without evicting (at most RESTORE_AHEAD_BYTES per call)."""
-        if self.policy == "off":
+        if self.policy != "queue":
             return []
         evicted = [r for r in self.table.objects.values()
                    if r.state == "sealed" and not r.moving and r.home != r.region.slab.device]
         if not evicted:
             return []
         rank = ranks(self._sealed(), self.view)
-        due = sorted((r for r in evicted if id(r) in rank and rank[id(r)][0] < rank[id(r)][1]),
-                     key=lambda r: rank[id(r)][0])
+        due = sorted((r for r in evicted if id(r) in rank), key=lambda r: rank[id(r)][0])
         moves, total = [], 0
         for record in due:
             pool = self.table.pools.get(record.home)
             if pool is None or total + record.region.nbytes > RESTORE_AHEAD_BYTES:
-                continue
+                break
             try:
                 dst = pool.allocate(record.namespace, record.region.nbytes, grow=False)
             except (PoolExhaustedError, QuotaExceededError):
-                continue
+                break                   # no hole: the rest of the queue is further back
             record.moving = True
             moves.append(Move(record, record.region, dst, "ahead"))
             total += record.region.nbytes
         return moves
+
+    # -- the restorer thread --------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Room was freed on a device tier: look for restores ahead."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._restore, name="restorer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _restore(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(RESTORE_TICK_S)
+            self._wake.clear()
+            try:
+                with self.table.lock:
+                    moves = self.restores_ahead()
+                self.run(moves)
+            except Exception:
+                log.exception("restoring objects ahead of their gets failed")
 
     # -- running moves (unlocked) ---------------------------------------------------------
 

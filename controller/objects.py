@@ -499,7 +499,6 @@ class ObjectTable:
             # Note [Giving memory back]: not enough empty slabs: empty some by eviction.
             evictions = [move for device, need in short.items()
                          for move in self.evictor.pick_slabs(self.pools[device], need)]
-            restores = self.evictor.restores_ahead() if not short else []
         for slab in retired:            # out of the lock: requests go on meanwhile
             slab.close()
         if evictions:
@@ -508,8 +507,6 @@ class ObjectTable:
                 retired = [slab for device in short for slab in self.pools[device].give_back(free[device])]
             for slab in retired:
                 slab.close()
-        if restores:
-            self.evictor.run(restores)
 
     def shutdown(self) -> None:
         with self.lock:
@@ -571,6 +568,8 @@ class ObjectTable:
 
     def free_region(self, region: Region) -> None:
         self.pools[region.slab.device].free(region)
+        if region.slab.device != HOST:
+            self.evictor.wake()             # room for a restore ahead (Note [Queue-aware eviction])
 
     def _unlink(self, record: ObjectRecord, reason: str, scope_index: bool = True) -> None:
         """Take an object out of the table; its memory follows when its leases end."""

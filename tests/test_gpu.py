@@ -256,17 +256,51 @@ def test_a_gpu_pool_gives_empty_slabs_back_when_another_process_takes_the_memory
         with cupy.cuda.Device(0):
             free, _total = cupy.cuda.runtime.memGetInfo()
             hog = cupy.cuda.Memory(free - (4 << 30))         # leaves ~4 GiB, under the 8 GiB watermark
-        wait_for(lambda: pool(ctl, uuid(0))["slabs"] == 1, timeout=5, message="the empty slabs given back")
+        # Still under the watermark after the 3 empty slabs: the object moves to the host
+        # tier and its slab goes too (Note [Queue-aware eviction]).
+        wait_for(lambda: pool(ctl, uuid(0))["slabs"] == 0, timeout=5, message="every slab given back")
         gpu = pool(ctl, uuid(0))
-        assert gpu["given_back"]["slabs"] == 3 and gpu["device_free"] < 8 << 30
+        assert gpu["given_back"]["slabs"] == 4 and gpu["device_free"] < 8 << 30
+        assert gpu["moves"]["evict"]["objects"] == 1 and gpu["evicted"]["objects"] == 1
         with cupy.cuda.Device(0):
             before = cupy.cuda.runtime.memGetInfo()[0]
             faastube.client().request(protocol.Ping())        # learns of the retired slabs, unmaps
             after = cupy.cuda.runtime.memGetInfo()[0]
-        assert after - before >= 3 * 48 * MB                  # the memory is the device's again
-        assert int(faastube.get(refs[0]).sum()) == 0          # the object in use stayed
+        assert after - before >= 4 * 48 * MB                  # the memory is the device's again
+        assert int(faastube.get(refs[0], device="cpu").sum()) == 0     # the same bytes, on the host
     finally:
         del hog
+        faastube.sdk._client.close()
+        faastube.sdk._client = None
+        assert ctl.stop() == 0
+
+
+def test_a_full_gpu_tier_evicts_to_pinned_host_memory_and_a_get_restores_the_same_bytes(tmp_path, redis_server):
+    # Note [Queue-aware eviction] on a real GPU tier: 4 slabs of 64 MiB, 6 objects of 48 MB.
+    import cupy
+    import faastube
+    ctl = ControllerProcess(tmp_path, redis_server.url, gpus="auto", gpu_slab_size="64MiB",
+                            gpu_pool_limit="256MiB").start()
+    try:
+        faastube.connect(socket=ctl.socket, namespace="test", spare_bytes=0)
+        sums = []
+        refs = []
+        for n in range(6):
+            array = cupy.random.randint(0, 255, 48 * MB, dtype=cupy.uint8)
+            sums.append(int(array.sum()))
+            refs.append(faastube.put(array))
+        gpu = pool(ctl, uuid(0))
+        assert gpu["moves"]["evict"]["objects"] == 2 and gpu["evicted"]["objects"] == 2
+        assert [int(faastube.get(ref, device="cpu").sum()) for ref in refs] == sums      # on the host
+        got = []
+        for ref in refs:                          # each on the GPU: the evicted ones restored
+            view = faastube.get(ref)
+            assert isinstance(view, cupy.ndarray)
+            got.append(int(view.sum()))
+            del view
+        assert got == sums
+        assert pool(ctl, uuid(0))["moves"]["restore"]["objects"] >= 2
+    finally:
         faastube.sdk._client.close()
         faastube.sdk._client = None
         assert ctl.stop() == 0

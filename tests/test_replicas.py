@@ -4,6 +4,7 @@ must (the lease, or the copy still running). The GPU pool here is a second pool 
 slabs labelled as a GPU: the table only looks at a slab's device, and the GPU tests
 (tests/test_gpu.py) run the same paths with CUDA slabs and real copies."""
 
+import functools
 import os
 import secrets
 
@@ -19,15 +20,11 @@ GPU = "GPU-00000000-test"
 MiB = 1 << 20
 
 
-class GpuLabelledSlab(MemfdSlab):
-    device = GPU
-
-
 @pytest.fixture
 def table(redis_server):
     directory = Directory(redis_server.url, f"replica-test-{secrets.token_hex(4)}", "e1", 60)
     pools = [Pool("host", 4 * MiB, 64 * MiB, 30.0),
-             Pool(GPU, 4 * MiB, 64 * MiB, 30.0, slab_factory=GpuLabelledSlab)]
+             Pool(GPU, 4 * MiB, 64 * MiB, 30.0, slab_factory=functools.partial(MemfdSlab, device=GPU))]
     table = ObjectTable(pools, directory)
     yield table
     table.shutdown()
