@@ -211,8 +211,8 @@ class Evictor:
         moves, total = [], 0
         for record in due:
             pool = self.table.pools.get(record.home)
-            if pool is None or total + record.region.nbytes > RESTORE_AHEAD_BYTES:
-                break
+            if pool is None or pool.waiting or total + record.region.nbytes > RESTORE_AHEAD_BYTES:
+                break                   # a put or get waiting for room there comes first
             try:
                 dst = pool.allocate(record.namespace, record.region.nbytes, grow=False)
             except (PoolExhaustedError, QuotaExceededError):

@@ -129,12 +129,14 @@ class _Waiting:
         if self.pool is None:
             self.pool, self.since = pool, time.monotonic()
             pool.waits[0] += 1
+            pool.waiting += 1           # restores ahead leave the pool's holes to it meanwhile
         return self.since + wait_s
 
     def done(self, failed: bool = False) -> None:
         if self.pool is not None:
             self.pool.waits[1] += time.monotonic() - self.since
             self.pool.waits[2] += failed
+            self.pool.waiting -= 1
             self.pool = None
 
 
@@ -270,24 +272,33 @@ class ObjectTable:
         self.directory.require()      # fail before the caller writes, not at seal
         pool = self.pool_for(device)
         waiting = _Waiting()
-        while True:
+        try:
+            while True:
+                with self.lock:
+                    try:
+                        region = self._allocate(pool, session.namespace, nbytes)
+                    except _NoRoom as no_room:
+                        moves = self._room_for(no_room, session.namespace, waiting)
+                    else:
+                        waiting.done()
+                        record = ObjectRecord(
+                            id=secrets.token_hex(16), namespace=session.namespace, region=region,
+                            dtype=dtype, shape=tuple(shape), consumers=None, scope=None, expires_at=None,
+                            expiry_unix=None, created_unix=round(time.time(), 3), creator=session,
+                            home=device, function=session.function)
+                        self.objects[record.id] = record
+                        session.pending.add(record.id)
+                        self._set_lifetime(record, consumers, ttl, scope)
+                        return self._grant(session, record, writer=True)
+                self.evictor.run(moves)
+        finally:
+            self._end_wait(waiting)
+
+    def _end_wait(self, waiting: _Waiting) -> None:
+        """Count a wait for room that ended in an error (the others ended under the lock)."""
+        if waiting.pool is not None:
             with self.lock:
-                try:
-                    region = self._allocate(pool, session.namespace, nbytes)
-                except _NoRoom as no_room:
-                    moves = self._room_for(no_room, session.namespace, waiting)
-                else:
-                    waiting.done()
-                    record = ObjectRecord(
-                        id=secrets.token_hex(16), namespace=session.namespace, region=region,
-                        dtype=dtype, shape=tuple(shape), consumers=None, scope=None, expires_at=None,
-                        expiry_unix=None, created_unix=round(time.time(), 3), creator=session,
-                        home=device, function=session.function)
-                    self.objects[record.id] = record
-                    session.pending.add(record.id)
-                    self._set_lifetime(record, consumers, ttl, scope)
-                    return self._grant(session, record, writer=True)
-            self.evictor.run(moves)
+                waiting.done()
 
     def _allocate(self, pool: Pool, namespace: str, nbytes: int) -> Region:
         """A region in ``pool`` (lock held); _NoRoom where eviction could make some."""
@@ -363,19 +374,22 @@ class ObjectTable:
         [Queue-aware eviction])."""
         self.directory.require()
         waiting = _Waiting()
-        while True:
-            with self.lock:
-                try:
-                    grant = self._get(session, object_id, timeout, may_wait, device, prefer)
-                except _NoRoom as no_room:
-                    moves = self._room_for(no_room, session.namespace, waiting)
-                except _Missing as missing:
-                    forgotten = missing.forgotten
-                    break
-                else:
-                    waiting.done()
-                    return grant
-            self.evictor.run(moves)
+        try:
+            while True:
+                with self.lock:
+                    try:
+                        grant = self._get(session, object_id, timeout, may_wait, device, prefer)
+                    except _NoRoom as no_room:
+                        moves = self._room_for(no_room, session.namespace, waiting)
+                    except _Missing as missing:
+                        forgotten = missing.forgotten
+                        break
+                    else:
+                        waiting.done()
+                        return grant
+                self.evictor.run(moves)
+        finally:
+            self._end_wait(waiting)
         if forgotten is not None:
             self._check_namespace(session, forgotten[0], object_id)
             raise gone_error(object_id, forgotten[1])
@@ -569,7 +583,10 @@ class ObjectTable:
     def free_region(self, region: Region) -> None:
         self.pools[region.slab.device].free(region)
         if region.slab.device != HOST:
-            self.evictor.wake()             # room for a restore ahead (Note [Queue-aware eviction])
+            # Room for a request waiting for some, else for a restore ahead (Note
+            # [Queue-aware eviction]).
+            self.changed.notify_all()
+            self.evictor.wake()
 
     def _unlink(self, record: ObjectRecord, reason: str, scope_index: bool = True) -> None:
         """Take an object out of the table; its memory follows when its leases end."""

@@ -80,6 +80,7 @@ class Pool:
         # seconds] by kind, and puts that waited for eviction: [puts, seconds, failed].
         self.moves = {"evict": [0, 0, 0.0], "restore": [0, 0, 0.0], "ahead": [0, 0, 0.0]}
         self.waits = [0, 0.0, 0]
+        self.waiting = 0            # requests waiting for room now
 
     def allocate(self, namespace: str, nbytes: int, grow: bool = True) -> Region:
         """A region for ``nbytes`` in one of ``namespace``'s slabs, growing the pool if needed
