@@ -100,7 +100,7 @@ class ControllerCollector:
         given_back = CounterMetricFamily("faastube_pool_given_back_bytes", "Bytes of empty slabs retired "
                                          "because the device's free memory fell under the watermark",
                                          labels=["device", "name"])
-        # Note [Queue-aware eviction]: objects moved off the tier and back, by kind.
+        # Objects moved off the tier and back, by kind (Note [Queue-aware eviction]).
         moved = CounterMetricFamily("faastube_pool_moved_bytes", "Bytes moved off the device tier "
                                     "(evict) or back (restore: on a get; ahead: before it)",
                                     labels=["device", "name", "kind"])

@@ -510,7 +510,7 @@ class ObjectTable:
                     free[device] += sum(slab.size for slab in given)
                     if free[device] < pool.watermark and self.evictor.serves(pool):
                         short[device] = pool.watermark - free[device]
-            # Note [Giving memory back]: not enough empty slabs: empty some by eviction.
+            # Not enough empty slabs to give back (Note [Giving memory back]): empty some.
             evictions = [move for device, need in short.items()
                          for move in self.evictor.pick_slabs(self.pools[device], need)]
         for slab in retired:            # out of the lock: requests go on meanwhile
