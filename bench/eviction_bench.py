@@ -46,10 +46,12 @@ def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list,
         source = cupy.arange(size, dtype=cupy.uint8)
     else:
         source = np.arange(size, dtype=np.uint8)
+    put_s = []
     for n, offset in enumerate(arrivals):
         delay = start + offset - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+        began = time.perf_counter()
         with sdk.activation(None, "producer"):
             if mode == "host":                   # host-memory data passing
                 ref = sdk.put(cupy.asnumpy(source) if gpu else source)
@@ -60,7 +62,9 @@ def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list,
                 np.copyto(target, source)
                 ref = sdk.seal(target)
                 del target
+        put_s.append(time.perf_counter() - began)
         queue.put((ref, start + offset))
+    queue.put(("puts", put_s))
     queue.put(None)
     sdk.client().close()
 
@@ -68,20 +72,25 @@ def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list,
 def consume(socket_path: str, device: str, service_s: float, queue, results) -> None:
     from faastube import sdk
     sdk.connect(socket=socket_path, namespace="bench", spare_bytes=0)
-    latencies, checks = [], set()
+    latencies, checks, get_s, put_s = [], set(), [], []
     while True:
         item = queue.get()
         if item is None:
             break
+        if item[0] == "puts":
+            put_s = item[1]
+            continue
         ref, arrival = item
+        began = time.perf_counter()
         with sdk.activation(None, "consumer"):
             view = sdk.get(ref, device=device)
+            get_s.append(time.perf_counter() - began)
             checks.add(int(view[-1]))            # the bytes came back (arange: size - 1 mod 256)
             time.sleep(service_s)                # the function's own work
             del view
             sdk.delete(ref)
         latencies.append(time.monotonic() - arrival)
-    results.put({"latencies": latencies, "checks": sorted(checks)})
+    results.put({"latencies": latencies, "checks": sorted(checks), "get_s": get_s, "put_s": put_s})
     sdk.client().close()
 
 
@@ -104,12 +113,17 @@ def run_mode(mode: str, cap: int, args, device_setting: dict, arrivals: list) ->
         outcome = results.get(timeout=600)
         for worker in workers:
             worker.join(60)
-        tier = next(p for p in controller.status()["pools"] if p["device"] == device)
+        pools = controller.status()["pools"]
+        tier = next(p for p in pools if p["device"] == device)
+        host = next(p for p in pools if p["device"] == "host")
     latencies = sorted(outcome["latencies"])
     return {"mode": mode, "cap_bytes": cap, "requests": len(latencies),
             "p50_ms": 1e3 * statistics.median(latencies),
             "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "checks": outcome["checks"], "moves": tier["moves"], "waits": tier["waits"],
+            "put_p50_ms": 1e3 * statistics.median(outcome["put_s"]),
+            "get_p50_ms": 1e3 * statistics.median(outcome["get_s"]),
+            "host_grown": host["grown"], "tier_grown": tier["grown"],
             "latencies_ms": [1e3 * x for x in outcome["latencies"]]}
 
 
@@ -141,7 +155,9 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"cap {share:.0%} ({cap >> 20} MiB) {mode:5s}: p50 {row['p50_ms']:7.1f} ms  "
                   f"p99 {row['p99_ms']:7.1f} ms  evicted {row['moves']['evict']['objects']}, restored on get "
-                  f"{row['moves']['restore']['objects']}, ahead {row['moves']['ahead']['objects']}", flush=True)
+                  f"{row['moves']['restore']['objects']}, ahead {row['moves']['ahead']['objects']}; put p50 "
+                  f"{row['put_p50_ms']:.2f} ms, get p50 {row['get_p50_ms']:.2f} ms, host slabs grown on requests "
+                  f"{row['host_grown']['request']['slabs']}", flush=True)
     print()
     print(f"== eviction under load ({'GPU 0' if args.gpu else 'stand-in tier'}, {args.bursts} bursts of "
           f"{args.burst} × {args.size / 1e6:g} MB, working set {working_set >> 20} MiB, consumer "
