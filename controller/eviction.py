@@ -36,13 +36,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 
 from faastube.cuda import HOST
 from faastube.errors import FaasTubeError, PoolExhaustedError, QuotaExceededError
 
 from .allocator import align_up
+from .background import BackgroundThread
 
 log = logging.getLogger("faastube.controller")
 
@@ -112,20 +112,20 @@ def ranks(records, view: DemandView) -> dict:
     return out
 
 
-class Evictor:
+class Evictor(BackgroundThread):
     """Picks, moves and restores objects for the object table (every method but
-    :meth:`run` is called with the table's lock held)."""
+    :meth:`run` is called with the table's lock held); its thread restores ahead."""
+
+    thread_name = "restorer"
 
     def __init__(self, table, policy: str = "queue", wait_s: float = 2.0):
         if policy not in POLICIES:
             raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        super().__init__()
         self.table = table
         self.policy = policy
         self.wait_s = wait_s
         self.view = DemandView()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def serves(self, pool) -> bool:
         """Whether ``pool`` is a device tier this evictor may move objects off."""
@@ -222,23 +222,9 @@ class Evictor:
             total += record.region.nbytes
         return moves
 
-    # -- the restorer thread --------------------------------------------------------------
+    # -- the restorer thread (woken when room is freed on a device tier) -----------------
 
-    def wake(self) -> None:
-        """Room was freed on a device tier: look for restores ahead."""
-        self._wake.set()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._restore, name="restorer", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _restore(self) -> None:
+    def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(RESTORE_TICK_S)
             self._wake.clear()

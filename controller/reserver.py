@@ -13,6 +13,7 @@ import time
 from faastube.config import format_size
 from faastube.errors import CudaError
 
+from .background import BackgroundThread
 from .demand import DemandTracker
 
 log = logging.getLogger("faastube.controller")
@@ -21,15 +22,15 @@ TICK_S = 0.1          # how often wanted room is recomputed when no activation w
 RETRY_S = 5.0         # after a slab could not be made: the memory is not there for now
 
 
-class Reserver:
+class Reserver(BackgroundThread):
+    thread_name = "reserver"
+
     def __init__(self, table, default_window_s: float, clock=time.monotonic):
+        super().__init__()
         self.table = table
         self.tracker = DemandTracker(default_window_s)
         self._clock = clock
         self._lock = threading.Lock()          # the tracker's; never held with the table's
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.failures = 0
         self._retry_at = 0.0
 
@@ -48,16 +49,6 @@ class Reserver:
     def summary(self) -> list[dict]:
         with self._lock:
             return self.tracker.summary(self._clock())
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="reserver", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.is_set():
