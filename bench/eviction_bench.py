@@ -94,6 +94,14 @@ def consume(socket_path: str, device: str, service_s: float, queue, results) -> 
     sdk.client().close()
 
 
+def spread(seconds: list) -> dict:
+    """Mean, p50, p90, p99 and max in ms."""
+    ordered = sorted(seconds)
+    at = lambda q: 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]   # noqa: E731
+    return {"mean": 1e3 * statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99),
+            "max": 1e3 * ordered[-1], "total": sum(ordered)}
+
+
 def run_mode(mode: str, cap: int, args, device_setting: dict, arrivals: list) -> dict:
     context = multiprocessing.get_context("spawn")
     with contextlib.ExitStack() as stack:
@@ -113,18 +121,22 @@ def run_mode(mode: str, cap: int, args, device_setting: dict, arrivals: list) ->
         outcome = results.get(timeout=600)
         for worker in workers:
             worker.join(60)
-        pools = controller.status()["pools"]
+        status = controller.status()
+        pools, requests = status["pools"], status.get("requests")
         tier = next(p for p in pools if p["device"] == device)
         host = next(p for p in pools if p["device"] == "host")
-    latencies = sorted(outcome["latencies"])
+    measured = outcome["latencies"][args.warmup_bursts * args.burst:]     # the warm-up bursts left out
+    latencies = sorted(measured)
     return {"mode": mode, "cap_bytes": cap, "requests": len(latencies),
             "p50_ms": 1e3 * statistics.median(latencies),
             "p99_ms": 1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "checks": outcome["checks"], "moves": tier["moves"], "waits": tier["waits"],
             "put_p50_ms": 1e3 * statistics.median(outcome["put_s"]),
             "get_p50_ms": 1e3 * statistics.median(outcome["get_s"]),
+            "put_ms": spread(outcome["put_s"]), "get_ms": spread(outcome["get_s"]),
+            "controller_requests": requests,
             "host_grown": host["grown"], "tier_grown": tier["grown"],
-            "latencies_ms": [1e3 * x for x in outcome["latencies"]]}
+            "latencies_ms": [1e3 * x for x in measured]}
 
 
 def main(argv=None) -> int:
@@ -134,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="bytes per object (default 4 MB; 16 MB with --gpu)")
     p.add_argument("--burst", type=int, default=200, help="requests arriving at once")
     p.add_argument("--bursts", type=int, default=None, help="bursts (default 4; 2 with --quick)")
+    p.add_argument("--warmup-bursts", type=int, default=1,
+                   help="bursts before the measured ones, not measured (the tiers grow in them)")
     p.add_argument("--service-ms", type=float, default=2.0, help="the consumer's own work per request")
     p.add_argument("--out", default=None, help="JSON results (default bench/results/eviction_bench-<time>.json)")
     args = p.parse_args(argv)
@@ -143,7 +157,7 @@ def main(argv=None) -> int:
     args.slab = -(-args.size // granule) * granule
     working_set = args.burst * args.slab
     pause = args.burst * args.service_ms / 1e3 * 3          # the consumer drains a burst in it
-    arrivals = [b * pause for b in range(args.bursts) for _ in range(args.burst)]
+    arrivals = [b * pause for b in range(args.warmup_bursts + args.bursts) for _ in range(args.burst)]
     device_setting = {"gpus": "auto"} if args.gpu else {"gpus": "none", "stand_in_gpus": "1"}
     rows = []
     for share in (0.10, 0.01):
@@ -160,7 +174,7 @@ def main(argv=None) -> int:
                   f"{row['host_grown']['request']['slabs']}", flush=True)
     print()
     print(f"== eviction under load ({'GPU 0' if args.gpu else 'stand-in tier'}, {args.bursts} bursts of "
-          f"{args.burst} × {args.size / 1e6:g} MB, working set {working_set >> 20} MiB, consumer "
+          f"{args.burst} × {args.size / 1e6:g} MB after {args.warmup_bursts} unmeasured, working set {working_set >> 20} MiB, consumer "
           f"{args.service_ms:g} ms per request)")
     print("| cap | queue p99 ms | LRU p99 ms | host-only p99 ms | queue vs host | queue vs LRU |")
     print("|---|---|---|---|---|---|")

@@ -56,6 +56,7 @@ class Controller:
         self.table = ObjectTable(self.pools, self.directory, config.eviction, config.evict_wait_s,
                                  move=functools.partial(move_region, self.transfers))
         self.reserver = Reserver(self.table, config.demand_window_s)
+        self.table.wake_reserver = self.reserver.wake
         self.stats = RequestStats()
         self.handlers = Handlers(self.table, config.node, self.epoch, namespace_secrets, self.transfers,
                                  self.stats, self.reserver)

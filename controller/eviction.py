@@ -39,7 +39,7 @@ import math
 import time
 
 from faastube.cuda import HOST
-from faastube.errors import FaasTubeError, PoolExhaustedError, QuotaExceededError
+from faastube.errors import PoolExhaustedError, QuotaExceededError
 
 from .allocator import align_up
 from .background import BackgroundThread
@@ -61,6 +61,15 @@ class DemandView:
     consumers: dict = dataclasses.field(default_factory=dict)
     pace: dict = dataclasses.field(default_factory=dict)
     active: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Grow:
+    """A host slab to make for evictions, outside the table's lock (pinning a large slab
+    takes milliseconds, which every request would wait for under it)."""
+    pool: object
+    namespace: str
+    size: int
 
 
 @dataclasses.dataclass
@@ -95,23 +104,6 @@ def expected_use(records, view: DemandView, now: float, policy: str) -> dict:
     return out
 
 
-def ranks(records, view: DemandView) -> dict:
-    """id(record) → (rank in its consumer's queue, the consumer's concurrency) for objects
-    whose consumer is active and has not got them yet (the ones a restore ahead serves)."""
-    queues: dict[tuple, list] = {}
-    for record in records:
-        if record.function and not record.gets:
-            key = (record.namespace, view.consumers.get((record.namespace, record.function)))
-            if key in view.active:
-                queues.setdefault(key, []).append(record)
-    out = {}
-    for key, queue in queues.items():
-        queue.sort(key=lambda r: r.sealed_at)
-        for rank, record in enumerate(queue):
-            out[id(record)] = (rank, view.active[key])
-    return out
-
-
 class Evictor(BackgroundThread):
     """Picks, moves and restores objects for the object table (every method but
     :meth:`run` is called with the table's lock held); its thread restores ahead."""
@@ -123,6 +115,7 @@ class Evictor(BackgroundThread):
             raise ValueError(f"eviction policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         super().__init__()
         self.table = table
+        self.evicted: dict[str, object] = {}       # object id → record, for objects on the host now
         self.policy = policy
         self.wait_s = wait_s
         self.view = DemandView()
@@ -180,17 +173,23 @@ class Evictor(BackgroundThread):
             freed += pool.slabs[slab_id].size
         return self._claim(chosen, math.inf)
 
-    def _claim(self, records, nbytes: float) -> list[Move]:
+    def _claim(self, records, nbytes: float) -> list:
+        """Moves for ``records`` until ``nbytes`` are freed, each with its host region; where
+        the host tier has no room, a :class:`Grow` (a slab made outside the lock) instead."""
         moves, freed = [], 0
         host = self.table.pools[HOST]
         for record in records:
             if freed >= nbytes:
                 break
             try:
-                dst = host.allocate(record.namespace, record.region.nbytes)
-            except FaasTubeError as exc:
-                log.warning("cannot evict %s of namespace %r to the host tier: %s", record.id,
-                            record.namespace, exc)
+                dst = host.allocate(record.namespace, record.region.nbytes, grow=False)
+            except PoolExhaustedError:
+                size = host.growth_for(record.namespace, record.region.nbytes)
+                if size is None:
+                    log.warning("cannot evict %s of namespace %r: the host tier is at its limit or "
+                                "the namespace at its quota there", record.id, record.namespace)
+                elif not moves:
+                    moves.append(Grow(host, record.namespace, size))
                 break
             record.moving = True
             moves.append(Move(record, record.region, dst, "evict"))
@@ -200,14 +199,15 @@ class Evictor(BackgroundThread):
     def restores_ahead(self) -> list[Move]:
         """Evicted objects of active consumers' queues, front first, restored while their
         device has room without evicting (at most RESTORE_AHEAD_BYTES per call)."""
-        if self.policy != "queue":
+        if self.policy != "queue" or not self.evicted:
             return []
-        evicted = [r for r in self.table.objects.values()
-                   if r.state == "sealed" and not r.moving and r.home != r.region.slab.device]
-        if not evicted:
-            return []
-        rank = ranks(self._sealed(), self.view)
-        due = sorted((r for r in evicted if id(r) in rank), key=lambda r: rank[id(r)][0])
+        # Only the evicted objects are looked at (the restorer runs on every free): a
+        # consumer takes its inputs oldest seal first, so seal order is its queue's order.
+        view = self.view
+        due = sorted((r for r in self.evicted.values()
+                      if not r.moving and r.function and not r.gets
+                      and (r.namespace, view.consumers.get((r.namespace, r.function))) in view.active),
+                     key=lambda r: r.sealed_at)
         moves, total = [], 0
         for record in due:
             pool = self.table.pools.get(record.home)
@@ -237,9 +237,13 @@ class Evictor(BackgroundThread):
 
     # -- running moves (unlocked) ---------------------------------------------------------
 
-    def run(self, moves: list[Move]) -> None:
-        """Copy each move's bytes (the table's lock not held) and end it under the lock."""
+    def run(self, moves: list) -> None:
+        """Copy each move's bytes (the table's lock not held) and end it under the lock;
+        make each Grow's slab and add it."""
         for move in moves:
+            if isinstance(move, Grow):
+                self._grow(move)
+                continue
             started = time.perf_counter()
             ok = True
             try:
@@ -249,6 +253,17 @@ class Evictor(BackgroundThread):
                 log.warning("moving object %s (%s) failed: %s", move.record.id, move.kind, exc)
             with self.table.lock:
                 self.finish(move, ok, time.perf_counter() - started)
+
+    def _grow(self, grow: Grow) -> None:
+        try:
+            slab = grow.pool.make_slab(grow.namespace, grow.size)
+        except Exception as exc:
+            log.warning("could not grow the host tier by %d bytes for evictions: %s", grow.size, exc)
+            return
+        with self.table.lock:
+            adopted = grow.pool.adopt(slab, path="request")
+        if not adopted:
+            slab.close()
 
     def finish(self, move: Move, ok: bool, seconds: float) -> None:
         """End a move (lock held): the object's region becomes ``dst`` and ``src`` is freed;
@@ -260,8 +275,16 @@ class Evictor(BackgroundThread):
         if ok:
             record.region = move.dst
             free(move.src)
+            if move.kind == "evict":
+                if record.unlinked is None:
+                    self.evicted[record.id] = record
+            else:
+                self.evicted.pop(record.id, None)
             pool = self.table.pools[move.src.slab.device if move.kind == "evict" else move.dst.slab.device]
             pool.count_move(move.kind, move.dst.nbytes, seconds)
+            if move.kind == "evict":        # room for the next evictions, made ahead
+                self.table.pools[HOST].note_eviction(record.namespace, move.dst.nbytes)
+                self.table.wake_reserver()
         else:
             free(move.dst)
         if record.unlinked is not None and record.leases == 0:

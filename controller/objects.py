@@ -228,6 +228,7 @@ class ObjectTable:
         # Copies a region's bytes into another, unlocked (controller/transfer.py move_region).
         self.move = move
         self.evictor = Evictor(self, eviction, evict_wait_s)
+        self.wake_reserver = lambda: None   # the controller's reserver, once it has one
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ class ObjectTable:
                 raise _NoRoom(pool, exc, nbytes) from None
             raise
 
-    def _room_for(self, no_room: _NoRoom, namespace: str, waiting: _Waiting) -> list[Move]:
+    def _room_for(self, no_room: _NoRoom, namespace: str, waiting: _Waiting) -> list:
         """Moves that make room for the bytes asked (lock held; the caller runs them unlocked and
         tries again), or an empty list after waiting a little for moves already running; once
         ``--evict-wait`` has passed, or when nothing can move, the error that stopped it."""
@@ -510,13 +511,18 @@ class ObjectTable:
                     free[device] += sum(slab.size for slab in given)
                     if free[device] < pool.watermark and self.evictor.serves(pool):
                         short[device] = pool.watermark - free[device]
-            # Not enough empty slabs to give back (Note [Giving memory back]): empty some.
-            evictions = [move for device, need in short.items()
-                         for move in self.evictor.pick_slabs(self.pools[device], need)]
         for slab in retired:            # out of the lock: requests go on meanwhile
             slab.close()
-        if evictions:
-            self.evictor.run(evictions)
+        if short:
+            # Not enough empty slabs to give back (Note [Giving memory back]): empty some,
+            # growing the host tier first where it has no room for them.
+            for _round in range(2):
+                with self.lock:
+                    moves = [move for device, need in short.items()
+                             for move in self.evictor.pick_slabs(self.pools[device], need)]
+                self.evictor.run(moves)
+                if not moves or any(isinstance(move, Move) for move in moves):
+                    break
             with self.lock:
                 retired = [slab for device in short for slab in self.pools[device].give_back(free[device])]
             for slab in retired:
@@ -594,6 +600,7 @@ class ObjectTable:
             return
         record.unlinked = reason
         del self.objects[record.id]
+        self.evictor.evicted.pop(record.id, None)
         record.creator.pending.discard(record.id)
         if scope_index and record.scope:
             ids = self._scopes.get((record.namespace, record.scope))

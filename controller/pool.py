@@ -24,6 +24,7 @@ Not thread-safe by itself: the object table's lock guards every call.
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 
@@ -33,6 +34,10 @@ from faastube.errors import CudaError, PoolExhaustedError, QuotaExceededError
 from .allocator import align_up
 from .demand import fit
 from .slabs import PAGE, MemfdSlab
+
+
+EVICTED_ROOM_OBJECTS = 16     # recent evictions per namespace the host tier keeps room for
+EVICTED_ROOM_S = 60.0         # … until none came for this long
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ class Pool:
         # Namespace → the object sizes to keep room for (Note [Reservation ahead of demand])
         # (set by the reserver), and growth by path: [slabs, bytes].
         self.wanted: dict[str, list[int]] = {}
+        # Namespace → the sizes of the objects recently evicted to this (host) tier: room for
+        # as many is kept free ahead too, so an eviction finds its room made (Note
+        # [Queue-aware eviction]); with when the last came (they are forgotten after
+        # EVICTED_ROOM_S).
+        self.evicted_recently: dict[str, collections.deque] = {}
+        self.evicted_at: dict[str, float] = {}
         self.grown = {"ahead": [0, 0], "request": [0, 0]}
         # Objects moved off this tier and back (Note [Queue-aware eviction]): [objects, bytes,
         # seconds] by kind, and puts that waited for eviction: [puts, seconds, failed].
@@ -133,6 +144,20 @@ class Pool:
 
     # -- room ahead of demand (Note [Reservation ahead of demand]) ------------------------
 
+    def note_eviction(self, namespace: str, nbytes: int) -> None:
+        """An object of ``namespace`` was evicted to this tier: keep room for the next ones."""
+        self.evicted_recently.setdefault(namespace, collections.deque(maxlen=EVICTED_ROOM_OBJECTS)).append(nbytes)
+        self.evicted_at[namespace] = time.monotonic()
+
+    def _wanted(self, namespace: str) -> list[int]:
+        sizes = self.wanted.get(namespace, [])
+        if namespace in self.evicted_at:
+            if time.monotonic() - self.evicted_at[namespace] > EVICTED_ROOM_S:
+                del self.evicted_at[namespace], self.evicted_recently[namespace]
+            else:
+                sizes = sizes + list(self.evicted_recently[namespace])
+        return sizes
+
     def _fit(self, namespace: str) -> tuple[list[MemfdSlab], list[int], list[int]]:
         slabs = [s for s in self.slabs.values() if s.namespace == namespace]
         holes, owners = [], []
@@ -140,13 +165,13 @@ class Pool:
             for hole in slab.allocator.holes:
                 holes.append(hole)
                 owners.append(slab)
-        used, missing = fit(holes, self.wanted.get(namespace, []), align_up)
+        used, missing = fit(holes, self._wanted(namespace), align_up)
         return owners, used, missing
 
     def reserving(self) -> set[int]:
         """The ids of the slabs whose free room is reserved for a namespace."""
         kept = set()
-        for namespace in self.wanted:
+        for namespace in {*self.wanted, *self.evicted_at}:
             owners, used, _missing = self._fit(namespace)
             kept.update(owners[i].id for i in used)
         return kept
@@ -155,7 +180,7 @@ class Pool:
         """(namespace, slab size) of the next slab to grow ahead of demand, or None: every
         wanted size fits, or growing would pass the limit or the namespace's reserve share."""
         cap = None                      # probed once, and only if some room is missing
-        for namespace in self.wanted:
+        for namespace in {*self.wanted, *self.evicted_at}:
             _owners, _used, missing = self._fit(namespace)
             if not missing:
                 continue
@@ -171,16 +196,16 @@ class Pool:
         """A new slab, not yet in the pool (made outside the table's lock: it takes long)."""
         return self._slab_factory(namespace, size)
 
-    def adopt(self, slab: MemfdSlab) -> bool:
-        """Take in a slab grown ahead of demand; False (the caller closes it) if the pool has
-        no room for it any more."""
+    def adopt(self, slab: MemfdSlab, path: str = "ahead") -> bool:
+        """Take in a slab grown outside the table's lock (ahead of demand, or for a request
+        on its ``path``); False (the caller closes it) if the pool has no room for it any more."""
         if self.reserved + slab.size > self.cap():
             return False
         self.slabs[slab.id] = slab
         self.reserved += slab.size
         self.slabs_created += 1
-        self.grown["ahead"][0] += 1
-        self.grown["ahead"][1] += slab.size
+        self.grown[path][0] += 1
+        self.grown[path][1] += slab.size
         return True
 
     def close(self) -> list[MemfdSlab]:
@@ -227,6 +252,14 @@ class Pool:
         entry[0] += 1
         entry[1] += nbytes
         entry[2] += seconds
+
+    def growth_for(self, namespace: str, nbytes: int) -> int | None:
+        """The size of the slab that would give ``nbytes`` room to ``namespace``, or None if
+        the pool's cap or the namespace's quota leaves no room for it."""
+        size = max(self.slab_size, align_up(nbytes, self.alignment))
+        if self.reserved + size > self.cap() or (self.quota < self.limit and self.held_by(namespace) + size > self.quota):
+            return None
+        return size
 
     def held_by(self, namespace: str) -> int:
         """Bytes of slabs ``namespace`` holds in this pool."""

@@ -243,8 +243,14 @@ def test_free_memory_under_the_watermark_moves_whole_slabs_to_the_host_and_gives
 
 
 def test_an_object_deleted_while_it_moves_frees_both_regions(table):
+    from controller.eviction import Grow
     session, put, _read, _free = table.test
     object_id = put(5)
+    with table.lock:
+        (grow,) = table.evictor.pick(table.pools[TIER], OBJECT, "ns", own_only=True)
+    assert isinstance(grow, Grow)                    # no host room yet: made outside the lock
+    table.evictor.run([grow])
+    assert table.pools["host"].stats()["grown"]["request"]["slabs"] == 1
     with table.lock:
         (move,) = table.evictor.pick(table.pools[TIER], OBJECT, "ns", own_only=True)
     table.delete(session, object_id)                 # the move still holds both regions
