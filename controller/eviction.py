@@ -28,7 +28,10 @@ for the move (a bounded copy) and a delete frees it when the move ends.
 A put that finds no room on a device tier (the pool full or its namespace at its quota)
 evicts, first objects of its own namespace, and retries for up to ``--evict-wait`` seconds,
 then fails with the error it met. The host tier has no tier below it: a put there fails at
-once.
+once. Where the host tier has no room for an evicted object, the slab is made outside the
+table's lock (a :class:`Grow`: pinning one takes milliseconds, which every request would wait
+for under the lock), and the reserver keeps room on the host tier ahead for each namespace's
+recent evictions (``Pool.note_eviction``).
 """
 
 from __future__ import annotations

@@ -320,7 +320,7 @@ class Pool:
         return {"device": self.device, "name": self.name, "limit": self.limit, "slab_size": self.slab_size,
                 "slabs": len(self.slabs), "reserved": self.reserved, "used": used, "quota": self.quota,
                 "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired,
-                "ahead_wanted": {ns: sum(sizes) for ns, sizes in self.wanted.items()},
+                "ahead_wanted": {ns: sum(self._wanted(ns)) for ns in {*self.wanted, *self.evicted_at}},
                 "idle_minimum": self.idle_minimum, "device_free": self.device_free,
                 "watermark": self.watermark, "given_back": {"slabs": self.given_back[0],
                                                             "bytes": self.given_back[1]},

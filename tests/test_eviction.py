@@ -77,6 +77,9 @@ def test_a_full_device_tier_moves_objects_to_the_host_and_gets_bring_back_the_sa
     assert stats["moves"]["evict"]["objects"] == 2 and stats["evicted"] == {"objects": 2, "bytes": 2 * OBJECT}
     assert stats["waits"]["requests"] == 2 and stats["waits"]["failed"] == 0
     wait_for(lambda: sum(where(redis_server.url, r) == "host" for r in refs) == 2, message="Redis to follow")
+    # The host tier keeps room ahead for as many evictions again (made off the table's lock).
+    host = next(p for p in tier.status()["pools"] if p["device"] == "host")
+    assert host["ahead_wanted"] == {"test": 2 * OBJECT}
     # On the host, a get reads an evicted object where it is; on the tier, it restores it.
     for n, ref in enumerate(refs):
         assert int(sdk.get(ref).sum()) == n * OBJECT
