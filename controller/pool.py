@@ -38,6 +38,7 @@ from .slabs import PAGE, MemfdSlab
 
 EVICTED_ROOM_OBJECTS = 16     # recent evictions per namespace the host tier keeps room for
 EVICTED_ROOM_S = 60.0         # … until none came for this long
+PROBE_TTL_S = 0.02            # how long a GPU's free-memory figure is used for the cap
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Pool:
         self.free_share = free_share
         self.watermark = watermark
         self.device_free: int | None = None
+        self._probed: tuple[float, int, int] | None = None   # (when, free memory, reserved then)
         self.given_back = [0, 0]                # slabs, bytes
         self._slab_factory = slab_factory
         self.slabs: dict[int, MemfdSlab] = {}
@@ -219,7 +221,13 @@ class Pool:
         free memory is probed, ``free_share`` of that memory with the pool's own slabs."""
         if self.free_probe is None:
             return self.limit
-        self.device_free = self.free_probe()
+        now = time.monotonic()
+        if self._probed is None or now - self._probed[0] > PROBE_TTL_S:
+            # Asked of the driver at most every PROBE_TTL_S: this runs under the table's lock,
+            # on every allocation that finds no room and every reserver step.
+            self._probed = (now, self.free_probe(), self.reserved)
+        _at, free, reserved_then = self._probed
+        self.device_free = free - (self.reserved - reserved_then)     # our own growth since
         return min(self.limit, int(self.free_share * (self.reserved + self.device_free)))
 
     def probe_for_give_back(self) -> int | None:
@@ -235,6 +243,7 @@ class Pool:
         if free is None:
             return []
         self.device_free = free
+        self._probed = (time.monotonic(), free, self.reserved)
         retired = []
         for slab in sorted((s for s in self.slabs.values() if s.empty_since is not None),
                            key=lambda s: s.empty_since):
