@@ -199,22 +199,6 @@ class Evictor(BackgroundThread):
             freed += record.region.nbytes
         return moves
 
-    def room_ahead(self) -> list:
-        """Evictions that make the room a device tier keeps ahead of its functions' demand
-        (Note [Reservation ahead of demand]) where the tier cannot grow for it: a put then
-        finds its room made instead of waiting for a copy."""
-        if self.policy == "off":
-            return []
-        moves = []
-        for pool in self.table.pools.values():
-            if not self.serves(pool) or pool.waiting:
-                continue
-            for namespace in list(pool.wanted):
-                missing = pool.room_missing(namespace)
-                if missing and pool.growth_for(namespace, max(missing)) is None:
-                    moves += self.pick(pool, sum(missing), namespace, own_only=False)
-        return moves
-
     def restores_ahead(self) -> list[Move]:
         """Evicted objects of active consumers' queues, front first, restored while their
         device has room without evicting (at most RESTORE_AHEAD_BYTES per call)."""
@@ -236,9 +220,6 @@ class Evictor(BackgroundThread):
                 dst = pool.allocate(record.namespace, record.region.nbytes, grow=False)
             except (PoolExhaustedError, QuotaExceededError):
                 break                   # no hole: the rest of the queue is further back
-            if pool.room_missing(record.namespace):
-                pool.free(dst)          # the hole is room kept for the next puts
-                break
             record.moving = True
             moves.append(Move(record, record.region, dst, "ahead"))
             total += record.region.nbytes

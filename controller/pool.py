@@ -170,10 +170,6 @@ class Pool:
         used, missing = fit(holes, self._wanted(namespace), align_up)
         return owners, used, missing
 
-    def room_missing(self, namespace: str) -> list[int]:
-        """The sizes the room kept ahead for ``namespace`` lacks (none without room ahead)."""
-        return self._fit(namespace)[2] if self.reserve_share else []
-
     def reserving(self) -> set[int]:
         """The ids of the slabs whose free room is reserved for a namespace."""
         kept = set()

@@ -70,7 +70,6 @@ class Reserver(BackgroundThread):
             # Published whole: the table reads it under its own lock (Note [Queue-aware eviction]).
             self.table.evictor.view = self.tracker.view(now)
         pools = self.table.pools
-        ahead = None
         with self.table.lock:
             for device, pool in pools.items():
                 pool.wanted = {ns: sizes for (ns, dev), sizes in wanted.items() if dev == device}
@@ -81,12 +80,7 @@ class Reserver(BackgroundThread):
                 if ahead is not None:
                     break
             else:
-                # A device tier that cannot grow makes the room by eviction, off every
-                # request's path (Note [Queue-aware eviction]).
-                moves = self.table.evictor.room_ahead()
-        if ahead is None:
-            self.table.evictor.run(moves)
-            return bool(moves)
+                return False
         namespace, size = ahead
         try:
             slab = pool.make_slab(namespace, size)          # the slow part, outside the lock

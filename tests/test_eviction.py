@@ -103,10 +103,9 @@ def test_a_full_device_tier_moves_objects_to_the_host_and_gets_bring_back_the_sa
     assert samples[("faastube_pool_evicted_bytes", labels[:1] + labels[2:])] == 2 * OBJECT
 
 
-# Without room kept ahead (--reserve-share 0), so only the puts evict, in a known order.
 @pytest.mark.parametrize("tier, expected", [
-    ({"eviction": "queue", "reserve_share": "0"}, ["W", "B", "C"]),  # got first, then the queue's back
-    ({"eviction": "lru", "reserve_share": "0"}, ["W", "A1", "A2"]),  # least recently used: its front
+    ({"eviction": "queue"}, ["W", "B", "C"]),     # got first, then the back of the consumer's queue
+    ({"eviction": "lru"}, ["W", "A1", "A2"]),     # least recently used first: the queue's front
 ], indirect=["tier"], ids=["queue", "lru"])
 def test_eviction_takes_the_objects_needed_last_first_on_a_scripted_queue(tier, redis_server, expected):
     refs = {}
@@ -128,25 +127,6 @@ def test_eviction_takes_the_objects_needed_last_first_on_a_scripted_queue(tier, 
     assert order == expected
     for name, ref in refs.items():                     # nothing lost or changed
         assert int(sdk.get(ref)[0]) == {"W": 0, "A": 1}.get(name[0], 2)
-
-
-def test_a_full_tier_makes_the_room_kept_for_a_function_by_eviction_off_the_puts_path(tier, redis_server):
-    # Note [Reservation ahead of demand] on a tier that cannot grow: once the producer's
-    # demand is known, the reserver evicts ahead, so its puts find their room made.
-    refs = []
-    for n in range(8):
-        with sdk.activation(None, "producer"):
-            refs.append(put_on_tier(n))
-        if n >= 3:                                   # the tier is full: room is made by eviction
-            wait_for(lambda: tier_stats(tier)["moves"]["evict"]["objects"] >= n - 2,
-                     message="an eviction ahead of the next put")
-    stats = tier_stats(tier)
-    assert stats["waits"]["requests"] == 0             # no put waited for a copy
-    # 5 for the 8 puts, and maybe one more ahead of a next put (the room kept is 1 object ×
-    # the function's concurrency, which reports that travel late can make look like 2).
-    assert stats["moves"]["evict"]["objects"] in (5, 6, 7)
-    assert stats["evicted"]["objects"] == stats["moves"]["evict"]["objects"]
-    assert [int(sdk.get(ref)[0]) for ref in refs] == list(range(8))
 
 
 @pytest.mark.parametrize("tier", [{"evict_wait": "0.3"}], indirect=True)
@@ -184,7 +164,6 @@ def test_a_namespace_at_its_quota_evicts_its_own_objects_never_another_namespace
         other.close()
 
 
-@pytest.mark.parametrize("tier", [{"reserve_share": "0"}], indirect=True)     # only restores make room
 def test_the_front_of_an_active_consumers_queue_is_restored_ahead_when_room_frees_up(tier, redis_server):
     refs = {}
     with sdk.activation(None, "producer"):
