@@ -75,6 +75,9 @@ class Controller:
                     f"cannot serve metrics on port {self.config.metrics_port} ({exc.strerror or exc}): "
                     f"choose another --metrics-port / FAASTUBE_METRICS_PORT") from None
             log.info("metrics on http://0.0.0.0:%d/metrics", self.config.metrics_port)
+        # Never two controllers for one node name: the second would mark the first's objects
+        # lost (the sweep of old epochs below).
+        self.directory.check_node_free()
         listener = bind_unix_socket(self.config.socket, self.config.socket_mode)
         self.server = ControllerServer(listener, self.table, self.handlers, self.stats)
         if self._stop.is_set():      # a SIGTERM during start-up found no server to stop
@@ -115,6 +118,7 @@ class Controller:
             self.directory.mark_node_objects_lost(only_other_epochs=False)
         except Exception as exc:
             log.warning("could not mark this node's objects lost in Redis: %s", exc)
+        self.directory.release_node()
         self.directory.close()
         try:
             os.unlink(self.config.socket)

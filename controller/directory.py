@@ -39,7 +39,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from faastube.errors import RedisUnavailableError
+from faastube.errors import InvalidArgumentError, RedisUnavailableError
 
 log = logging.getLogger("faastube.controller")
 
@@ -78,6 +78,7 @@ class Directory:
         self._queue_changed = threading.Condition()
         self._writing = False
         self._stopped = False
+        self.dropped = 0            # writes Redis refused (each logged)
         self._lock = threading.Lock()          # one sweep or heartbeat at a time
         self._writer = threading.Thread(target=self._write_loop, name="directory-writer", daemon=True)
         self._writer.start()
@@ -156,7 +157,12 @@ class Directory:
                 batch = [self._queue.popleft() for _ in range(min(500, len(self._queue)))]
                 self._writing = True
             try:
-                self._write(batch)
+                try:
+                    self._write(batch)
+                except redis.ResponseError:
+                    # Redis refused a command (not a lost connection): write them one at a
+                    # time, so the one it refuses is dropped and logged, and the rest go on.
+                    self._write_each(batch)
                 self.healthy = True
                 retry = False
             except redis.RedisError as exc:
@@ -187,6 +193,14 @@ class Directory:
                 pipe.srem(self._node_objects, op[1])
         pipe.execute()
 
+    def _write_each(self, batch) -> None:
+        for op in batch:
+            try:
+                self._write([op])
+            except redis.ResponseError as exc:
+                log.warning("Redis refused the metadata of object %s (%s), dropped: %s", op[1], op[0], exc)
+                self.dropped += 1
+
     def lookup(self, object_id: str) -> dict | None:
         return self._call(lambda: self._redis.hgetall(object_key(object_id))) or None
 
@@ -210,6 +224,29 @@ class Directory:
         with self._queue_changed:
             self._queue_changed.notify_all()
 
+    def check_node_free(self, watch_s: float = 1.2) -> None:
+        """Raise InvalidArgumentError if another controller serves this node name: its key
+        exists and its heartbeat renews it within ``watch_s`` (more than two heartbeats). A
+        key nobody renews is a dead controller's, and this one takes the name over. Redis
+        down: nothing to check yet (the sweep of old epochs checks again, later)."""
+        try:
+            first = self._redis.hgetall(self._node_key)
+            if not first:
+                return
+            ttl_before = self._redis.pttl(self._node_key)
+            time.sleep(watch_s)
+            again = self._redis.hgetall(self._node_key)
+            ttl_after = self._redis.pttl(self._node_key)
+        except redis.RedisError:
+            return
+        renewed = again and (ttl_after > ttl_before - watch_s * 1000 + 200 or again != first)
+        if renewed:
+            info = again
+            raise InvalidArgumentError(
+                f"node {self.node!r} is served by another controller (pid {info.get('pid')}, socket "
+                f"{info.get('socket')}, epoch {info.get('epoch')}): stop it first, or start this one "
+                f"with another --node / FAASTUBE_NODE")
+
     def mark_node_objects_lost(self, only_other_epochs: bool) -> int:
         """Tombstone as ``lost`` the objects this node held (at start: those of earlier epochs)."""
         def sweep():
@@ -229,6 +266,15 @@ class Directory:
             return lost
         with self._lock:
             return self._call(sweep)
+
+    def release_node(self) -> None:
+        """At a clean stop: drop this node's heartbeat key if it is still ours, so the next
+        controller for the name starts without watching it (check_node_free)."""
+        try:
+            if self._redis.hget(self._node_key, "epoch") == self.epoch:
+                self._redis.delete(self._node_key)
+        except redis.RedisError as exc:
+            log.warning("could not release node %r in Redis: %s", self.node, exc)
 
     def close(self) -> None:
         with self._queue_changed:

@@ -42,6 +42,7 @@ MAX_FRAME = 1 << 20          # a control message is small; anything bigger is a 
 MAX_FDS_PER_REPLY = 8
 _HEADER = struct.Struct(">I")
 MAX_NAME = 256               # namespaces, scopes, object ids
+MAX_TTL_S = 366 * 86400      # a ttl of at most a year (and a day): a finite expiry Redis stores
 MIN_SLO_MS, MAX_SLO_MS = 0.01, 3_600_000.0    # a get's copy SLO: 10 µs to an hour
 _NUMERIC_KINDS = "biufc"     # the dtypes stored: bool, signed and unsigned ints, floats, complex
 
@@ -190,11 +191,13 @@ def _number(value, field, minimum=0.0, maximum=float("inf")):
     return value
 
 
-def _optional_positive(value, field):
+def _optional_ttl(value, field):
+    """A ttl: seconds, finite, at most MAX_TTL_S (what Redis can store as an expiry, with room)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ProtocolError(f"field {field!r} must be a positive number or absent")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TTL_S):
+        raise ProtocolError(f"field {field!r} must be a number of seconds above 0 and at most "
+                            f"{MAX_TTL_S} ({MAX_TTL_S // 86400} days), or absent")
     return value
 
 
@@ -257,7 +260,7 @@ class Create:
     scope: str | None = None
     device: str = "host"        # "host" or a GPU's UUID (Note [GPUs by UUID], faastube/cuda.py)
     _fields = {"shape": _shape, "dtype": _dtype, "nbytes": _nbytes, "consumers": _optional_count,
-               "ttl": _optional_positive, "scope": _optional_name, "device": _name}
+               "ttl": _optional_ttl, "scope": _optional_name, "device": _name}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +287,7 @@ class Seal:
     ttl: float | None = None
     scope: str | None = None
     _fields = {"id": _name, "drop_writer": lambda v, f: bool(v), "lifetime": lambda v, f: bool(v),
-               "consumers": _optional_count, "ttl": _optional_positive, "scope": _optional_name}
+               "consumers": _optional_count, "ttl": _optional_ttl, "scope": _optional_name}
 
     @classmethod
     def giving(cls, object_id: str, drop_writer: bool, lifetime: Lifetime | None) -> "Seal":

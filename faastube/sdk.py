@@ -119,8 +119,11 @@ def _check_lifetime(consumers, ttl) -> None:
     if consumers is not None and (isinstance(consumers, bool) or not isinstance(consumers, int)
                                   or consumers < 1):
         raise InvalidArgumentError(f"consumers must be a positive integer or None, got {consumers!r}")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
-        raise InvalidArgumentError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+                            or not 0 < ttl <= protocol.MAX_TTL_S):
+        raise InvalidArgumentError(f"ttl must be a number of seconds above 0 and at most "
+                                   f"{protocol.MAX_TTL_S} ({protocol.MAX_TTL_S // 86400} days), or None, "
+                                   f"got {ttl!r}")
 
 
 def put(array, consumers: int | None = None, ttl: float | None = None,

@@ -52,8 +52,8 @@ class ControllerProcess(LocalController):
         # checks the host tier alone, on any machine.
         settings = {"slab_size": "4MiB", "pool_limit": "256MiB", "idle_release": "30",
                     "idle_minimum": "0", "gpus": "none", **settings}
-        super().__init__(redis_url, socket_path=str(tmp_path / "ctl" / "controller.sock"),
-                         node=f"test-node-{os.getpid()}-{next(_nodes)}",
+        node = settings.pop("node", None) or f"test-node-{os.getpid()}-{next(_nodes)}"
+        super().__init__(redis_url, socket_path=str(tmp_path / "ctl" / "controller.sock"), node=node,
                          log_path=str(tmp_path / "controller.log"), **settings)
 
     def leases(self) -> int:
