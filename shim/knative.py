@@ -23,6 +23,7 @@ import uuid
 from flask import Flask, Response, request
 
 from .executor import ActionExited
+from .launcher import NOT_JSON
 from .runtime import Runtime, action_environment
 
 STRUCTURED = "application/cloudevents+json"
@@ -93,6 +94,9 @@ def register_knative(app: Flask, runtime: Runtime) -> None:
             reply = runtime.call(args)
         except ActionExited:
             return _json({"error": "the function process exited"}, 500)
+        if reply.startswith(NOT_JSON):
+            return _json({"error": f"the function's result is not JSON: "
+                                   f"{reply[1:].decode('utf-8', 'replace')}"}, 502)
         if not is_event:
             return Response(reply, mimetype="application/json")
         headers = {"ce-specversion": "1.0", "ce-id": str(uuid.uuid4()),

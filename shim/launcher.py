@@ -86,10 +86,19 @@ def serve(main, requests, replies) -> None:
                     os.environ.pop(variable, None)
                 else:
                     os.environ[variable] = old
-        reply = json.dumps(result, ensure_ascii=False).encode("utf-8")
+        try:
+            reply = json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except ValueError as exc:
+            # NaN or Infinity: Python would write them, but they are not JSON, and the stock
+            # proxy answers 502 to what it cannot parse.
+            print(f"the action's result is not JSON: {exc}", file=sys.stderr)
+            reply = NOT_JSON + str(exc).encode("utf-8", "replace")
         end_of_logs()
         replies.write(reply + b"\n")
         replies.flush()
+
+
+NOT_JSON = b"\x00"     # a reply line that starts with it: the result could not be made JSON
 
 
 def main(argv) -> None:

@@ -26,6 +26,8 @@ FUNCTION = source("""
         if isinstance(args, dict) and args.get("sleep"):
             time.sleep(args["sleep"])
         print("invoked with", args)
+        if isinstance(args, dict) and args.get("nan"):
+            return {"x": float("nan")}
         return {"echo": args, "service": os.environ.get("K_SERVICE"),
                 "activation": os.environ.get("__OW_ACTIVATION_ID")}
 """)
@@ -79,6 +81,16 @@ def test_json_post_calls_main(knative):
     reply = json.loads(body)
     assert reply["echo"] == {"a": 1} and reply["service"] == "echo" and reply["activation"]
     assert "Content-Length" in headers
+
+
+def test_a_result_json_cannot_hold_is_a_clear_502_and_the_function_serves_on(knative):
+    status, _headers, body = knative.post_json({"nan": True})
+    assert status == 502
+    assert json.loads(body) == {"error": "the function's result is not JSON: Out of range float values "
+                                         "are not JSON compliant"}
+    assert knative.get("/health/readiness")[0] == 200
+    status, _headers, body = knative.post_json({"a": 2})
+    assert status == 200 and json.loads(body)["echo"] == {"a": 2}
 
 
 @pytest.mark.parametrize("mode", [to_binary, to_structured])

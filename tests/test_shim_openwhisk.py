@@ -251,6 +251,8 @@ def test_run_results_and_errors(shim):
                 return "not a dict"
             if kind == "none":
                 return None
+            if kind == "nan":
+                return {"x": float("nan")}
             return {"args": args}
     """))
     assert s.run() == (200, b'{"args": {}}')                              # value missing → {}
@@ -260,7 +262,10 @@ def test_run_results_and_errors(shim):
     assert "Traceback" in s.stderr() and "ValueError: bad input" in s.stderr()
     assert s.run({"kind": "string"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
     assert s.run({"kind": "none"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
-    assert s.stdout().count(SENTINEL) == 6 and s.stderr().count(SENTINEL) == 6
+    # NaN is not JSON: the stock proxy cannot parse it either, and answers the same 502.
+    assert s.run({"kind": "nan"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
+    assert "the action's result is not JSON: Out of range float values are not JSON compliant" in s.stderr()
+    assert s.stdout().count(SENTINEL) == 7 and s.stderr().count(SENTINEL) == 7
 
 
 def test_sys_exit_during_run_then_no_action(shim):
