@@ -183,7 +183,8 @@ class Handlers:
             requests=self.stats.summary() if self.stats is not None and admin else None,
             links=self.transfers.link_stats() if self.transfers is not None and admin else None,
             topology=self.transfers.topology_report() if self.transfers is not None and admin else None,
-            demand=self.reserver.summary() if self.reserver is not None and admin else None)
+            demand=self.reserver.summary() if self.reserver is not None and admin else None,
+            namespaces_omitted=held["namespaces_omitted"])
 
     def ping(self, session: Session, request: protocol.Ping):
         return protocol.Pong(self.node, self.epoch)

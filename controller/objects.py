@@ -38,12 +38,13 @@ from faastube.cuda import HOST
 from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceError, ObjectDeletedError,
                              ObjectExpiredError, ObjectLostError, ObjectNotFoundError, PoolExhaustedError,
                              QuotaExceededError, FaasTubeTimeoutError, UnknownObjectError)
-from faastube.protocol import SlabDescriptor
+from faastube.protocol import MAX_STATUS_NAMESPACES, SlabDescriptor
 
 from .eviction import MOVE_WAIT_S, Evictor, Move
 from .pool import Pool, Region
 
 FORGOTTEN_CAP = 100_000    # local tombstones kept in memory (Redis keeps them longer)
+RELEASES_PER_LOCK = 256    # releases applied per hold of the table's lock
 
 
 @dataclasses.dataclass(eq=False)
@@ -466,16 +467,18 @@ class ObjectTable:
                 self._end_lease(session, grant.lease)
 
     def release(self, session: Session, releases) -> None:
-        """Note [Consumers] and Note [Leases pin memory]."""
-        with self.lock:
-            for lease_id, kind in releases:
-                lease = session.leases.get(lease_id)
-                if lease is None:
-                    continue        # already ended, or not this session's: nothing to do
-                if kind != "abandon":
-                    self._consume(lease)
-                if kind != "consume":
-                    self._end_lease(session, lease)
+        """Note [Consumers] and Note [Leases pin memory]. A long list is worked through
+        RELEASES_PER_LOCK at a time, so other clients' requests go on in between."""
+        for start in range(0, len(releases), RELEASES_PER_LOCK):
+            with self.lock:
+                for lease_id, kind in releases[start:start + RELEASES_PER_LOCK]:
+                    lease = session.leases.get(lease_id)
+                    if lease is None:
+                        continue        # already ended, or not this session's: nothing to do
+                    if kind != "abandon":
+                        self._consume(lease)
+                    if kind != "consume":
+                        self._end_lease(session, lease)
 
     def delete(self, session: Session, object_id: str) -> None:
         with self.lock:
@@ -684,6 +687,10 @@ class ObjectTable:
                                         if lease.record.unlinked is not None)
             if not session.admin:
                 namespaces = {ns: v for ns, v in namespaces.items() if ns == session.namespace}
+            omitted = max(0, len(namespaces) - MAX_STATUS_NAMESPACES)
+            if omitted:         # the largest holders: the reply must fit one frame
+                namespaces = dict(sorted(namespaces.items(), key=lambda item: -item[1]["reserved"])
+                                  [:MAX_STATUS_NAMESPACES])
             evicted: dict[str, list[int]] = {}      # home device → [objects, bytes] on the host now
             for record in self.objects.values():
                 if record.home != record.region.slab.device:
@@ -695,6 +702,6 @@ class ObjectTable:
                      for pool in self.pools.values()]
             if not session.admin:
                 pools = [{k: pool[k] for k in ("device", "name", "limit", "slab_size")} for pool in pools]
-            return {"pools": pools, "namespaces": namespaces,
+            return {"pools": pools, "namespaces": namespaces, "namespaces_omitted": omitted or None,
                     "clients": len(self.sessions) if session.admin else None}
 

@@ -142,6 +142,9 @@ def render_status(status: dict) -> str:
                                for i, (v, w) in enumerate(zip(row, widths))))
     if len(rows) == 1:
         lines.append("(no namespace holds anything)")
+    if status.get("namespaces_omitted"):
+        lines.append(f"(and {status['namespaces_omitted']} more namespaces: the {len(rows) - 1} that "
+                     f"reserve the most are listed)")
     return "\n".join(lines)
 
 

@@ -191,7 +191,7 @@ class Connection:
     def _send(self, request) -> int:
         """Frame and send a request (send lock held); returns its seq."""
         releases, demand = [], []
-        while self.releases:
+        while self.releases and len(releases) < protocol.MAX_RELEASES:
             releases.append(self.releases.popleft())
         while self.demand and len(demand) < protocol.MAX_ACTIVITIES:
             demand.append(self.demand.popleft())

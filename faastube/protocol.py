@@ -361,6 +361,8 @@ REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, C
 RELEASE_KINDS = ("consume", "drop", "abandon")
 _ENVELOPE_KEYS = {"v", "seq", "op", "releases", "demand", "function"}
 MAX_ACTIVITIES = 1000           # per request
+MAX_RELEASES = 8192             # per request: the SDK sends more on the next ones
+MAX_STATUS_NAMESPACES = 1000    # listed in a status reply
 MAX_ACTIVITY_DEVICES = 16
 MAX_ACTIVITY_OBJECTS = 64       # object sizes reported per device and activation
 # Per request type, computed once: (field names in order, required ones, allowed keys).
@@ -449,8 +451,8 @@ def _demand(value) -> tuple:
 
 
 def _releases(value) -> tuple:
-    if not isinstance(value, (list, tuple)) or len(value) > 100_000:
-        raise ProtocolError("field 'releases' must be a list of [lease, kind] pairs")
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_RELEASES:
+        raise ProtocolError(f"field 'releases' must be a list of at most {MAX_RELEASES} [lease, kind] pairs")
     out = []
     for item in value:
         if (not isinstance(item, (list, tuple)) or len(item) != 2 or isinstance(item[0], bool)
@@ -550,6 +552,9 @@ class StatusReport:
     links: dict | None = None
     topology: dict | None = None
     demand: list | None = None      # per function: Note [Reservation ahead of demand]
+    # Namespaces left out of ``namespaces`` (it lists at most MAX_STATUS_NAMESPACES, those
+    # holding the most), so the reply always fits a frame.
+    namespaces_omitted: int | None = None
 
     def as_dict(self) -> dict:
         """The report as one JSON-like map, without the admin's sections it lacks."""

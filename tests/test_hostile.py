@@ -79,3 +79,44 @@ def test_a_cleanly_stopped_controllers_node_name_is_free_at_once(tmp_path, redis
     assert not redis.Redis.from_url(redis_server.url).exists(f"faastube:node:{first.node}")
     second = ControllerProcess(tmp_path / "b", redis_server.url, node=first.node).start()
     assert second.stop() == 0
+
+
+def test_a_status_with_more_namespaces_than_it_lists_still_fits_one_frame(redis_server):
+    from controller.directory import Directory
+    from controller.objects import ObjectTable, Session
+    from controller.pool import Pool
+    directory = Directory(redis_server.url, f"hostile-status-{os.getpid()}", "e1", 60)
+    table = ObjectTable([Pool("host", 1 << 20, 1 << 30, 30.0)], directory)
+    try:
+        for n in range(protocol.MAX_STATUS_NAMESPACES + 150):
+            session = Session(0, 0, 0, admin=False)         # pid 0: no pidfd to hold
+            session.namespace = f"namespace-with-a-long-name-{n:05d}-" + "x" * 200
+            table.open_session(session)
+        admin = Session(0, 0, 0, admin=True)
+        held = table.status(admin)
+        assert len(held["namespaces"]) == protocol.MAX_STATUS_NAMESPACES
+        assert held["namespaces_omitted"] == 150
+        report = protocol.StatusReport("n", "e", held["pools"], held["namespaces"], 0,
+                                       namespaces_omitted=held["namespaces_omitted"])
+        assert len(protocol.pack(protocol.reply_message(1, report))) < protocol.MAX_FRAME
+        from faastube.cli import render_status
+        assert render_status(report.as_dict()).endswith(
+            "(and 150 more namespaces: the 1000 that reserve the most are listed)")
+    finally:
+        table.shutdown()
+        directory.close()
+
+
+def test_too_many_releases_in_one_frame_are_refused_and_a_long_list_is_applied_whole(ft, controller):
+    with pytest.raises(errors.ProtocolError, match=r"at most 8192 \[lease, kind\] pairs"):
+        protocol.decode_request({"v": 1, "seq": 1, "op": "ping",
+                                 "releases": [[n, "drop"] for n in range(protocol.MAX_RELEASES + 1)]})
+    ref = ft.put(np.arange(10))
+    views = [ft.get(ref) for _ in range(600)]          # 600 leases: more than one lock hold's worth
+    assert controller.leases() >= 600
+    del views
+    import gc
+    gc.collect()
+    ft.client().request(protocol.Ping())               # the releases ride on it
+    wait_for(lambda: controller.leases() == 0, message="every lease to end")
+    assert int(ft.get(ref).sum()) == 45

@@ -207,7 +207,7 @@ def test_put_refuses_what_it_cannot_store(ft, value, error, text):
 @pytest.mark.parametrize("kwargs, text", [
     ({"consumers": 0}, "consumers must be a positive integer"),
     ({"consumers": 1.5}, "consumers must be a positive integer"),
-    ({"ttl": -1}, "ttl must be a positive number"),
+    ({"ttl": -1}, "ttl must be a number of seconds above 0"),
 ])
 def test_put_refuses_bad_lifetimes(ft, kwargs, text):
     with pytest.raises(errors.InvalidArgumentError, match=text):
