@@ -71,6 +71,10 @@ def _incoming_event():
 def register_knative(app: Flask, runtime: Runtime) -> None:
     @app.get("/health/liveness")
     def liveness():
+        # A function process that exited does not come back: fail liveness, so Kubernetes
+        # restarts the container, instead of a pod that is never ready again.
+        if runtime.gone:
+            return _json({"status": "dead", "reason": "the function process exited; see the logs"}, 503)
         return _json({"status": "alive"})
 
     @app.get("/health/readiness")

@@ -28,6 +28,8 @@ FUNCTION = source("""
         print("invoked with", args)
         if isinstance(args, dict) and args.get("nan"):
             return {"x": float("nan")}
+        if isinstance(args, dict) and args.get("crash"):
+            os._exit(3)
         return {"echo": args, "service": os.environ.get("K_SERVICE"),
                 "activation": os.environ.get("__OW_ACTIVATION_ID")}
 """)
@@ -91,6 +93,15 @@ def test_a_result_json_cannot_hold_is_a_clear_502_and_the_function_serves_on(kna
     assert knative.get("/health/readiness")[0] == 200
     status, _headers, body = knative.post_json({"a": 2})
     assert status == 200 and json.loads(body)["echo"] == {"a": 2}
+
+
+def test_a_crashed_function_process_fails_liveness_so_the_pod_is_restarted(knative):
+    assert knative.get("/health/liveness")[0] == 200
+    status, _headers, body = knative.post_json({"crash": True})
+    assert status == 500 and json.loads(body) == {"error": "the function process exited"}
+    assert knative.get("/health/readiness")[0] == 503
+    status, body = knative.get("/health/liveness")
+    assert status == 503 and json.loads(body)["status"] == "dead"
 
 
 @pytest.mark.parametrize("mode", [to_binary, to_structured])
