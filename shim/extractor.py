@@ -10,12 +10,14 @@ import base64
 import binascii
 import io
 import os
+import shutil
 import tarfile
 import tempfile
 import zipfile
 
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b\x08"
+MAX_UNPACKED_BYTES = 2 << 30      # an archive that unpacks to more is refused (a zip bomb)
 
 
 class DecodeError(Exception):
@@ -27,8 +29,22 @@ class BuildError(Exception):
 
 
 def extract(code: str, binary: bool) -> str:
-    """A new folder holding the action; raises DecodeError or BuildError."""
+    """A new folder holding the action; raises DecodeError or BuildError, and then leaves
+    nothing behind."""
     folder = tempfile.mkdtemp(prefix="faastube-action-")
+    try:
+        return _fill(folder, code, binary)
+    except BaseException:
+        remove(folder)
+        raise
+
+
+def remove(folder: str) -> None:
+    """Delete an action folder (a failed /init's, or the action's at stop)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _fill(folder: str, code: str, binary: bool) -> str:
     if not binary:
         with open(os.path.join(folder, "__main__.py"), "w", encoding="utf-8") as file:
             file.write(code)
@@ -48,6 +64,12 @@ def extract(code: str, binary: bool) -> str:
     return folder
 
 
+def _bounded(unpacked: int) -> None:
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise BuildError(f"the archive unpacks to {unpacked} bytes, more than the "
+                         f"{MAX_UNPACKED_BYTES} an action may hold")
+
+
 def _inside(folder: str, name: str) -> str:
     target = os.path.realpath(os.path.join(folder, name))
     if not target.startswith(os.path.realpath(folder) + os.sep):
@@ -58,6 +80,7 @@ def _inside(folder: str, name: str) -> str:
 def _unzip(data: bytes, folder: str) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            _bounded(sum(info.file_size for info in archive.infolist()))
             for info in archive.infolist():
                 _inside(folder, info.filename)
                 archive.extract(info, folder)
@@ -71,6 +94,7 @@ def _unzip(data: bytes, folder: str) -> None:
 def _untar(data: bytes, folder: str) -> None:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            _bounded(sum(member.size for member in archive.getmembers()))
             for member in archive.getmembers():
                 _inside(folder, member.name)
                 if member.issym() or member.islnk():

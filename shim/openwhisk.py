@@ -6,6 +6,7 @@ and return early through :func:`error_response`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import traceback
 from flask import Flask, Response, request
 
 from .executor import ActionExited
-from .extractor import BuildError, DecodeError, extract
+from .extractor import BuildError, DecodeError, extract, remove
 from .launcher import IMPORT_FAILED_EXIT
 from .runtime import Runtime, action_environment
 
@@ -116,11 +117,14 @@ def initialize(runtime: Runtime, body) -> Response:
     except (SyntaxError, ValueError):
         traceback.print_exc(limit=0, file=sys.stderr)
         sys.stderr.flush()
+        remove(folder)
         return error_response(502, BUILD_FAILED)
     try:
         runtime.start(folder, main, action_environment(init_env))
     except ActionExited as exc:
         if exc.returncode != IMPORT_FAILED_EXIT:
             print("Command exited abruptly during initialization.", file=sys.stderr, flush=True)
+        remove(folder)
         return error_response(502, CANNOT_START)
+    atexit.register(remove, folder)           # the action's files go with the runtime
     return json_response(b'{"ok":true}\n')

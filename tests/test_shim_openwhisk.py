@@ -381,3 +381,35 @@ def test_without_concurrency_activations_run_one_at_a_time(tmp_path):
         assert len({r["pid"] for _, r in results}) == 1
     finally:
         server.stop()
+
+
+def test_action_folders_go_with_a_failed_init_and_with_the_runtime(shim, tmp_path):
+    # A failed /init leaves no files behind (a zip bomb's gigabytes included), and a good
+    # action's folder is removed when the runtime stops.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    folders = lambda: sorted(p.name for p in temp.iterdir())      # noqa: E731
+    for code, binary in ((zipped({"other.py": "x = 1"}), True), ("def main(args) return {}", False),
+                         ("import iamnotsupported\n", False)):
+        assert shim(TMPDIR=str(temp)).init(code, binary=binary)[0] == 502
+        assert folders() == []
+    s = shim(TMPDIR=str(temp))
+    assert s.init("def main(args):\n    return {}\n") == (200, b'{"ok":true}\n')
+    assert len(folders()) == 1
+    s.stop()
+    assert folders() == []
+
+
+def test_an_archive_that_unpacks_past_the_bound_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    import tempfile
+    import shim.extractor as extractor
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(extractor, "MAX_UNPACKED_BYTES", 1 << 20)      # 2 GiB in production
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("__main__.py", "def main(args):\n    return {}\n")
+        archive.writestr("zeros.bin", b"\0" * (2 << 20))                  # 2 MiB: a 2 KiB zip
+    code = base64.b64encode(bomb.getvalue()).decode()
+    with pytest.raises(extractor.BuildError, match=r"the archive unpacks to 2097\d+ bytes, more than the 1048576"):
+        extractor.extract(code, binary=True)
+    assert list(tmp_path.iterdir()) == []
