@@ -3,7 +3,10 @@ contract (shim/knative.py) over one :class:`~shim.runtime.Runtime`."""
 
 from __future__ import annotations
 
-from flask import Flask
+import json
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
 
 from faastube.config import ShimConfig
 
@@ -24,4 +27,14 @@ def create_app(settings: ShimConfig | None = None) -> Flask:
         load_function(runtime, settings.function)
     else:
         register_openwhisk(app, runtime)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc):
+        # A failure of ours is JSON, never Flask's HTML page: platforms read every answer as
+        # JSON. (HTTP errors such as 404 for an unknown path stay as they are.)
+        if isinstance(exc, HTTPException):
+            return exc
+        app.logger.exception("unexpected error")
+        return Response(json.dumps({"error": f"the runtime failed: {type(exc).__name__}: {exc}"}),
+                        status=500, mimetype="application/json")
     return app

@@ -96,14 +96,30 @@ def run_activation(runtime: Runtime, body: bytes) -> tuple[int, bytes]:
     return 200, reply
 
 
+def _wrong_init_field(value: dict) -> str | None:
+    """What is wrong with the types in an /init ``value``, or None: code and main are
+    strings, binary a boolean, env an object whose names can be environment variables."""
+    for name, kind, label in (("code", str, "a string"), ("main", str, "a string"),
+                              ("binary", bool, "a boolean"), ("env", dict, "an object")):
+        if value.get(name) is not None and not isinstance(value[name], kind):
+            return f"field value.{name} must be {label}, got {type(value[name]).__name__}"
+    for key, item in (value.get("env") or {}).items():
+        if not key or "=" in key or "\0" in key or (isinstance(item, str) and "\0" in item):
+            return f"env name {key!r} (or its value) cannot be an environment variable"
+    return None
+
+
 def initialize(runtime: Runtime, body) -> Response:
     value = body.get("value") if isinstance(body, dict) else None
     value = value if isinstance(value, dict) else {}
+    wrong = _wrong_init_field(value)
+    if wrong:               # the stock proxy cannot unmarshal it into its request either
+        return error_response(400, f"Error unmarshaling request: {wrong}")
     code = value.get("code")
-    if not code or not isinstance(code, str):
+    if not code:
         return error_response(403, "Missing main/no code to execute.")
     main = value.get("main") or "main"
-    init_env = value.get("env") if isinstance(value.get("env"), dict) else {}
+    init_env = value.get("env") or {}
     try:
         folder = extract(code, bool(value.get("binary")))
     except DecodeError as exc:

@@ -413,3 +413,19 @@ def test_an_archive_that_unpacks_past_the_bound_is_refused_and_leaves_nothing(tm
     with pytest.raises(extractor.BuildError, match=r"the archive unpacks to 2097\d+ bytes, more than the 1048576"):
         extractor.extract(code, binary=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, wrong", [
+    ({"code": "def main(a):\n    return {}\n", "main": 123}, "field value.main must be a string, got int"),
+    ({"code": 5}, "field value.code must be a string, got int"),
+    ({"code": "x", "binary": "yes"}, "field value.binary must be a boolean, got str"),
+    ({"code": "x", "env": ["A"]}, "field value.env must be an object, got list"),
+    ({"code": "x", "env": {"A=B": "1"}}, "env name 'A=B' (or its value) cannot be an environment variable"),
+    ({"code": "x", "env": {"A": "nul\u0000"}}, "env name 'A' (or its value) cannot be an environment variable"),
+])
+def test_init_fields_of_the_wrong_type_are_a_400_json_error_and_a_later_init_works(shim, value, wrong):
+    s = shim()
+    status, body = s.post("/init", {"value": value})
+    assert status == 400 and json.loads(body) == {"error": f"Error unmarshaling request: {wrong}"}
+    assert s.init("def main(args):\n    return {'ok': 1}\n") == (200, b'{"ok":true}\n')
+    assert s.run({}) == (200, b'{"ok": 1}')
