@@ -105,11 +105,21 @@ class Connection:
         """Send a request whose reply :meth:`wait` reads later; None if not connected and
         ``connect`` is False."""
         with self._send_lock:
-            if self._sock is None:
+            fresh = self._sock is None
+            if fresh:
                 if not connect:
                     return None
                 self._connect()
-            return Pending(request, self._send(request), self._generation)
+            try:
+                return Pending(request, self._send(request), self._generation)
+            except ControllerUnavailableError:
+                if fresh or not connect:
+                    raise
+                # The socket failed before the request went out (the controller restarted
+                # since the last one): nothing reached a controller, so send it once more,
+                # on a new connection, whatever it is.
+                self._connect()
+                return Pending(request, self._send(request), self._generation)
 
     def send_only(self, request) -> None:
         """Send a request whose reply nobody waits for (Note [Seal without waiting]); a

@@ -120,3 +120,27 @@ def test_too_many_releases_in_one_frame_are_refused_and_a_long_list_is_applied_w
     ft.client().request(protocol.Ping())               # the releases ride on it
     wait_for(lambda: controller.leases() == 0, message="every lease to end")
     assert int(ft.get(ref).sum()) == 45
+
+
+def test_after_a_controller_restart_the_next_call_reconnects_instead_of_failing(tmp_path, redis_server):
+    import faastube
+    first = ControllerProcess(tmp_path, redis_server.url).start()
+    faastube.connect(socket=first.socket, namespace="test")
+    try:
+        ref = faastube.put(np.arange(10))
+        assert first.stop() == 0
+        second = ControllerProcess(tmp_path, redis_server.url, node=first.node).start()   # same socket
+        try:
+            # The warm process's socket is dead: its next call goes out on a new connection.
+            fresh = faastube.put(np.arange(4))
+            assert int(faastube.get(fresh).sum()) == 6
+            with pytest.raises(errors.ObjectLostError, match=f"object {ref['id']} is lost"):
+                faastube.get(ref)
+        finally:
+            faastube.sdk._client.close()
+            faastube.sdk._client = None
+            assert second.stop() == 0
+    finally:
+        if faastube.sdk._client is not None:
+            faastube.sdk._client.close()
+            faastube.sdk._client = None
