@@ -241,10 +241,9 @@ class Directory:
             return
         renewed = again and (ttl_after > ttl_before - watch_s * 1000 + 200 or again != first)
         if renewed:
-            info = again
             raise InvalidArgumentError(
-                f"node {self.node!r} is served by another controller (pid {info.get('pid')}, socket "
-                f"{info.get('socket')}, epoch {info.get('epoch')}): stop it first, or start this one "
+                f"node {self.node!r} is served by another controller (pid {again.get('pid')}, socket "
+                f"{again.get('socket')}, epoch {again.get('epoch')}): stop it first, or start this one "
                 f"with another --node / FAASTUBE_NODE")
 
     def mark_node_objects_lost(self, only_other_epochs: bool) -> int:

@@ -50,7 +50,7 @@ from .background import BackgroundThread
 log = logging.getLogger("faastube.controller")
 
 POLICIES = ("queue", "lru", "off")
-RESTORE_AHEAD_BYTES = 1 << 30     # per housekeeping tick: restores ahead wait behind requests
+RESTORE_AHEAD_BYTES = 1 << 30     # per restorer pass: restores ahead wait behind requests
 MOVE_WAIT_S = 60.0                # longest a get waits for an object being moved
 RESTORE_TICK_S = 0.1              # the restorer looks at least this often (frees wake it)
 
@@ -127,33 +127,36 @@ class Evictor(BackgroundThread):
         """Whether ``pool`` is a device tier this evictor may move objects off."""
         return self.policy != "off" and pool.device != HOST and HOST in self.table.pools
 
-    def evictable(self, pool, namespace: str | None = None) -> list:
-        return [r for r in self.table.objects.values()
-                if r.state == "sealed" and r.leases == 0 and not r.moving
-                and r.region.slab.device == pool.device and (namespace is None or r.namespace == namespace)]
-
     def _sealed(self) -> list:
         return [r for r in self.table.objects.values() if r.state == "sealed"]
 
-    def order(self, candidates) -> list:
-        """``candidates`` in eviction order (Note [Queue-aware eviction])."""
-        use = expected_use(self._sealed(), self.view, time.monotonic(), self.policy)
-        return sorted(candidates, key=lambda r: (-use.get(id(r), 0.0), r.used_at))
+    def _expected_use(self) -> dict:
+        return expected_use(self._sealed(), self.view, time.monotonic(), self.policy)
 
     def pick(self, pool, nbytes: int, namespace: str, own_only: bool) -> list[Move]:
         """Moves that free at least ``nbytes`` of ``pool`` (fewer if not that many can go):
         ``namespace``'s objects first, then, unless ``own_only`` (its quota is what is full),
-        other namespaces'. Each gets a host region now; the caller runs them unlocked."""
-        own = self.order(self.evictable(pool, namespace))
-        others = [] if own_only else self.order(
-            [r for r in self.evictable(pool) if r.namespace != namespace])
-        return self._claim(own + others, nbytes)
+        other namespaces', each in eviction order (Note [Queue-aware eviction]). Each gets a
+        host region now; the caller runs them unlocked."""
+        own, others = [], []
+        for r in self.table.objects.values():
+            if (r.state == "sealed" and r.leases == 0 and not r.moving
+                    and r.region.slab.device == pool.device):
+                if r.namespace == namespace:
+                    own.append(r)
+                elif not own_only:
+                    others.append(r)
+        use = self._expected_use()
+
+        def order(records):
+            return sorted(records, key=lambda r: (-use.get(id(r), 0.0), r.used_at))
+        return self._claim(order(own) + order(others), nbytes)
 
     def pick_slabs(self, pool, nbytes: int) -> list[Move]:
         """Moves that empty whole slabs of at least ``nbytes`` (what gives memory back to the
         driver): slabs whose every object may move, the one whose soonest-needed object is
         needed latest first."""
-        use = expected_use(self._sealed(), self.view, time.monotonic(), self.policy)
+        use = self._expected_use()
         by_slab: dict[int, list] = {}
         blocked = set()
         for record in self.table.objects.values():

@@ -692,11 +692,10 @@ class ObjectTable:
                 namespaces = dict(sorted(namespaces.items(), key=lambda item: -item[1]["reserved"])
                                   [:MAX_STATUS_NAMESPACES])
             evicted: dict[str, list[int]] = {}      # home device → [objects, bytes] on the host now
-            for record in self.objects.values():
-                if record.home != record.region.slab.device:
-                    entry_ = evicted.setdefault(record.home, [0, 0])
-                    entry_[0] += 1
-                    entry_[1] += record.region.nbytes
+            for record in self.evictor.evicted.values():
+                entry_ = evicted.setdefault(record.home, [0, 0])
+                entry_[0] += 1
+                entry_[1] += record.region.nbytes
             pools = [{**pool.stats(), "eviction": self.evictor.policy if self.evictor.serves(pool) else "none",
                       "evicted": dict(zip(("objects", "bytes"), evicted.get(pool.device, [0, 0])))}
                      for pool in self.pools.values()]

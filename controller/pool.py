@@ -160,6 +160,14 @@ class Pool:
                 sizes = sizes + list(self.evicted_recently[namespace])
         return sizes
 
+    def _kept_for(self) -> set[str]:
+        """The namespaces room is kept ahead for: by demand, or for recent evictions."""
+        return {*self.wanted, *self.evicted_at}
+
+    def _slab_size_for(self, nbytes: int) -> int:
+        """The size of the slab the pool grows by to hold ``nbytes``."""
+        return max(self.slab_size, align_up(nbytes, self.alignment))
+
     def _fit(self, namespace: str) -> tuple[list[MemfdSlab], list[int], list[int]]:
         slabs = [s for s in self.slabs.values() if s.namespace == namespace]
         holes, owners = [], []
@@ -173,7 +181,7 @@ class Pool:
     def reserving(self) -> set[int]:
         """The ids of the slabs whose free room is reserved for a namespace."""
         kept = set()
-        for namespace in {*self.wanted, *self.evicted_at}:
+        for namespace in self._kept_for():
             owners, used, _missing = self._fit(namespace)
             kept.update(owners[i].id for i in used)
         return kept
@@ -182,11 +190,11 @@ class Pool:
         """(namespace, slab size) of the next slab to grow ahead of demand, or None: every
         wanted size fits, or growing would pass the limit or the namespace's reserve share."""
         cap = None                      # probed once, and only if some room is missing
-        for namespace in {*self.wanted, *self.evicted_at}:
+        for namespace in self._kept_for():
             _owners, _used, missing = self._fit(namespace)
             if not missing:
                 continue
-            size = max(self.slab_size, align_up(max(missing), self.alignment))
+            size = self._slab_size_for(max(missing))
             free = sum(s.size - s.allocator.used for s in self.slabs.values() if s.namespace == namespace)
             cap = self.cap() if cap is None else cap
             if (self.reserved + size <= cap and free + size <= self.reserve_share * self.limit
@@ -265,7 +273,7 @@ class Pool:
     def growth_for(self, namespace: str, nbytes: int) -> int | None:
         """The size of the slab that would give ``nbytes`` room to ``namespace``, or None if
         the pool's cap or the namespace's quota leaves no room for it."""
-        size = max(self.slab_size, align_up(nbytes, self.alignment))
+        size = self._slab_size_for(nbytes)
         if self.reserved + size > self.cap() or (self.quota < self.limit and self.held_by(namespace) + size > self.quota):
             return None
         return size
@@ -275,7 +283,7 @@ class Pool:
         return sum(s.size for s in self.slabs.values() if s.namespace == namespace)
 
     def _grow(self, namespace: str, nbytes: int) -> MemfdSlab:
-        size = max(self.slab_size, align_up(nbytes, self.alignment))
+        size = self._slab_size_for(nbytes)
         if self.quota < self.limit and self.held_by(namespace) + size > self.quota:
             for slab in [s for s in self.slabs.values() if s.namespace == namespace and s.allocator.empty]:
                 self._retire(slab)          # its own empty slabs (room kept ahead) go first
@@ -329,7 +337,7 @@ class Pool:
         return {"device": self.device, "name": self.name, "limit": self.limit, "slab_size": self.slab_size,
                 "slabs": len(self.slabs), "reserved": self.reserved, "used": used, "quota": self.quota,
                 "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired,
-                "ahead_wanted": {ns: sum(self._wanted(ns)) for ns in {*self.wanted, *self.evicted_at}},
+                "ahead_wanted": {ns: sum(self._wanted(ns)) for ns in self._kept_for()},
                 "idle_minimum": self.idle_minimum, "device_free": self.device_free,
                 "watermark": self.watermark, "given_back": {"slabs": self.given_back[0],
                                                             "bytes": self.given_back[1]},

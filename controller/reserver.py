@@ -65,11 +65,14 @@ class Reserver(BackgroundThread):
         """Tell every pool what to keep room for and grow one slab where room is missing;
         whether a slab was grown (then the next step follows at once)."""
         now = self._clock()
+        pools = self.table.pools
+        evictor = self.table.evictor
         with self._lock:
             wanted = self.tracker.wanted(now)
-            # Published whole: the table reads it under its own lock (Note [Queue-aware eviction]).
-            self.table.evictor.view = self.tracker.view(now)
-        pools = self.table.pools
+            if any(evictor.serves(pool) for pool in pools.values()):
+                # Published whole: the table reads it under its own lock (Note [Queue-aware
+                # eviction]); without a device tier to evict from, nobody does.
+                evictor.view = self.tracker.view(now)
         with self.table.lock:
             for device, pool in pools.items():
                 pool.wanted = {ns: sizes for (ns, dev), sizes in wanted.items() if dev == device}

@@ -191,11 +191,15 @@ def _number(value, field, minimum=0.0, maximum=float("inf")):
     return value
 
 
-def _optional_ttl(value, field):
+def valid_ttl(value) -> bool:
     """A ttl: seconds, finite, at most MAX_TTL_S (what Redis can store as an expiry, with room)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= MAX_TTL_S
+
+
+def _optional_ttl(value, field):
     if value is None:
         return None
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TTL_S):
+    if not valid_ttl(value):
         raise ProtocolError(f"field {field!r} must be a number of seconds above 0 and at most "
                             f"{MAX_TTL_S} ({MAX_TTL_S // 86400} days), or absent")
     return value

@@ -119,8 +119,7 @@ def _check_lifetime(consumers, ttl) -> None:
     if consumers is not None and (isinstance(consumers, bool) or not isinstance(consumers, int)
                                   or consumers < 1):
         raise InvalidArgumentError(f"consumers must be a positive integer or None, got {consumers!r}")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                            or not 0 < ttl <= protocol.MAX_TTL_S):
+    if ttl is not None and not protocol.valid_ttl(ttl):
         raise InvalidArgumentError(f"ttl must be a number of seconds above 0 and at most "
                                    f"{protocol.MAX_TTL_S} ({protocol.MAX_TTL_S // 86400} days), or None, "
                                    f"got {ttl!r}")
