@@ -11,8 +11,8 @@ at once, then a pause the consumer drains them in), so the objects waiting for t
 (its queue) reach ``burst × size``: the working set. The tier is capped at 10% and at 1% of
 it (``--gpu-pool-limit``; stand-in tiers on a machine without a GPU, ``--stand-in-gpus``).
 Modes, each on its own controller: ``queue`` and ``lru`` (``--eviction``), and ``host`` (the
-producer puts to the host tier, the consumer's get copies to the device, as host-memory data
-passing does). The producer and the consumer are separate processes, each request an
+producer puts to the host tier, one copy, ``put(..., device="cpu")``; the consumer's get
+copies to the device, as host-memory data passing does). The producer and the consumer are separate processes, each request an
 activation of its function (faastube.sdk.activation), so the controller learns who consumes
 what. Latency: from a request's arrival to the consumer's end of it. Printed: p50/p99 per
 mode and cap, the ratios of the p99s, the moves; JSON: every latency.
@@ -53,15 +53,12 @@ def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list,
             time.sleep(delay)
         began = time.perf_counter()
         with sdk.activation(None, "producer"):
-            if mode == "host":                   # host-memory data passing
-                ref = sdk.put(cupy.asnumpy(source) if gpu else source)
+            if mode == "host":                   # host-memory data passing: one copy to the host
+                ref = sdk.put(source, device="cpu")
             elif gpu:
                 ref = sdk.put(source)
             else:
-                target = sdk.empty(size, "uint8", device=device)
-                np.copyto(target, source)
-                ref = sdk.seal(target)
-                del target
+                ref = sdk.put(source, device=device)
         put_s.append(time.perf_counter() - began)
         queue.put((ref, start + offset))
     queue.put(("puts", put_s))
@@ -169,7 +166,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"cap {share:.0%} ({cap >> 20} MiB) {mode:5s}: p50 {row['p50_ms']:7.1f} ms  "
                   f"p99 {row['p99_ms']:7.1f} ms  evicted {row['moves']['evict']['objects']}, restored on get "
-                  f"{row['moves']['restore']['objects']}, ahead {row['moves']['ahead']['objects']}; put p50 "
+                  f"{row['moves']['restore']['objects']}, ahead {row['moves']['ahead']['objects']}, puts to the host "
+                  f"{row['moves']['spill']['objects']}; put p50 "
                   f"{row['put_p50_ms']:.2f} ms, get p50 {row['get_p50_ms']:.2f} ms, host slabs grown on requests "
                   f"{row['host_grown']['request']['slabs']}", flush=True)
     print()

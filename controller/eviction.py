@@ -32,6 +32,12 @@ once. Where the host tier has no room for an evicted object, the slab is made ou
 table's lock (a :class:`Grow`: pinning one takes milliseconds, which every request would wait
 for under the lock), and the reserver keeps room on the host tier ahead for each namespace's
 recent evictions (``Pool.note_eviction``).
+
+Note [Puts that rank last]: a put (not an ``empty``, whose caller writes a GPU array it was
+given) may be granted on the host tier when its device tier is full and its object would be
+the first there to move off: :meth:`Evictor.spill`. Its ref still names the device; the
+object is in the evicted index from its seal, so it is restored ahead or on its get like any
+evicted object. Counted per device tier as ``spill`` moves (no copy by the controller).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ class Move:
     src: object
     dst: object
     kind: str                     # "evict" or "restore" (an ahead one: "ahead")
+    # (a put written to the host tier at once counts as "spill": Note [Puts that rank last])
 
 
 def expected_use(records, view: DemandView, now: float, policy: str) -> dict:
@@ -138,6 +145,16 @@ class Evictor(BackgroundThread):
         ``namespace``'s objects first, then, unless ``own_only`` (its quota is what is full),
         other namespaces', each in eviction order (Note [Queue-aware eviction]). Each gets a
         host region now; the caller runs them unlocked."""
+        own, others = self._candidates(pool, namespace, own_only)
+        use = self._expected_use()
+
+        def order(records):
+            return sorted(records, key=lambda r: (-use.get(id(r), 0.0), r.used_at))
+        return self._claim(order(own) + order(others), nbytes)
+
+    def _candidates(self, pool, namespace: str, own_only: bool) -> tuple[list, list]:
+        """The objects that may move off ``pool`` now: ``namespace``'s, and (unless
+        ``own_only``) the other namespaces'."""
         own, others = [], []
         for r in self.table.objects.values():
             if (r.state == "sealed" and r.leases == 0 and not r.moving
@@ -146,11 +163,45 @@ class Evictor(BackgroundThread):
                     own.append(r)
                 elif not own_only:
                     others.append(r)
-        use = self._expected_use()
+        return own, others
 
-        def order(records):
-            return sorted(records, key=lambda r: (-use.get(id(r), 0.0), r.used_at))
-        return self._claim(order(own) + order(others), nbytes)
+    def spill(self, pool, namespace: str, function: str | None, nbytes: int, may_grow: bool = True):
+        """A host region for a put to ``pool`` (which has no room) from ``function``, if the
+        new object would be the first to move off ``pool`` (a :class:`Grow` first where the
+        host tier has no room and ``may_grow``), else None (the put evicts as usual): Note
+        [Puts that rank last].
+
+        A put's object joins the back of its consumer's queue (Note [Queue-aware eviction]),
+        so where every object that could make room for it is expected sooner, evicting one
+        of them would only bring it back before the new one is needed: the put writes to the
+        host tier at once, one copy instead of two, and its object is restored ahead like an
+        evicted one. Only with ``--eviction queue`` and a known, active consumer."""
+        if self.policy != "queue" or not function:
+            return None
+        view = self.view
+        consumer = view.consumers.get((namespace, function))
+        if consumer is None or (namespace, consumer) not in view.active:
+            return None
+        own, others = self._candidates(pool, namespace, own_only=False)
+        candidates = own or others
+        if not candidates:
+            return None
+        use = self._expected_use()
+        queued = sum(1 for r in self.table.objects.values()
+                     if r.state == "sealed" and not r.gets and r.namespace == namespace and r.function
+                     and view.consumers.get((namespace, r.function)) == consumer)
+        if max(use.get(id(r), 0.0) for r in candidates) > queued * view.pace.get((namespace, consumer), 1.0):
+            return None
+        host = self.table.pools[HOST]
+        try:
+            region = host.allocate(namespace, nbytes, grow=False)
+        except (PoolExhaustedError, QuotaExceededError):
+            size = host.growth_for(namespace, nbytes) if may_grow else None
+            return None if size is None else Grow(host, namespace, size)
+        pool.count_move("spill", nbytes, 0.0)
+        host.note_eviction(namespace, nbytes)       # room for the next one, made ahead
+        self.table.wake_reserver()
+        return region
 
     def pick_slabs(self, pool, nbytes: int) -> list[Move]:
         """Moves that empty whole slabs of at least ``nbytes`` (what gives memory back to the

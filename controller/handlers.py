@@ -119,7 +119,8 @@ class Handlers:
             raise InvalidArgumentError(f"nbytes {request.nbytes} does not match shape "
                                        f"{list(request.shape)} of {dtype} ({expected} bytes)")
         grant = self.table.create(session, request.shape, request.dtype, request.nbytes,
-                                  request.consumers, request.ttl, request.scope, request.device)
+                                  request.consumers, request.ttl, request.scope, request.device,
+                                  spill=bool(request.spill))
         return self._grant_reply(grant)
 
     def seal(self, session: Session, request: protocol.Seal):

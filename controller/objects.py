@@ -40,7 +40,7 @@ from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceE
                              QuotaExceededError, FaasTubeTimeoutError, UnknownObjectError)
 from faastube.protocol import MAX_STATUS_NAMESPACES, SlabDescriptor
 
-from .eviction import MOVE_WAIT_S, Evictor, Move
+from .eviction import MOVE_WAIT_S, Evictor, Grow, Move
 from .pool import Pool, Region
 
 FORGOTTEN_CAP = 100_000    # local tombstones kept in memory (Redis keeps them longer)
@@ -270,18 +270,27 @@ class ObjectTable:
         return pool
 
     def create(self, session: Session, shape, dtype: str, nbytes: int, consumers, ttl, scope,
-               device: str = HOST) -> Grant:
+               device: str = HOST, spill: bool = False) -> Grant:
+        """A pending object on ``device``; with ``spill`` (a put's, which writes wherever it is
+        granted) on the host tier instead where the device tier is full and the new object
+        would be the first to move off it (Note [Puts that rank last])."""
         self.directory.require()      # fail before the caller writes, not at seal
         pool = self.pool_for(device)
         waiting = _Waiting()
+        grown = False
         try:
             while True:
                 with self.lock:
                     try:
                         region = self._allocate(pool, session.namespace, nbytes)
                     except _NoRoom as no_room:
-                        moves = self._room_for(no_room, session.namespace, waiting)
-                    else:
+                        region = (self.evictor.spill(pool, session.namespace, session.function, nbytes,
+                                                     may_grow=not grown) if spill else None)
+                        if isinstance(region, Grow):            # host room first, off the lock
+                            moves, region, grown = [region], None, True
+                        elif region is None:
+                            moves = self._room_for(no_room, session.namespace, waiting)
+                    if region is not None:
                         waiting.done()
                         record = ObjectRecord(
                             id=secrets.token_hex(16), namespace=session.namespace, region=region,
@@ -357,6 +366,8 @@ class ObjectTable:
             record.state = "sealed"
             record.sealed_at = record.used_at = time.monotonic()
             record.function = session.function or record.function
+            if record.region.slab.device != record.home:     # a spilled put: off its tier already
+                self.evictor.evicted[record.id] = record
             self.directory.publish(record)      # queued: Note [The local table answers first]
             session.pending.discard(object_id)
             if drop_writer:

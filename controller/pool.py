@@ -91,7 +91,8 @@ class Pool:
         self.grown = {"ahead": [0, 0], "request": [0, 0]}
         # Objects moved off this tier and back (Note [Queue-aware eviction]): [objects, bytes,
         # seconds] by kind, and puts that waited for eviction: [puts, seconds, failed].
-        self.moves = {"evict": [0, 0, 0.0], "restore": [0, 0, 0.0], "ahead": [0, 0, 0.0]}
+        self.moves = {"evict": [0, 0, 0.0], "restore": [0, 0, 0.0], "ahead": [0, 0, 0.0],
+                      "spill": [0, 0, 0.0]}     # spill: puts granted on the host tier instead
         self.waits = [0, 0.0, 0]
         self.waiting = 0            # requests waiting for room now
 

@@ -37,8 +37,15 @@ class Reserver(BackgroundThread):
     def record(self, namespace: str, activities) -> None:
         """Activations that ended in a process of ``namespace`` (a request carried them)."""
         with self._lock:
-            self.tracker.record(namespace, activities, self._clock(), devices=self.table.pools)
+            now = self._clock()
+            self.tracker.record(namespace, activities, now, devices=self.table.pools)
+            if self._evicting():       # a consumer's pace and activity count at once (Note [Puts that rank last])
+                self.table.evictor.view = self.tracker.view(now)
         self._wake.set()
+
+    def _evicting(self) -> bool:
+        evictor = self.table.evictor
+        return any(evictor.serves(pool) for pool in self.table.pools.values())
 
     def learn(self, namespace: str, producer: str, consumer: str) -> None:
         """A get told who consumes what (Note [Queue-aware eviction])."""
@@ -69,7 +76,7 @@ class Reserver(BackgroundThread):
         evictor = self.table.evictor
         with self._lock:
             wanted = self.tracker.wanted(now)
-            if any(evictor.serves(pool) for pool in pools.values()):
+            if self._evicting():
                 # Published whole: the table reads it under its own lock (Note [Queue-aware
                 # eviction]); without a device tier to evict from, nobody does.
                 evictor.view = self.tracker.view(now)

@@ -88,7 +88,7 @@ def render_status(status: dict) -> str:
                     f"{label} {moves[kind]['objects']} ({format_size(moves[kind]['bytes'])}, "
                     f"{moves[kind]['seconds']:.3f} s)"
                     for kind, label in (("evict", "evicted"), ("restore", "restored on get"),
-                                        ("ahead", "restored ahead")))
+                                        ("ahead", "restored ahead"), ("spill", "put to the host")))
                 + f"; requests that waited {waits['requests']} ({waits['seconds']:.3f} s, {waits['failed']} failed)")
     topology = status.get("topology")
     if topology:

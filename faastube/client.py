@@ -129,18 +129,20 @@ class Client:
                        device: str = HOST):
         """Where ``put`` writes a new object, then seals it with ``drop_writer``: (target,
         object id, lifetime). The target is a writable numpy array on the host tier, the
-        object's device address (an int) on a GPU. ``lifetime`` is None when the object
+        object's device address (an int) on a GPU. A put to a GPU may be granted on the host
+        tier (Note [Puts that rank last], controller/eviction.py): then the target is a numpy
+        array too. ``lifetime`` is None when the object
         already has the put's consumers, ttl and scope, else what the seal must give it (Note
         [Spare objects])."""
         shape = tuple(int(d) for d in shape)
         grant, lifetime = self._create(shape, dtype, protocol.Lifetime(consumers, ttl, scope), device,
-                                       spare=True)
+                                       spare=True, spill=device != HOST)
         if not in_host_memory(grant.device):
             return views.gpu_address(self.slabs, grant), grant.id, lifetime
         return views.host_view(self.slabs, grant, writable=True).reshape(shape), grant.id, lifetime
 
     def _create(self, shape: tuple, dtype: np.dtype, lifetime: protocol.Lifetime, device: str,
-                spare: bool) -> tuple[protocol.Granted, protocol.Lifetime | None]:
+                spare: bool, spill: bool = False) -> tuple[protocol.Granted, protocol.Lifetime | None]:
         """A new pending object's grant and the lifetime its seal must give it: that of a
         spare taken (Note [Spare objects]), or None for one created with its lifetime."""
         signature = Signature(shape, dtype.str, device)
@@ -151,7 +153,7 @@ class Client:
                 grant = self.spares.take(signature)
         if grant is None:
             create = protocol.Create(shape, protocol.dtype_name(dtype), nbytes, lifetime.consumers,
-                                     lifetime.ttl, lifetime.scope, device)
+                                     lifetime.ttl, lifetime.scope, device, spill or None)
             try:
                 grant = self.request(create)
             except PoolExhaustedError:

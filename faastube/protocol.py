@@ -263,8 +263,10 @@ class Create:
     ttl: float | None = None
     scope: str | None = None
     device: str = "host"        # "host" or a GPU's UUID (Note [GPUs by UUID], faastube/cuda.py)
+    spill: bool | None = None   # a put's: may start on the host tier (Note [Puts that rank last])
     _fields = {"shape": _shape, "dtype": _dtype, "nbytes": _nbytes, "consumers": _optional_count,
-               "ttl": _optional_ttl, "scope": _optional_name, "device": _name}
+               "ttl": _optional_ttl, "scope": _optional_name, "device": _name,
+               "spill": lambda v, f: bool(v)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,12 +126,16 @@ def _check_lifetime(consumers, ttl) -> None:
 
 
 def put(array, consumers: int | None = None, ttl: float | None = None,
-        scope: str | None = None) -> dict:
+        scope: str | None = None, device=None) -> dict:
     """Store ``array`` in the pool and return its ref (a small JSON-serialisable dict).
 
     A numpy array goes to the host tier; a CuPy array or CUDA torch tensor to the pool of
-    its own GPU, copied there device to device. The bytes are copied once; a non-contiguous
-    array becomes contiguous in the same copy. To avoid even that copy, build the result with
+    its own GPU, copied there device to device. ``device`` (see :func:`device_of`) names
+    another tier: "cpu" for a GPU array (one copy to the host), a stand-in tier for a numpy
+    array. The bytes are copied once; a non-contiguous array becomes contiguous in the same
+    copy. Where its GPU's tier is full and the new object would be the first to be moved off
+    it, a GPU array's put writes it to the host tier at once (Note [Puts that rank last],
+    controller/eviction.py); its ref and a get of it work the same. To avoid even that copy, build the result with
     :func:`empty` and :func:`seal`. A GPU put copies on the stream the array's data is valid
     on and returns once the copy has landed; with ``FAASTUBE_PUT_WAITS=0`` it returns at
     once and seals when the copy has landed (see :func:`flush_puts`). The object is freed
@@ -142,63 +146,84 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     scope = scope or _scope.get()
     interface = views.cuda_interface(array)
     if interface is not None:
-        return _put_gpu(array, interface, consumers, ttl, scope)
+        return _put_gpu(array, interface, consumers, ttl, scope,
+                        None if device is None else device_of(device))
     if not isinstance(array, np.ndarray):
         raise NotAnArrayError(
             f"faastube.put needs a numpy array, a CuPy array or a CUDA torch tensor, got "
             f"{type(array).__name__}; convert it with numpy.asarray(...) first")
+    target_device = device_of(device)
+    if not cuda.in_host_memory(target_device):
+        raise InvalidArgumentError(
+            f"a numpy array is put on the host tier (or a stand-in), not on {target_device}: "
+            f"put cupy.asarray(array) to store it on a GPU")
     dtype = check_dtype(array.dtype)
     conn = client()
-    target, object_id, lifetime = conn.create_for_put(array.shape, dtype, consumers, ttl, scope)
+    target, object_id, lifetime = conn.create_for_put(array.shape, dtype, consumers, ttl, scope,
+                                                      target_device)
     np.copyto(target, array, casting="no")
     del target   # Note [Leases pin memory]: drop the writer's view before its lease ends
     conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
-    return _noted(make_ref(object_id, array.shape, dtype))
+    return _noted(make_ref(object_id, array.shape, dtype, target_device))
 
 
-def _put_gpu(array, interface: dict, consumers, ttl, scope) -> dict:
+def _put_gpu(array, interface: dict, consumers, ttl, scope, to: str | None) -> dict:
     """Note [Put copies with one driver call]: a contiguous GPU array is copied into its
     object with one ``cuMemcpyAsync`` on the stream its data is valid on, found from its
     ``__cuda_array_interface__``. Going through CuPy (``asarray``, ``copyto``) cost more Python
     per put than a mid-size copy (docs/benchmarks.md); a put that waits for its copy gets back the part the
     copy does not cover. The stream: faastube.views.stream_of. A strided array goes through
-    CuPy, which makes it contiguous in the same copy."""
+    CuPy, which makes it contiguous in the same copy. ``to``: the tier asked for (None: the
+    array's GPU; "host": one copy to the host tier). A target that is a numpy array is host
+    memory (asked for, or Note [Puts that rank last]): the same one call copies there."""
     shape = tuple(int(d) for d in interface["shape"])
     dtype = check_dtype(np.dtype(interface["typestr"]))
     address = int(interface["data"][0])
     nbytes = math.prod(shape) * dtype.itemsize
     conn = client()
     if nbytes == 0 or not views.is_c_contiguous(interface, shape, dtype.itemsize):
-        return _put_gpu_through_cupy(array, conn, consumers, ttl, scope)
+        return _put_gpu_through_cupy(array, conn, consumers, ttl, scope, to)
     ordinal = views.device_of_array(array, address)
-    device = cuda.devices().uuids[ordinal]
+    device = _put_target(cuda.devices().uuids[ordinal], to)
     stream = views.stream_of(array, interface, ordinal)
     target, object_id, lifetime = conn.create_for_put(shape, dtype, consumers, ttl, scope, device)
-    cuda.copy_on_stream(target, address, nbytes, ordinal, stream)
-    _seal_put(conn, object_id, lifetime, array, ordinal, device, stream)
+    cuda.copy_on_stream(target.ctypes.data if isinstance(target, np.ndarray) else target,
+                        address, nbytes, ordinal, stream)
+    _seal_put(conn, object_id, lifetime, array, ordinal, stream)
     return _noted(make_ref(object_id, shape, dtype, device))
 
 
-def _put_gpu_through_cupy(array, conn, consumers, ttl, scope) -> dict:
+def _put_target(own: str, to: str | None) -> str:
+    """Where a GPU array on GPU ``own`` is put: its own GPU, or the host tier if asked."""
+    if to is None or to == own or to == cuda.HOST:
+        return to or own
+    raise InvalidArgumentError(f"a GPU array is put on its own GPU ({own}) or on the host "
+                               f"(device='cpu'), not on {to}")
+
+
+def _put_gpu_through_cupy(array, conn, consumers, ttl, scope, to: str | None) -> dict:
     import cupy
     source = cupy.asarray(array)      # a view, no copy (a torch tensor through its interface)
     dtype = check_dtype(source.dtype)
     ordinal = source.device.id
-    device = cuda.devices().uuids[ordinal]
+    device = _put_target(cuda.devices().uuids[ordinal], to)
     target, object_id, lifetime = conn.create_for_put(source.shape, dtype, consumers, ttl, scope, device)
     with source.device:
-        view = views.gpu_array_at(target, source.nbytes, source.shape, dtype, ordinal)
-        cupy.copyto(view, source, casting="no")
-        stream = cupy.cuda.get_current_stream().ptr
-    del view
-    _seal_put(conn, object_id, lifetime, (array, source), ordinal, device, stream)
+        stream = cupy.cuda.get_current_stream()
+        if isinstance(target, np.ndarray):           # host memory (see _put_gpu)
+            source.get(stream=stream, out=target)
+        else:
+            view = views.gpu_array_at(target, source.nbytes, source.shape, dtype, ordinal)
+            cupy.copyto(view, source, casting="no")
+            del view
+    _seal_put(conn, object_id, lifetime, (array, source), ordinal, stream.ptr)
     return _noted(make_ref(object_id, source.shape, dtype, device))
 
 
-def _seal_put(conn, object_id: str, lifetime, keep, ordinal: int, device: str, stream: int) -> None:
-    """Seal a put's object once its copy, queued on ``stream``, has landed."""
+def _seal_put(conn, object_id: str, lifetime, keep, ordinal: int, stream: int) -> None:
+    """Seal a put's object once its copy, queued on ``stream`` of GPU ``ordinal``, has landed."""
     if conn.config.put_waits:
-        cuda.synchronize(device)      # Note [Seal publishes finished writes]
+        cuda.synchronize(cuda.devices().uuids[ordinal])      # Note [Seal publishes finished writes]
         conn.seal(object_id, drop_writer=True, wait=False, lifetime=lifetime)   # Note [Seal without waiting]
     else:                             # Note [Put seals when its copy lands]
         conn.seal_when_landed(cuda.fences().record(ordinal, stream), object_id, lifetime, keep)

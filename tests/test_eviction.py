@@ -188,6 +188,50 @@ def test_the_front_of_an_active_consumers_queue_is_restored_ahead_when_room_free
     assert [int(sdk.get(refs[f"A{n}"], device=TIER)[0]) for n in (4, 5, 6)] == [4, 5, 6]
 
 
+@pytest.mark.parametrize("tier, spilled", [({"eviction": "queue"}, True), ({"eviction": "lru"}, False)],
+                         indirect=["tier"], ids=["queue", "lru"])
+def test_a_put_that_would_be_evicted_first_goes_to_the_host_at_once_and_comes_back_ahead(tier, redis_server,
+                                                                                         spilled):
+    """Note [Puts that rank last]: A4 joins the back of the consumer's queue behind A0..A3, so
+    with queue-aware eviction the put writes it to the host tier instead of evicting A3 (which
+    would be needed first); LRU evicts the least recently used, A0."""
+    with sdk.activation(None, "producer"):
+        first = sdk.put(np.zeros(OBJECT, np.uint8), device=TIER)
+    with sdk.activation(None, "consumer"):
+        assert int(sdk.get(first, device=TIER)[0]) == 0
+    sdk.delete(first)                             # carries the consumer's activation
+    wait_for(lambda: any(d["consumer"] == "consumer" for d in tier.status()["demand"]
+                         if d["function"] == "producer"), message="the producer's consumer to be known")
+    wait_for(lambda: any(d["reserving"] for d in tier.status()["demand"] if d["function"] == "consumer"),
+             message="the consumer's activation to be counted")
+    refs = {}
+    with sdk.activation(None, "producer"):
+        for n in range(5):
+            refs[f"A{n}"] = sdk.put(np.full(OBJECT, n, np.uint8), device=TIER)
+    assert all(ref["device"] == TIER for ref in refs.values())       # the ref names its tier either way
+    stats = tier_stats(tier)
+    wait_for(lambda: len(evicted(redis_server.url, refs)) == 1, message="one object on the host")
+    if spilled:
+        assert evicted(redis_server.url, refs) == {"A4"}
+        assert stats["moves"]["spill"] == {"objects": 1, "bytes": OBJECT, "seconds": 0.0}
+        assert stats["moves"]["evict"]["objects"] == 0 and stats["waits"]["requests"] == 0
+        assert f"put to the host 1 ({format_size(OBJECT)}, 0.000 s)" in render_status(tier.status())
+    else:
+        assert evicted(redis_server.url, refs) == {"A0"}
+        assert stats["moves"]["spill"]["objects"] == 0 and stats["moves"]["evict"]["objects"] == 1
+    with sdk.activation(None, "consumer"):
+        assert int(sdk.get(refs["A0"], device=TIER)[0]) == 0
+    sdk.delete(refs.pop("A0"))                    # room on the tier: A4 is the queue's next
+    wait_for(lambda: evicted(redis_server.url, refs) == set(), message="everything back on the tier")
+    with sdk.activation(None, "consumer"):
+        assert [int(sdk.get(refs[f"A{n}"], device=TIER).max()) for n in range(1, 5)] == [1, 2, 3, 4]
+
+
+def test_put_to_another_tier_is_refused_clearly(tier):
+    with pytest.raises(errors.InvalidArgumentError, match="a numpy array is put on the host tier"):
+        sdk.put(np.zeros(4, np.uint8), device="GPU-00000000-0000-0000-0000-000000000000")
+
+
 # -- the table's evictor in process (a real Redis; the device's free memory is what the probe says)
 
 @pytest.fixture

@@ -306,6 +306,48 @@ def test_a_full_gpu_tier_evicts_to_pinned_host_memory_and_a_get_restores_the_sam
         assert ctl.stop() == 0
 
 
+def test_a_gpu_put_that_ranks_last_is_written_to_the_host_and_restored_with_the_same_bytes(tmp_path,
+                                                                                          redis_server):
+    # Note [Puts that rank last] on a real GPU tier: 4 slabs of 64 MiB, objects of 48 MB; the
+    # fifth put joins the back of the consumer's queue, so it goes to the host at once.
+    import cupy
+    import faastube
+    ctl = ControllerProcess(tmp_path, redis_server.url, gpus="auto", gpu_slab_size="64MiB",
+                            gpu_pool_limit="256MiB").start()
+    try:
+        faastube.connect(socket=ctl.socket, namespace="test", spare_bytes=0)
+        with faastube.sdk.activation(None, "producer"):
+            first = faastube.put(cupy.zeros(48 * MB, cupy.uint8))
+        with faastube.sdk.activation(None, "consumer"):
+            del faastube.get(first)
+        faastube.delete(first)
+        wait_for(lambda: any(d["reserving"] for d in ctl.status()["demand"] if d["function"] == "consumer"),
+                 message="the consumer to be known")
+        arrays = [cupy.random.randint(0, 255, 48 * MB, dtype=cupy.uint8) for _ in range(5)]
+        strided = cupy.random.randint(0, 255, (4 * MB, 2), dtype=cupy.uint8)[:, 0]     # through CuPy
+        with faastube.sdk.activation(None, "producer"):
+            refs = [faastube.put(a) for a in arrays]
+            on_host = [faastube.put(arrays[0], device="cpu"), faastube.put(strided, device="cpu")]
+        gpu = pool(ctl, uuid(0))
+        assert gpu["moves"]["spill"]["objects"] == 1 and gpu["moves"]["evict"]["objects"] == 0
+        assert [r["device"] for r in on_host] == ["host", "host"]
+        assert faastube.get(on_host[0]).tobytes() == arrays[0].get().tobytes()
+        assert faastube.get(on_host[1]).tobytes() == strided.get().tobytes()
+        with faastube.sdk.activation(None, "consumer"):
+            got = []
+            for ref in refs:
+                view = faastube.get(ref)
+                assert isinstance(view, cupy.ndarray)
+                got.append(bool((view == arrays[len(got)]).all()))
+                del view
+                faastube.delete(ref)
+        assert got == [True] * 5
+    finally:
+        faastube.sdk._client.close()
+        faastube.sdk._client = None
+        assert ctl.stop() == 0
+
+
 def test_status_lists_a_pool_per_gpu(controller):
     pools = controller.status()["pools"]
     assert [p["device"] for p in pools] == ["host", *cuda.devices().uuids]
