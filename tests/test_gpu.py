@@ -319,7 +319,8 @@ def test_a_gpu_put_that_ranks_last_is_written_to_the_host_and_restored_with_the_
         with faastube.sdk.activation(None, "producer"):
             first = faastube.put(cupy.zeros(48 * MB, cupy.uint8))
         with faastube.sdk.activation(None, "consumer"):
-            del faastube.get(first)
+            view = faastube.get(first)
+            del view
         faastube.delete(first)
         wait_for(lambda: any(d["reserving"] for d in ctl.status()["demand"] if d["function"] == "consumer"),
                  message="the consumer to be known")
