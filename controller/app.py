@@ -79,7 +79,11 @@ class Controller:
         # lost (the sweep of old epochs below).
         self.directory.check_node_free()
         listener = bind_unix_socket(self.config.socket, self.config.socket_mode)
-        self.server = ControllerServer(listener, self.table, self.handlers, self.stats)
+        self.server = ControllerServer(listener, self.table, self.handlers, self.stats,
+                                       max_connections=self.config.max_connections,
+                                       max_waiting_gets=self.config.max_waiting_gets,
+                                       idle_timeout_s=self.config.idle_timeout_s,
+                                       frame_timeout_s=self.config.frame_timeout_s)
         if self._stop.is_set():      # a SIGTERM during start-up found no server to stop
             self.server.stop()
         log.info("faastube controller serving %s (node %s, epoch %s, redis %s)", self.config.socket,

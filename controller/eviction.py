@@ -328,6 +328,7 @@ class Evictor(BackgroundThread):
         unlinked meanwhile frees both (no lease can have been granted while it moved)."""
         record = move.record
         record.moving = False
+        self.table.settle(record)
         free = self.table.free_region
         if ok:
             record.region = move.dst

@@ -67,23 +67,23 @@ class Handlers:
             protocol.Status: self.status, protocol.Ping: self.ping,
         }
 
-    def handle(self, session: Session, envelope: protocol.Envelope,
-               may_wait: bool = False) -> Answer:
+    def handle(self, session: Session, envelope: protocol.Envelope, retry: bool = False) -> Answer:
         """The answer to one request.
 
-        Raises WouldWait (controller/objects.py) for a get that must wait, unless ``may_wait``;
-        piggybacked releases are applied by the first call only."""
+        Raises WouldWait (controller/objects.py) for a get that must wait: the server parks
+        it and calls again with ``retry`` (Note [Waiting gets own no thread]); piggybacked
+        releases and demand are applied by the first call only."""
         request = envelope.request
         if envelope.function is not None:
             session.function = envelope.function
-        if envelope.releases and not may_wait:
+        if envelope.releases and not retry:
             self.table.release(session, envelope.releases)
         if session.namespace is None and not isinstance(
                 request, (protocol.Hello, protocol.Ping, protocol.Release, protocol.Status)):
             raise InvalidStateError(f"send 'hello' with your namespace before {request.op!r}")
         try:
             if isinstance(request, protocol.Get):
-                answer = self.get(session, request, may_wait)
+                answer = self.get(session, request)
             else:
                 answer = self._dispatch[type(request)](session, request)
                 if not isinstance(answer, Answer):
@@ -91,7 +91,7 @@ class Handlers:
         finally:
             # After the request: a hello that carries demand (queued before a reconnect)
             # has declared the namespace it belongs to by now.
-            if envelope.demand and not may_wait and session.namespace is not None and self.reserver:
+            if envelope.demand and not retry and session.namespace is not None and self.reserver:
                 self.reserver.record(session.namespace, envelope.demand)   # Note [Reservation ahead of demand]
         if session.retired:
             answer.retired = self.table.take_retired(session)
@@ -140,8 +140,8 @@ class Handlers:
     # controller's control around it (grant, building the reply); and what neither timer
     # sees: the socket, the wake-ups at both ends, and the client's own work. `faastube
     # bench` reports the three per request of a workflow.
-    def get(self, session: Session, request: protocol.Get, may_wait: bool = False):
-        grant = self.table.get(session, request.id, request.timeout, may_wait,   # ≤ 3600 s: protocol.Get
+    def get(self, session: Session, request: protocol.Get):
+        grant = self.table.get(session, request.id, request.timeout, False,   # ≤ 3600 s: protocol.Get
                                request.device, request.prefer)
         if grant.copy is not None:
             # The lease already pins both regions (Note [Copies for another device]).

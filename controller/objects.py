@@ -99,8 +99,23 @@ class Copy:
 
 
 class WouldWait(Exception):
-    """A get must wait for a pending object: the server answers it from another thread, so
-    the connection keeps serving the process's other requests meanwhile."""
+    """A get must wait: for a pending object's seal (``reason`` "seal"), or for a move between
+    tiers to end ("move"). The
+    server parks it (Note [Waiting gets own no thread], controller/server.py) and asks again
+    when the table changes; after ``wait_s`` it answers ``expired``."""
+
+    def __init__(self, object_id: str, reason: str, wait_s: float, expired: Exception):
+        super().__init__(object_id)
+        self.object_id, self.reason, self.wait_s, self.expired = object_id, reason, wait_s, expired
+
+
+def _not_sealed(object_id: str, timeout: float) -> FaasTubeTimeoutError:
+    return FaasTubeTimeoutError(f"object {object_id} was not sealed within {timeout:g} s: its producer "
+                                f"is still writing it (or forgot to seal it); pass a longer timeout")
+
+
+def _still_moving(object_id: str) -> FaasTubeTimeoutError:
+    return FaasTubeTimeoutError(f"object {object_id} is still being moved between tiers after {MOVE_WAIT_S:g} s")
 
 
 class _NoRoom(Exception):
@@ -156,7 +171,7 @@ class Session:
         self.slabs_sent: dict[int, bool] = {}     # slab id → a writable descriptor was sent
         self.leases: dict[int, Lease] = {}
         self.pending: set[str] = set()            # objects created here, not sealed yet
-        self.waiting_gets = 0                     # gets of this session waiting for a seal
+        self.waiting_gets = 0                     # gets of this session waiting (parked)
         self.retired: list[int] = []              # retired slabs to tell the client about
         self.closed = False
         self.pidfd = open_pidfd(pid)
@@ -215,6 +230,12 @@ class ObjectTable:
                  move=None):
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        # Note [Waiting gets own no thread] (controller/waiting.py): object id → gets parked
+        # on it; the ids of those sealed, unlinked or moved since the waiter last looked;
+        # sessions that closed with gets parked.
+        self.parked: dict[str, int] = {}
+        self.settled: set[str] = set()
+        self.closed_sessions: set = set()
         self.pools = {pool.device: pool for pool in pools}     # "host" and each GPU's UUID
         self.directory = directory
         self.objects: dict[str, ObjectRecord] = {}
@@ -242,6 +263,8 @@ class ObjectTable:
         with self.lock:
             self.sessions.pop(session.id, None)
             session.closed = True
+            if session.waiting_gets:
+                self.closed_sessions.add(session)
             self.changed.notify_all()     # waiting gets of this session give up
             for object_id in list(session.pending):
                 record = self.objects.get(object_id)
@@ -366,6 +389,7 @@ class ObjectTable:
             record.state = "sealed"
             record.sealed_at = record.used_at = time.monotonic()
             record.function = session.function or record.function
+            self.settle(record)
             if record.region.slab.device != record.home:     # a spilled put: off its tier already
                 self.evictor.evicted[record.id] = record
             self.directory.publish(record)      # queued: Note [The local table answers first]
@@ -416,7 +440,7 @@ class ObjectTable:
         self._check_namespace(session, record.namespace, object_id)
         if record.state == "pending" and timeout > 0:
             if not may_wait:
-                raise WouldWait()
+                raise WouldWait(object_id, "seal", timeout, _not_sealed(object_id, timeout))
             session.waiting_gets += 1
             try:
                 self.changed.wait_for(
@@ -426,19 +450,16 @@ class ObjectTable:
                 session.waiting_gets -= 1
         if record.moving and record.unlinked is None:       # a bounded copy: wait for it
             if not may_wait:
-                raise WouldWait()
+                raise WouldWait(object_id, "move", MOVE_WAIT_S, _still_moving(object_id))
             self.changed.wait_for(lambda: not record.moving or session.closed, timeout=MOVE_WAIT_S)
         if session.closed:
             raise InvalidStateError("the connection closed while waiting")
         if record.unlinked is not None:
             raise gone_error(object_id, record.unlinked)
         if record.state == "pending":
-            raise FaasTubeTimeoutError(
-                f"object {object_id} was not sealed within {timeout:g} s: its producer "
-                f"is still writing it (or forgot to seal it); pass a longer timeout")
+            raise _not_sealed(object_id, timeout)
         if record.moving:
-            raise FaasTubeTimeoutError(f"object {object_id} is still being moved between tiers "
-                                       f"after {MOVE_WAIT_S:g} s")
+            raise _still_moving(object_id)
         where = record.region.slab.device
         target = device or (prefer if record.home != HOST else None) or HOST
         if target == where:
@@ -629,7 +650,26 @@ class ObjectTable:
             self.directory.forget(record.id, reason)
         if record.leases == 0 and not record.moving:     # a move ends by freeing it
             self.free_region(record.region)
+        self.settle(record)
         self.changed.notify_all()
+
+    def settle(self, record: ObjectRecord) -> None:
+        """(lock held) ``record`` was sealed, unlinked or ended a move: gets parked on it
+        are asked again (Note [Waiting gets own no thread])."""
+        if record.id in self.parked:
+            self.settled.add(record.id)
+
+    def holds_nothing(self, session: Session) -> bool:
+        """Whether closing ``session``'s connection would lose it nothing: no lease, no object
+        being written, no waiting get (Note [Bounded connections], controller/server.py)."""
+        with self.lock:
+            return not (session.leases or session.pending or session.waiting_gets)
+
+    def may_answer(self, object_id: str, session: Session) -> bool:
+        """(lock held) Whether a get of ``object_id`` parked by ``session`` would not wait now."""
+        record = self.objects.get(object_id)
+        return (session.closed or record is None or record.unlinked is not None
+                or (record.state != "pending" and not record.moving))
 
     def _slab_retired(self, slab) -> None:
         for session in self.sessions.values():

@@ -285,6 +285,20 @@ class Config(_FromEnvironment):
                                        help='JSON {"namespace": "secret"}', shown="none")
     socket_mode: int = setting(0o660, env="FAASTUBE_SOCKET_MODE", parse=parse_octal, flag="--socket-mode",
                                help="socket file mode, octal", shown="660")
+    max_connections: int = setting(1024, env="FAASTUBE_MAX_CONNECTIONS", parse=int, flag="--max-connections",
+                                   metavar="N", help="connections served at once; more are refused with a "
+                                                     "clear error (lowered to fit the open-files limit)")
+    max_waiting_gets: int = setting(4096, env="FAASTUBE_MAX_WAITING_GETS", parse=int,
+                                    flag="--max-waiting-gets", metavar="N",
+                                    help="gets waiting for a seal at once, all connections together")
+    idle_timeout_s: float = setting(300.0, env="FAASTUBE_IDLE_TIMEOUT_S", parse=float, flag="--idle-timeout",
+                                    metavar="SECONDS",
+                                    help="close a connection that sent nothing for this long and holds "
+                                         "no views, objects being written or waiting gets (the SDK "
+                                         "reconnects on its next call); 0: never")
+    frame_timeout_s: float = setting(10.0, env="FAASTUBE_FRAME_TIMEOUT_S", parse=float, flag="--frame-timeout",
+                                     metavar="SECONDS",
+                                     help="a request frame must arrive whole within this of its first byte")
     metrics_port: int = setting(0, env="FAASTUBE_METRICS_PORT", parse=int, flag="--metrics-port",
                                 metavar="PORT", shown="off",
                                 help="serve Prometheus metrics on PORT, all interfaces")

@@ -19,7 +19,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 import time
 
@@ -81,6 +80,8 @@ class Connection:
         self._replies: dict[int, dict] = {}
         self._abandoned: set[int] = set()
         self._unawaited: set[int] = set()   # Note [Seal without waiting], faastube/client.py
+        self._parting: dict | None = None   # an error the controller sent before closing
+        self._closed_idle = -1              # the generation the controller closed as idle
         self._seq = 0
         self._function_sent: str | None = None
         self.releases.clear()               # a parent's leases are not the child's to end
@@ -139,7 +140,16 @@ class Connection:
 
     def wait(self, pending: Pending, timeout: float = DEFAULT_REPLY_TIMEOUT_S):
         """The typed reply of a sent request, or its error."""
-        message = self._wait(pending.seq, pending.generation, timeout)
+        try:
+            message = self._wait(pending.seq, pending.generation, timeout)
+        except ControllerUnavailableError:
+            if self._closed_idle != pending.generation:
+                raise
+            # The controller closed the connection as idle (Note [Bounded connections],
+            # controller/server.py) after making sure it had read nothing more: the request
+            # never reached it, so it goes once more on a new connection.
+            pending = self.send(pending.request)
+            message = self._wait(pending.seq, pending.generation, timeout)
         return protocol.decode_reply(type(pending.request), message)
 
     def peek(self, pending: Pending):
@@ -171,11 +181,12 @@ class Connection:
         # Blocking socket with kernel timeouts: Python's own timeouts cost a poll() per call.
         # A receive wakes at least every READ_TICK_S so a reader can check its deadline.
         sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(READ_TICK_S))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(DEFAULT_REPLY_TIMEOUT_S))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, protocol.timeval(READ_TICK_S))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, protocol.timeval(DEFAULT_REPLY_TIMEOUT_S))
         with self._state:
             self._sock, self._reader = sock, protocol.FrameReader(sock, accept_fds=True)
             self._generation += 1
+            self._parting = None
         self._function_sent = None          # a new connection is a new session
         if self.anonymous:
             return
@@ -227,6 +238,8 @@ class Connection:
             with self._state:
                 while True:
                     if generation != self._generation or self._sock is None:
+                        if self._parting is not None and not self._parting.get("idle"):
+                            _checked(self._parting)        # e.g. ControllerBusyError at its limit
                         raise self._lost("closed the connection (did it stop or restart?)")
                     if seq in self._replies:
                         return _checked(self._replies.pop(seq))
@@ -280,6 +293,10 @@ class Connection:
                 if not reply.get("ok"):
                     log.warning("a request the SDK did not wait for failed: %s: %s",
                                 reply.get("error"), reply.get("message"))
+            elif seq is None and not reply.get("ok"):
+                self._parting = reply       # why the controller is closing this connection
+                if reply.get("idle"):
+                    self._closed_idle = generation
             else:
                 self._replies[seq] = reply
 
@@ -307,7 +324,3 @@ def _checked(reply: dict) -> dict:
     if not reply.get("ok"):
         raise from_wire(reply.get("error", "FaasTubeError"), reply.get("message", "unknown error"))
     return reply
-
-
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))

@@ -20,6 +20,7 @@ or in the controller.
     ├── PoolExhaustedError (MemoryError)
     │   └── QuotaExceededError       the namespace holds its quota of the pool already
     ├── ControllerUnavailableError (ConnectionError)
+    │   └── ControllerBusyError      a limit of the controller's (connections, waiting gets)
     ├── RedisUnavailableError (ConnectionError)
     ├── FaasTubeTimeoutError (TimeoutError)
     ├── ProtocolError                a malformed frame or request on the socket
@@ -92,6 +93,11 @@ class ControllerUnavailableError(FaasTubeError, ConnectionError):
     """No controller answers on the socket."""
 
 
+class ControllerBusyError(ControllerUnavailableError):
+    """The controller is at one of its limits (connections, gets waiting) and refused this
+    connection or request; it keeps serving the others."""
+
+
 class RedisUnavailableError(FaasTubeError, ConnectionError):
     """The controller cannot reach Redis, so it cannot publish or resolve objects."""
 
@@ -127,7 +133,8 @@ WIRE_NAMES = {
         FaasTubeError, InvalidArgumentError, NotAnArrayError, UnsupportedDtypeError,
         InvalidRefError, InvalidStateError, ObjectNotFoundError, UnknownObjectError,
         ObjectDeletedError, ObjectExpiredError, ObjectLostError, NamespaceError,
-        PoolExhaustedError, QuotaExceededError, ControllerUnavailableError, RedisUnavailableError,
+        PoolExhaustedError, QuotaExceededError, ControllerUnavailableError, ControllerBusyError,
+        RedisUnavailableError,
         FaasTubeTimeoutError, ProtocolError, FrameTooLarge, CudaError, PumpUnavailable, PumpError,
     )
 }

@@ -140,6 +140,11 @@ class FrameReader:
         del self._buffer[:_HEADER.size + length]
         return unpack_body(body)
 
+    @property
+    def partial(self) -> bool:
+        """Whether part of a frame is buffered (a read timed out in the middle of it)."""
+        return bool(self._buffer)
+
     def has_frame(self) -> bool:
         """Whether a whole frame is buffered already (read() will not block)."""
         return (len(self._buffer) >= _HEADER.size and
@@ -164,6 +169,12 @@ class FrameReader:
             count = self._sock.recv_into(self._chunk)
         self._buffer += self._chunk[:count]
         return count > 0
+
+
+def timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO (kernel timeouts: Python's own cost
+    a poll() per call)."""
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@ for the others, and what cannot be stored is refused at the edge with a clear er
 
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -144,3 +145,179 @@ def test_after_a_controller_restart_the_next_call_reconnects_instead_of_failing(
         if faastube.sdk._client is not None:
             faastube.sdk._client.close()
             faastube.sdk._client = None
+
+
+# -- Note [Bounded connections] and Note [Waiting gets own no thread] (controller/server.py,
+#    controller/waiting.py): what a client can make the controller spend is bounded.
+
+def raw_connection(ctl, namespace: str | None = "test"):
+    """A socket to the controller that said hello, and its reader (or the refusal it got)."""
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(ctl.socket)
+    reader = protocol.FrameReader(sock, accept_fds=True)
+    if namespace is not None:
+        protocol.send_frame(sock, protocol.request_message(1, protocol.Hello(namespace, None, "raw")))
+        reply = reader.read()
+        if not reply["ok"]:
+            sock.close()
+            return reply
+    return sock, reader
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("Threads:")).split()[1])
+
+
+@pytest.fixture
+def limited(tmp_path, redis_server, request):
+    import faastube
+    ctl = ControllerProcess(tmp_path, redis_server.url, **request.param).start()
+    faastube.connect(socket=ctl.socket, namespace="test", spare_bytes=0)
+    yield ctl
+    faastube.sdk._client.close()
+    faastube.sdk._client = None
+    assert ctl.stop() == 0, ctl.log()
+
+
+@pytest.mark.parametrize("limited", [{"max_connections": "8"}], indirect=True)
+def test_connections_over_the_limit_are_refused_clearly_and_the_others_keep_working(limited):
+    import faastube
+    ref = faastube.put(np.arange(100))                  # the SDK's connection: 1 of 8
+    raws = [raw_connection(limited) for _ in range(7)]
+    assert all(isinstance(r, tuple) for r in raws)
+    with pytest.raises(errors.ControllerBusyError, match=r"serves 8 connections, its limit \(--max-connections\)"):
+        limited.client(spare_bytes=0).request(protocol.Ping())
+    assert int(faastube.get(ref).sum()) == 4950          # the ones served are not disturbed
+    for sock, _reader in raws:
+        sock.close()
+    wait_for(lambda: isinstance(raw_connection(limited), tuple), message="a connection served again")
+    assert "refused a connection (1 so far): the controller serves 8 connections" in limited.log()
+
+
+@pytest.mark.parametrize("limited", [{}], indirect=True)
+def test_running_out_of_file_descriptors_refuses_the_connection_and_the_controller_goes_on(limited):
+    import resource
+
+    import faastube
+    ref = faastube.put(np.arange(100))
+    pid = limited.process.pid
+    before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (96, before[1]))      # lowered under it, as by an admin
+    raws, refusals = [], []
+    try:
+        for _ in range(120):
+            outcome = raw_connection(limited)
+            (raws if isinstance(outcome, tuple) else refusals).append(outcome)
+        assert refusals and raws
+        assert {r["error"] for r in refusals} == {"ControllerBusyError"}
+        assert any("out of file descriptors" in r["message"] for r in refusals)
+        assert limited.process.poll() is None
+        assert int(faastube.get(ref).sum()) == 4950
+    finally:
+        for sock, _reader in raws:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+    wait_for(lambda: isinstance(raw_connection(limited), tuple), message="a connection served again")
+
+
+@pytest.mark.parametrize("limited", [{"max_waiting_gets": "600"}], indirect=True)
+def test_waiting_gets_take_no_thread_each_are_bounded_and_are_all_answered_at_the_seal(limited):
+    producer = limited.client(spare_bytes=0)
+    array, object_id, _lease = producer.create((1000,), np.dtype("uint8"))
+    array[...] = 7
+    threads = threads_of(limited.process.pid)
+    get = protocol.Get(object_id, timeout=60.0)
+
+    def send_gets(sock, count):
+        for seq in range(2, 2 + count):
+            protocol.send_frame(sock, protocol.request_message(seq, get))
+
+    def replies(reader, count):
+        out = []
+        for _ in range(count):
+            reply = reader.read()
+            reader.close_fds()
+            out.append(reply)
+        return out
+
+    one, reader_one = raw_connection(limited)
+    send_gets(one, 257)                       # one more than a connection may park
+    (refused,) = replies(reader_one, 1)
+    assert refused["error"] == "ControllerBusyError" and "the most one connection may have" in refused["message"]
+    others = [raw_connection(limited) for _ in range(2)]
+    for sock, _reader in others:
+        send_gets(sock, 256)                  # 768 in all, 600 may wait
+    wait_for(lambda: limited.status()["namespaces"]["test"]["waiting_gets"] == 600, message="600 parked")
+    # A thread per connection and the answer threads, not one per get: 600 would be 600.
+    assert threads_of(limited.process.pid) <= threads + 3 + 8 + 2
+    producer.seal(object_id, wait=True)
+    del array
+    answered = replies(reader_one, 256)
+    for _sock, reader in others:
+        answered += replies(reader, 256)
+    refused_total = [r for r in answered if not r["ok"]]
+    assert len(answered) - len(refused_total) == 600
+    assert {r["error"] for r in refused_total} == {"ControllerBusyError"}
+    assert len(refused_total) == 168 and all("--max-waiting-gets" in r["message"] for r in refused_total)
+    assert limited.process.poll() is None
+    assert limited.status()["namespaces"]["test"]["waiting_gets"] == 0
+    for sock, _reader in [(one, None)] + others:
+        sock.close()
+    producer.close()
+
+
+@pytest.mark.parametrize("limited", [{"max_waiting_gets": "600"}], indirect=True)
+def test_a_parked_get_times_out_with_the_same_error_and_a_closed_connection_drops_its_gets(limited):
+    producer = limited.client(spare_bytes=0)
+    _array, object_id, _lease = producer.create((10,), np.dtype("uint8"))
+    consumer = limited.client(spare_bytes=0)
+    started = time.monotonic()
+    with pytest.raises(errors.FaasTubeTimeoutError, match=f"object {object_id} was not sealed within 0.3 s"):
+        consumer.request(protocol.Get(object_id, timeout=0.3), wait_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 3
+    sock, _reader = raw_connection(limited)
+    for seq in range(2, 102):
+        protocol.send_frame(sock, protocol.request_message(seq, protocol.Get(object_id, timeout=60.0)))
+    wait_for(lambda: limited.status()["namespaces"]["test"]["waiting_gets"] == 100, message="100 parked")
+    sock.close()
+    wait_for(lambda: limited.status()["namespaces"]["test"]["waiting_gets"] == 0, message="dropped")
+    consumer.close()
+    producer.close()
+
+
+@pytest.mark.parametrize("limited", [{"idle_timeout": "1"}], indirect=True)
+def test_an_idle_connection_that_holds_nothing_is_closed_and_the_sdk_reconnects_unseen(limited):
+    import gc
+
+    import faastube
+
+    def test_clients():
+        return limited.status()["namespaces"]["test"]["clients"]
+    ref = faastube.put(np.arange(10))
+    view = faastube.get(ref)
+    time.sleep(2.5)                           # idle, but it holds a view: kept
+    assert test_clients() == 1
+    del view
+    gc.collect()
+    faastube.client().request(protocol.Ping())            # the release rides on it
+    wait_for(lambda: test_clients() == 0, timeout=10, message="the idle connection closed")
+    assert int(faastube.get(ref).sum()) == 45              # a new connection, unseen by the caller
+    assert test_clients() == 1
+
+
+@pytest.mark.parametrize("limited", [{"frame_timeout": "1"}], indirect=True)
+def test_a_frame_that_trickles_in_is_cut_off_and_the_others_are_served(limited):
+    import faastube
+    import struct
+    sock, reader = raw_connection(limited, namespace=None)
+    sock.sendall(struct.pack(">I", 100) + b"\x81" * 10)   # 10 of 100 bytes, then nothing
+    started = time.monotonic()
+    ref = faastube.put(np.arange(10))
+    assert int(faastube.get(ref).sum()) == 45
+    reply = reader.read()
+    assert reply["error"] == "ProtocolError" and "took more than 1 s to arrive (--frame-timeout)" in reply["message"]
+    assert reader.read() is None and time.monotonic() - started < 5
+    sock.close()
