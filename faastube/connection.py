@@ -226,9 +226,23 @@ class Connection:
             protocol.send_frame(self._sock, protocol.request_message(self._seq, request, releases, demand,
                                                                      function))
         except OSError as exc:
+            parting = self._parting_frame()
             self._disconnect()
+            if parting is not None:
+                _checked(parting)          # e.g. ControllerBusyError: refused at its limit
             raise self._lost(f"failed: {exc}") from None
         return self._seq
+
+    def _parting_frame(self) -> dict | None:
+        """An error frame the controller sent before closing, if one is there to read."""
+        try:
+            self._sock.setblocking(False)
+            reply = self._reader.read()
+        except (OSError, FaasTubeError):
+            return None
+        if reply is not None and reply.get("seq") is None and not reply.get("ok") and not reply.get("idle"):
+            return reply
+        return None
 
     # -- replies (Note [Pipelined requests]) ----------------------------------------------
 
