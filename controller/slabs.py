@@ -7,8 +7,11 @@ once per process (SCM_RIGHTS) and the process maps it and keeps the mapping.
 
 Note [Read-only descriptors]: each slab keeps two descriptors. The read-write one goes only
 to processes that allocate in the slab; readers get one opened O_RDONLY through
-/proc/self/fd, on which the kernel refuses a writable shared mapping. A consumer therefore
-cannot change a sealed object, whatever it does with the descriptor.
+/proc/self/fd, on which the kernel refuses a writable shared mapping; the memfd's inode is
+then made mode 0400, so a reader cannot open the descriptor again read-write through its own
+/proc/self/fd either (unless it runs as the controller's user or as root: docs/security.md).
+A consumer of another user therefore cannot change a sealed host object, whatever it does
+with the descriptor.
 
 Note [Slabs never change namespace]: a slab serves one namespace for its whole life. A
 process keeps its mappings cached after the controller retires a slab, so a slab handed to
@@ -52,6 +55,10 @@ class MemfdSlab:
                 # instead of as SIGBUS inside a function.
                 os.posix_fallocate(self.fd_rw, 0, size)
             self.fd_ro = os.open(f"/proc/self/fd/{self.fd_rw}", os.O_RDONLY | os.O_CLOEXEC)
+            # A memfd's inode is mode 0777: a reader could open its descriptor again through
+            # /proc/self/fd read-write. Owner read-only now (descriptors already open keep
+            # their access): only the controller's user and root could (docs/security.md).
+            os.fchmod(self.fd_rw, 0o400)
         except BaseException:
             os.close(self.fd_rw)
             raise

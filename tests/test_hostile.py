@@ -326,3 +326,31 @@ def test_a_frame_that_trickles_in_is_cut_off_and_the_others_are_served(limited):
     assert reply["error"] == "ProtocolError" and "took more than 1 s to arrive (--frame-timeout)" in reply["message"]
     assert reader.read() is None and time.monotonic() - started < 5
     sock.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a reader as another user")
+def test_a_reader_of_another_user_cannot_reopen_its_read_only_slab_descriptor_writable(ft, controller, tmp_path):
+    import subprocess
+    ref = ft.put(np.full(1000, 3, np.uint8))
+    sock, reader = raw_connection(controller)
+    protocol.send_frame(sock, protocol.request_message(2, protocol.Get(ref["id"])))
+    reply = reader.read()
+    assert reply["ok"], reply
+    (fd,) = reader.take_fds(1)
+    try:
+        # The reader, as user nobody, holds the descriptor it was sent and tries to open it
+        # again read-write (and to map it writable) through its own /proc/self/fd.
+        probe = (f"import mmap, os\n"
+                 f"try:\n    os.open('/proc/self/fd/{fd}', os.O_RDWR)\n    print('reopened')\n"
+                 f"except PermissionError:\n    print('refused')\n"
+                 f"try:\n    mmap.mmap({fd}, 4096, flags=mmap.MAP_SHARED, prot=mmap.PROT_WRITE)\n    print('mapped')\n"
+                 f"except PermissionError:\n    print('refused')\n")
+        out = subprocess.run(["/usr/bin/python3", "-c", probe], pass_fds=[fd], capture_output=True, text=True,
+                             user=65534, timeout=30, cwd="/")
+        assert out.stdout.split() == ["refused", "refused"], out
+    finally:
+        os.close(fd)
+        protocol.send_frame(sock, protocol.request_message(3, protocol.Ping(), releases=[(reply["lease"], "drop")]))
+        assert reader.read()["ok"]
+        sock.close()
+    assert int(ft.get(ref).sum()) == 3000
