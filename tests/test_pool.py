@@ -110,26 +110,27 @@ def test_a_device_pool_holds_a_share_of_free_memory_and_gives_empty_slabs_back_u
     # Note [Giving memory back], the pool's policy over a host-backed tier standing in for a
     # GPU: the device's free memory is what the probe says (what another process leaves).
     from controller.pool import Pool
-    device_free = [64 * MiB]
-    pool = Pool("GPU-test", 4 * MiB, 64 * MiB, 30.0, free_probe=lambda: device_free[0], free_share=0.5,
-                watermark=16 * MiB)
+    # A 64 MiB device: free is what neither the pool's slabs nor other processes take (the
+    # pool may read it at any moment: it keeps a probe for PROBE_TTL_S).
+    others = [0]
+    pool = Pool("GPU-test", 4 * MiB, 64 * MiB, 30.0, free_probe=lambda: 64 * MiB - pool.reserved - others[0],
+                free_share=0.5, watermark=16 * MiB)
     try:
         regions = [pool.allocate("ns", 3 * MiB) for _ in range(8)]     # 8 slabs: 32 MiB
-        device_free[0] -= 32 * MiB
         assert pool.reserved == 32 * MiB
         with pytest.raises(errors.PoolExhaustedError, match=r"device has 32\.0 MiB free, of which with "
                                                              r"its own slabs it may hold 50%"):
             pool.allocate("ns", 3 * MiB)                               # 36 > 0.5 × (32 + 32)
         for region in regions[:5]:
             pool.free(region)                                          # 5 empty slabs
-        device_free[0] = 6 * MiB                                       # a model took 26 MiB
+        others[0] = 26 * MiB                                           # a model took 26 MiB: 6 free
         given = pool.give_back(pool.probe_for_give_back())
         assert len(given) == 3 and pool.reserved == 20 * MiB           # 6 + 3 × 4 ≥ 16: enough
         assert pool.stats()["given_back"] == {"slabs": 3, "bytes": 12 * MiB}
         assert len(pool.slabs) == 5 and sum(s.allocator.empty for s in pool.slabs.values()) == 2
         for slab in given:
             slab.close()
-        device_free[0] = 30 * MiB
+        others[0] = 14 * MiB                                           # 30 MiB free
         assert pool.give_back(pool.probe_for_give_back()) == []        # over the watermark: nothing
     finally:
         pool.close()
