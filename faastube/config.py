@@ -357,6 +357,11 @@ class ShimConfig(_FromEnvironment):
                                     help="Knative: the reply events' source (default /faastube/<service>)")
     ce_type: str = setting("dev.faastube.result", env="FAASTUBE_CE_TYPE",
                            help="Knative: the reply events' type")
+    max_body: int = setting(256 << 20, env="FAASTUBE_MAX_BODY", parse=parse_size, shown="256MiB",
+                            help="largest request body the runtime reads (413 above it)")
+    request_timeout_s: float = setting(30.0, env="FAASTUBE_REQUEST_TIMEOUT_S", parse=float,
+                                       help="seconds a request may take to arrive whole, from its first "
+                                            "byte (408 after it): slow clients cannot hold a connection")
     log_marker: str = setting("", env="FAASTUBE_LOG_MARKER",
                               help="set by the shim for an action process whose logs it captures")
 

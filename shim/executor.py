@@ -71,29 +71,59 @@ class ActionProcess:
         return reply[:-1]
 
 
+LOG_BLOCK_LIMIT = 10 << 20     # bytes of one activation's stdout (or stderr) held to write whole
+
+
 class LogSplitter:
     """Note [Logs per activation]: with several action processes running at once, their
     output must not interleave inside an activation's logs. The launcher writes a private
     marker after flushing, before each reply; a reader thread cuts the stream at each marker
     into one block per activation, and the shim writes each block with its sentinel whole.
-    At EOF (the process died) what is left is the last block."""
+    At EOF (the process died) what is left is the last block. A block holds at most
+    LOG_BLOCK_LIMIT bytes (OpenWhisk's default log limit per activation): the rest of that
+    activation's output is dropped and counted in a last line, so memory stays bounded
+    whatever an action prints. The stream is searched once, in linear time."""
 
-    def __init__(self, stream, marker: bytes):
+    def __init__(self, stream, marker: bytes, limit: int = LOG_BLOCK_LIMIT):
         self._blocks: queue.Queue[bytes] = queue.Queue()
         self._marker = marker
+        self._limit = limit
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream) -> None:
-        pending = b""
+        block = bytearray()       # the activation's output kept so far
+        dropped = 0
+        tail = b""                # the end of the last chunk: a marker may straddle chunks
         while True:
             chunk = stream.read1(1 << 16)
             if not chunk:
-                self._blocks.put(pending)
+                self._blocks.put(self._ended(block + tail, dropped))
                 return
-            pending += chunk
-            while (at := pending.find(self._marker)) >= 0:
-                self._blocks.put(pending[:at])
-                pending = pending[at + len(self._marker):]
+            data = tail + chunk
+            while (at := data.find(self._marker)) >= 0:
+                block, dropped = self._keep(block, dropped, data[:at])
+                self._blocks.put(self._ended(block, dropped))
+                block, dropped = bytearray(), 0
+                data = data[at + len(self._marker):]
+            keep = len(self._marker) - 1          # bytes that may begin a marker
+            block, dropped = self._keep(block, dropped, data[:len(data) - keep] if keep else data)
+            tail = data[len(data) - keep:] if keep else b""
+
+    def _keep(self, block: bytearray, dropped: int, data: bytes) -> tuple[bytearray, int]:
+        room = self._limit - len(block)
+        if len(data) <= room:
+            block += data
+            return block, dropped
+        block += data[:max(room, 0)]
+        return block, dropped + len(data) - max(room, 0)
+
+    def _ended(self, block: bytearray, dropped: int) -> bytes:
+        if dropped:
+            if block and not block.endswith(b"\n"):
+                block += b"\n"
+            block += (f"faastube: {dropped} more bytes of this activation's output dropped (more than "
+                      f"{self._limit} bytes)\n").encode()
+        return bytes(block)
 
     def take(self, timeout: float = 10.0) -> bytes:
         try:

@@ -33,6 +33,8 @@ from urllib.parse import unquote_to_bytes
 import httptools
 from gunicorn.workers import base
 
+from faastube.config import ShimConfig
+
 RECV_SIZE = 1 << 16
 IDLE_POLL_S = 1.0        # how often the accept loop tells the arbiter it lives
 
@@ -81,7 +83,7 @@ class _Parse:
     included) in order. The request line and headers are bounded by gunicorn's
     ``limit_request_*`` settings, as gunicorn's own workers bound them."""
 
-    def __init__(self, client: socket.socket, cfg):
+    def __init__(self, client: socket.socket, cfg, max_body: int):
         self.client = client
         self.parser = httptools.HttpRequestParser(self)
         self.current: Request | None = None
@@ -90,9 +92,12 @@ class _Parse:
         self.max_line = cfg.limit_request_line or 1 << 20
         self.max_fields = cfg.limit_request_fields
         self.max_field = cfg.limit_request_field_size or 1 << 20
+        self.max_body = max_body
+        self.body_bytes = 0
 
     def on_message_begin(self):
         self.current = Request()
+        self.body_bytes = 0
 
     def on_url(self, url: bytes):
         self.current.url += url
@@ -112,11 +117,19 @@ class _Parse:
         request.method = self.parser.get_method().decode("latin-1")
         request.version = self.parser.get_http_version()
         request.keep_alive = self.parser.should_keep_alive()
+        length = next((v for n, v in request.headers if n.lower() == b"content-length"), b"0")
+        if length.isdigit() and int(length) > self.max_body:      # refused before it is sent
+            self.error = TooLarge(413, f"Request Entity Too Large: more than {self.max_body} bytes")
+            raise self.error
         if any(n.lower() == b"expect" and v.lower() == b"100-continue" for n, v in request.headers):
             # The client waits for this before sending a large body (curl, Go clients).
             self.client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
+        self.body_bytes += len(body)
+        if self.body_bytes > self.max_body:                     # chunked: counted as it comes
+            self.error = TooLarge(413, f"Request Entity Too Large: more than {self.max_body} bytes")
+            raise self.error
         self.current.body.append(body)
 
     def on_message_complete(self):
@@ -126,6 +139,7 @@ class _Parse:
 
 class ShimWorker(base.Worker):
     def init_process(self):
+        self._limits = ShimConfig()                # the app's settings, once it is loaded
         self._state = threading.Condition()
         self._connections: dict[socket.socket, bool] = {}    # connection → busy
         self._direct = {}
@@ -135,6 +149,9 @@ class ShimWorker(base.Worker):
         super().load_wsgi()
         extensions = getattr(self.wsgi, "extensions", None) or {}
         self._direct = extensions.get("faastube_direct_routes", {})
+        runtime = extensions.get("faastube_runtime")
+        if runtime is not None:
+            self._limits = runtime.settings        # max_body, request_timeout_s
 
     # -- accepting ---------------------------------------------------------------------
 
@@ -182,16 +199,24 @@ class ShimWorker(base.Worker):
     # -- one connection ----------------------------------------------------------------
 
     def _serve(self, listener, client: socket.socket, address):
-        parse = _Parse(client, self.cfg)
+        parse = _Parse(client, self.cfg, self._limits.max_body)
         server = listener.getsockname()
-        # Idle between requests, or silent in the middle of one: either way the connection
-        # goes after the keep-alive time, so no slow client holds a thread.
-        client.settimeout(self.cfg.keepalive or None)
+        # Idle between requests: the connection goes after the keep-alive time. Inside a
+        # request: it must arrive whole within the request timeout of its first byte, so a
+        # client that trickles cannot hold a thread (and a connection slot) for long.
+        idle = self.cfg.keepalive or None
+        client.settimeout(idle)
+        request_deadline = None
         try:
             while True:
                 try:
                     data = client.recv(RECV_SIZE)
-                except OSError:                  # timed out, reset, or shut down by _drain
+                except TimeoutError:
+                    if request_deadline is not None:
+                        self._send(client, 408, b"Request Timeout: the request did not arrive within "
+                                   b"%g s\n" % self._limits.request_timeout_s, b"text/plain", close=True)
+                    return
+                except OSError:                  # reset, or shut down by _drain
                     return
                 if not data:
                     return
@@ -213,8 +238,17 @@ class ShimWorker(base.Worker):
                     self._respond(request, client, address, server, close)
                     if close:
                         return
-                if parse.current is None and not self._mark(client, busy=False):
-                    return
+                if parse.current is None:
+                    if request_deadline is not None:
+                        request_deadline = None
+                        client.settimeout(idle)
+                    if not self._mark(client, busy=False):
+                        return
+                else:
+                    now = time.monotonic()
+                    if request_deadline is None:
+                        request_deadline = now + self._limits.request_timeout_s
+                    client.settimeout(max(request_deadline - now, 0.001))
         finally:
             with self._state:
                 self._connections.pop(client, None)

@@ -157,3 +157,54 @@ def test_oversized_request_heads_are_refused(shim, head, status):
     sock.sendall(head + b"Content-Length: 2\r\n\r\n{}")
     got, headers, _body, _ = read_response(sock)
     assert got == status and headers["connection"] == "close" and closed(sock)
+
+
+@pytest.fixture
+def limited_shim(tmp_path):
+    server = Shim(tmp_path, {"FAASTUBE_MAX_BODY": "1MiB", "FAASTUBE_REQUEST_TIMEOUT_S": "1"})
+    assert server.init(ECHO)[0] == 200
+    yield server
+    server.stop()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_and_when_chunked(limited_shim):
+    sock = connect(limited_shim)
+    sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")    # no body sent
+    status, _headers, body, _ = read_response(sock)
+    assert status == 413 and b"more than 1048576 bytes" in body
+    sock.close()
+    sock = connect(limited_shim)
+    chunk = b"x" * 65536
+    sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    try:
+        for _ in range(20):                                  # 1.25 MiB in chunks
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    except (BrokenPipeError, ConnectionResetError):
+        pass                                                 # refused midway: the answer is there
+    status, _headers, body, _ = read_response(sock)
+    assert status == 413
+    sock.close()
+    status, body = limited_shim.run({"n": 1})
+    assert status == 200 and json.loads(body) == {"echo": {"n": 1}}
+
+
+def test_a_request_that_trickles_in_is_cut_off_and_others_are_served(limited_shim):
+    slow = [connect(limited_shim) for _ in range(20)]
+    for sock in slow:
+        sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")   # 1 of 100 bytes
+    status, body = limited_shim.run({"n": 2})
+    assert status == 200 and json.loads(body) == {"echo": {"n": 2}}
+    for sock in slow:
+        status, _headers, body, _ = read_response(sock)
+        assert status == 408 and body == b"Request Timeout: the request did not arrive within 1 s\n"
+        assert closed(sock)
+        sock.close()
+    # Idle keep-alive connections are not cut by the request timeout.
+    sock = connect(limited_shim)
+    sock.sendall(request("/run", b'{"value": {"a": 1}}'))
+    assert read_response(sock)[0] == 200
+    import time
+    time.sleep(1.5)
+    sock.sendall(request("/run", b'{"value": {"a": 2}}'))
+    assert json.loads(read_response(sock)[2]) == {"echo": {"a": 2}}
+    sock.close()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 import zipfile
 
 import pytest
@@ -93,6 +94,7 @@ def shim(tmp_path, request):
         server = Shim(folder, {**mode, **env})
         started.append(server)
         return server
+    start.mode = request.param
     yield start
     for server in started:
         server.stop()
@@ -429,3 +431,48 @@ def test_init_fields_of_the_wrong_type_are_a_400_json_error_and_a_later_init_wor
     assert status == 400 and json.loads(body) == {"error": f"Error unmarshaling request: {wrong}"}
     assert s.init("def main(args):\n    return {'ok': 1}\n") == (200, b'{"ok":true}\n')
     assert s.run({}) == (200, b'{"ok": 1}')
+
+
+def test_an_action_that_prints_more_than_the_log_limit_is_answered_and_its_log_is_cut(shim):
+    # Note [Logs per activation]: in concurrent mode an activation's output is held to be
+    # written whole; past 10 MiB the rest is dropped and counted, so memory stays bounded.
+    server = shim()
+    server.init(source("""
+        import sys
+        def main(args):
+            line = "z" * 1023 + "\\n"
+            for _ in range(args["kib"]):
+                sys.stdout.write(line)
+            print("last line")
+            return {"done": True}
+        """))
+    started = time.monotonic()
+    assert server.run({"kib": 12 * 1024}) == (200, b'{"done": true}')
+    assert time.monotonic() - started < 60
+    assert server.run({"kib": 1}) == (200, b'{"done": true}')         # the next one is whole
+    wait_for(lambda: server.stdout().count(SENTINEL) == 2, message="both activations' logs")
+    first, second, _rest = server.stdout().split(SENTINEL + "\n")
+    if shim.mode == "concurrent":
+        assert first.endswith("more bytes of this activation's output dropped (more than 10485760 bytes)\n")
+        assert len(first) < (10 << 20) + 200
+    else:                                                                # serial: streamed as it is
+        assert first.endswith("last line\n") and len(first) > 12 << 20
+    assert second == "z" * 1023 + "\nlast line\n"
+
+
+def test_an_activation_ends_when_its_process_answers_whatever_children_it_left(shim):
+    server = shim()
+    server.init(source("""
+        import os, time
+        def main(args):
+            if os.fork() == 0:           # a child that keeps every inherited pipe open
+                time.sleep(20)
+                os._exit(0)
+            print("parent done")
+            return {"ok": 1}
+        """))
+    for _ in range(2):
+        started = time.monotonic()
+        assert server.run({}) == (200, b'{"ok": 1}')
+        assert time.monotonic() - started < 5
+    wait_for(lambda: server.stdout().count("parent done\n" + SENTINEL) == 2, message="both activations' logs")
