@@ -131,12 +131,31 @@ class GpuOwner:
         self.mapping = mapping
 
 
+class ReadOnlyView(np.ndarray):
+    """A got host object's numpy view.
+
+    Note [Read-only over DLPack]: its pages are mapped read-only, and DLPack has no
+    read-only flag PyTorch honours: ``torch.from_dlpack`` of it, then a write, would kill
+    the process with SIGSEGV. So a read-only view refuses to be exported through DLPack,
+    with a clear error; arrays computed from it (writable) export as usual."""
+
+    def __dlpack__(self, *args, **kwargs):
+        if not self.flags.writeable:
+            raise BufferError(
+                "a FaaSTube view is read-only (its memory is mapped read-only), which DLPack "
+                "cannot pass on: a write through it would crash the process. Export a copy "
+                "(numpy.array(view)) to write, or read it with numpy")
+        return super().__dlpack__(*args, **kwargs)
+
+
 def host_view(slabs: SlabMappings, grant: Granted, writable: bool) -> np.ndarray:
-    """A flat numpy array over a host object's bytes (read-only unless ``writable``)."""
+    """A flat numpy array over a host object's bytes (read-only unless ``writable``: then
+    a :class:`ReadOnlyView`)."""
     mapping = slabs[grant.slab]
     buffer = mapping.writable if writable else mapping.readable
-    return np.frombuffer(buffer, dtype=np.dtype(grant.dtype), count=math.prod(grant.shape),
-                         offset=grant.offset)
+    array = np.frombuffer(buffer, dtype=np.dtype(grant.dtype), count=math.prod(grant.shape),
+                          offset=grant.offset)
+    return array if writable else array.view(ReadOnlyView)
 
 
 def gpu_view(slabs: SlabMappings, grant: Granted, writable: bool):

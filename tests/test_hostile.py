@@ -354,3 +354,19 @@ def test_a_reader_of_another_user_cannot_reopen_its_read_only_slab_descriptor_wr
         assert reader.read()["ok"]
         sock.close()
     assert int(ft.get(ref).sum()) == 3000
+
+
+def test_a_read_only_view_refuses_dlpack_instead_of_crashing_the_process_on_a_write(ft, controller):
+    torch = pytest.importorskip("torch", reason="PyTorch is the DLPack consumer that crashed")
+    ref = ft.put(np.arange(16, dtype=np.float32))
+    view = ft.get(ref)
+    with pytest.raises(BufferError, match=r"a FaaSTube view is read-only .*numpy\.array\(view\)"):
+        torch.from_dlpack(view)
+    with pytest.raises(ValueError, match="read-only"):
+        view[0] = 1                                   # numpy says so as well
+    copy = torch.from_dlpack(np.array(view))          # a copy exports and takes writes
+    copy[0] = 100
+    doubled = torch.from_dlpack(view * 2)             # so does an array computed from it
+    assert float(doubled[3]) == 6.0 and float(copy[0]) == 100.0
+    del view
+    assert ft.get(ref)[0] == 0.0                      # the object is unchanged
