@@ -33,6 +33,17 @@ class RequestStats:
         self.sums: dict[str, float] = {}
         self.copy_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.copy_sum = 0.0
+        # Note [Bounded connections] (controller/server.py): connections served now, the
+        # most that may be, and what was refused at a limit, by which.
+        self.connections = 0
+        self.connection_limit = 0
+        self.refused: dict[str, int] = {}
+
+    def count_refused(self, limit: str) -> int:
+        """One request or connection refused at ``limit``; how many so far, all limits."""
+        with self._lock:
+            self.refused[limit] = self.refused.get(limit, 0) + 1
+            return sum(self.refused.values())
 
     def observe(self, op: str, ok: bool, seconds: float) -> None:
         slot = bisect.bisect_left(LATENCY_BUCKETS, seconds)
@@ -60,12 +71,17 @@ class RequestStats:
 
     def summary(self) -> dict:
         """For the admin's status: ``{"ops": {op: {"ok", "error", "seconds"}}, "get_copies":
-        {"count", "seconds"}}``; seconds are summed, so two summaries' difference gives means."""
+        {"count", "seconds"}, "connections": {"open", "limit", "refused": {limit: count}}}``;
+        seconds are summed, so two summaries' difference gives means."""
         counts, _buckets, sums, copy_buckets, copy_sum = self.snapshot()
         ops: dict[str, dict] = {}
         for (op, outcome), count in counts.items():
             ops.setdefault(op, {"ok": 0, "error": 0, "seconds": sums.get(op, 0.0)})[outcome] = count
-        return {"ops": ops, "get_copies": {"count": sum(copy_buckets), "seconds": copy_sum}}
+        with self._lock:
+            connections = {"open": self.connections, "limit": self.connection_limit,
+                           "refused": dict(self.refused)}
+        return {"ops": ops, "get_copies": {"count": sum(copy_buckets), "seconds": copy_sum},
+                "connections": connections}
 
 
 class ControllerCollector:
@@ -214,6 +230,19 @@ class ControllerCollector:
                                        "asked for (only gets that copied)")
         copies.add_metric([], _cumulative(copy_buckets), copy_sum)
         yield copies
+        summary = self.stats.summary()["connections"]
+        open_now = GaugeMetricFamily("faastube_connections", "Client connections served now")
+        open_now.add_metric([], summary["open"])
+        yield open_now
+        limit = GaugeMetricFamily("faastube_connection_limit", "Most connections served at once "
+                                  "(--max-connections, fitted to the open-files limit)")
+        limit.add_metric([], summary["limit"])
+        yield limit
+        refused = CounterMetricFamily("faastube_refused", "Connections and requests refused at a limit "
+                                      "(ControllerBusyError)", labels=["limit"])
+        for name, count in sorted(summary["refused"].items()):
+            refused.add_metric([name], count)
+        yield refused
 
 
 def _cumulative(counts_by_bucket: list[int]) -> list[tuple[str, int]]:

@@ -105,8 +105,7 @@ class ControllerServer:
         self.idle_timeout_s = idle_timeout_s
         self.frame_timeout_s = frame_timeout_s
         self.parked = ParkedGets(table, max_waiting_gets)
-        self.connections = 0
-        self.refused = 0
+        self.stats.connection_limit = self.max_connections
         self._count_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake_read, self._wake_write = os.pipe()      # Note [Signals wake the accept loop]
@@ -160,12 +159,12 @@ class ControllerServer:
             return
         conn.setblocking(True)
         with self._count_lock:
-            full = self.connections >= self.max_connections
+            full = self.stats.connections >= self.max_connections
             if not full:
-                self.connections += 1
+                self.stats.connections += 1
         if full:
-            self._refuse(conn, f"the controller serves {self.max_connections} connections, its limit "
-                               f"(--max-connections); close idle ones or try again later")
+            self._refuse(conn, "connections", f"the controller serves {self.max_connections} connections, "
+                                              f"its limit (--max-connections); close idle ones or try again later")
             return
         try:
             pid, uid, gid = protocol.peer_credentials(conn)
@@ -174,14 +173,14 @@ class ControllerServer:
                              name=f"conn-{session.id}-pid{pid}", daemon=True).start()
         except (RuntimeError, OSError) as exc:        # no thread (or descriptor) to be had now
             self._count_closed()
-            self._refuse(conn, f"the controller cannot serve another connection now ({exc}); "
-                               f"try again later")
+            self._refuse(conn, "threads", f"the controller cannot serve another connection now ({exc}); "
+                                          f"try again later")
 
-    def _refuse(self, conn: socket.socket, why: str) -> None:
+    def _refuse(self, conn: socket.socket, limit: str, why: str) -> None:
         """Answer a connection ControllerBusyError and close it (Note [Bounded connections])."""
-        self.refused += 1
-        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
-            log.warning("refused a connection (%d so far): %s", self.refused, why)
+        refused = self.stats.count_refused(limit)
+        if refused in (1, 10, 100) or refused % 1000 == 0:
+            log.warning("refused a connection (%d so far): %s", refused, why)
         try:
             conn.settimeout(0.1)
             protocol.send_frame(conn, protocol.error_message(None, ControllerBusyError(why)))
@@ -204,8 +203,8 @@ class ControllerServer:
         except OSError:
             conn = None
         if conn is not None:
-            self._refuse(conn, f"the controller is out of file descriptors ({exc.strerror}); "
-                               f"try again later")
+            self._refuse(conn, "descriptors", f"the controller is out of file descriptors ({exc.strerror}); "
+                                              f"try again later")
         try:
             self._spare_fd = os.open(os.devnull, os.O_RDONLY)
         except OSError:
@@ -213,7 +212,7 @@ class ControllerServer:
 
     def _count_closed(self) -> None:
         with self._count_lock:
-            self.connections -= 1
+            self.stats.connections -= 1
 
     def stop(self) -> None:
         self._stopping.set()
@@ -300,6 +299,7 @@ class ControllerServer:
                 self._park(conn, send_lock, session, message, envelope, wait, parked_until)
                 return
             except ControllerBusyError as exc:
+                self.stats.count_refused("waiting_gets")
                 reply = protocol.error_message(seq, exc)
         except FaasTubeError as exc:
             reply = protocol.error_message(seq, exc)

@@ -129,6 +129,11 @@ def render_status(status: dict) -> str:
         lines.append("requests: " + ", ".join(answered)
                      + (f"; {copies['count']} gets copied, mean copy "
                         f"{copies['seconds'] / copies['count'] * 1e6:.0f} µs" if copies["count"] else ""))
+    connections = (requests or {}).get("connections")
+    if connections:                   # Note [Bounded connections]
+        refused = ", ".join(f"{limit} {count}" for limit, count in sorted(connections["refused"].items()))
+        lines.append(f"connections {connections['open']} of {connections['limit']}; refused at a limit: "
+                     f"{refused or 'none'}")
     header = ("namespace", "slabs", "reserved", "used", "objects", "pending", "sealed",
               "bytes", "leases", "freeing", "waiting", "clients")
     rows = [header]

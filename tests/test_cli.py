@@ -37,9 +37,11 @@ def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, f
         # Requests answered so far, by op (this status itself is counted after its reply).
         answered = dict(re.findall(r"(\w+) (\d+) mean \d+ µs", lines[3]))
         assert lines[3].startswith("requests: ") and answered["create"] == "2" and answered["hello"] == "2"
-        assert lines[4].split() == ["namespace", "slabs", "reserved", "used", "objects", "pending",
+        # This status's own connection, the two clients', and any whose thread is still ending.
+        assert re.fullmatch(r"connections [3-9] of 1024; refused at a limit: none", lines[4]), lines[4]
+        assert lines[5].split() == ["namespace", "slabs", "reserved", "used", "objects", "pending",
                                     "sealed", "bytes", "leases", "freeing", "waiting", "clients"]
-        rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[5:])}
+        rows = {cells[0]: cells for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[6:])}
         #                 slabs reserved     used         objects pending sealed bytes        leases freeing waiting clients
         assert rows["test"][1:] == ["1", "4.0 MiB", "976.8 KiB", "1", "0", "1", "976.6 KiB", "0", "0", "0", "1"]
         assert rows["team-b"][1:] == ["1", "4.0 MiB", "256 B", "1", "1", "0", "80 B", "1", "0", "0", "1"]

@@ -198,6 +198,10 @@ def test_connections_over_the_limit_are_refused_clearly_and_the_others_keep_work
         sock.close()
     wait_for(lambda: isinstance(raw_connection(limited), tuple), message="a connection served again")
     assert "refused a connection (1 so far): the controller serves 8 connections" in limited.log()
+    from faastube.cli import render_status
+    status = limited.status()
+    assert status["requests"]["connections"]["refused"] == {"connections": 1}
+    assert "; refused at a limit: connections 1" in render_status(status)
 
 
 @pytest.mark.parametrize("limited", [{}], indirect=True)
@@ -224,6 +228,7 @@ def test_running_out_of_file_descriptors_refuses_the_connection_and_the_controll
             sock.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
     wait_for(lambda: isinstance(raw_connection(limited), tuple), message="a connection served again")
+    assert limited.status()["requests"]["connections"]["refused"]["descriptors"] >= 1
 
 
 @pytest.mark.parametrize("limited", [{"max_waiting_gets": "600"}], indirect=True)
@@ -269,6 +274,7 @@ def test_waiting_gets_take_no_thread_each_are_bounded_and_are_all_answered_at_th
     assert len(refused_total) == 168 and all("--max-waiting-gets" in r["message"] for r in refused_total)
     assert limited.process.poll() is None
     assert limited.status()["namespaces"]["test"]["waiting_gets"] == 0
+    assert limited.status()["requests"]["connections"]["refused"] == {"waiting_gets": 169}
     for sock, _reader in [(one, None)] + others:
         sock.close()
     producer.close()
@@ -333,7 +339,7 @@ def test_a_reader_of_another_user_cannot_reopen_its_read_only_slab_descriptor_wr
     import subprocess
     ref = ft.put(np.full(1000, 3, np.uint8))
     sock, reader = raw_connection(controller)
-    protocol.send_frame(sock, protocol.request_message(2, protocol.Get(ref["id"])))
+    protocol.send_frame(sock, protocol.request_message(2, protocol.Get(ref["id"], timeout=10.0)))   # put seals without waiting
     reply = reader.read()
     assert reply["ok"], reply
     (fd,) = reader.take_fds(1)
