@@ -71,8 +71,17 @@ def serve(main, requests, replies) -> None:
         saved = {}
         for key, item in (args.items() if isinstance(args, dict) else ()):
             variable = f"__OW_{key.upper()}"
-            saved[variable] = os.environ.get(variable)
-            os.environ[variable] = item if isinstance(item, str) else json.dumps(item)
+            text = item if isinstance(item, str) else json.dumps(item)
+            previous = os.environ.get(variable)
+            try:
+                os.environ[variable] = text
+            except (ValueError, UnicodeError, OSError):
+                # A name with "=" or NUL, or text the OS cannot hold: that one field is left
+                # out; the activation runs (a bad request must not end the action's process).
+                print(f"faastube: request field {key!r} cannot be an environment variable; left out",
+                      file=sys.stderr)
+                continue
+            saved.setdefault(variable, previous)
         try:
             with activation(os.environ.get("__OW_ACTIVATION_ID") or None,
                             os.environ.get("__OW_ACTION_NAME") or None):

@@ -476,3 +476,21 @@ def test_an_activation_ends_when_its_process_answers_whatever_children_it_left(s
         assert server.run({}) == (200, b'{"ok": 1}')
         assert time.monotonic() - started < 5
     wait_for(lambda: server.stdout().count("parent done\n" + SENTINEL) == 2, message="both activations' logs")
+
+
+def test_request_fields_that_cannot_be_environment_variables_are_left_out_and_the_action_lives(shim):
+    # Found by tests/test_shim_fuzz.py: such a field used to end the action's process, and
+    # every later activation answered "no action defined yet".
+    server = shim()
+    server.init(source("""
+        import os
+        def main(args):
+            return {"args": args, "id": os.environ.get("__OW_ACTIVATION_ID")}
+        """))
+    body = json.dumps({"value": {"k": 1}, "": 1, "a=b": "x", "nul\u0000": "y", "s": "\ud800",
+                       "activation_id": "act-1"}).encode()
+    status, payload = server.post("/run", body)
+    assert status == 200 and json.loads(payload) == {"args": {"k": 1}, "id": "act-1"}
+    assert server.run({"k": 2}) == (200, b'{"args": {"k": 2}, "id": null}')
+    wait_for(lambda: "request field 'a=b' cannot be an environment variable; left out" in server.stderr(),
+             message="the left-out field logged")
