@@ -141,7 +141,7 @@ class Handlers:
     # sees: the socket, the wake-ups at both ends, and the client's own work. `faastube
     # bench` reports the three per request of a workflow.
     def get(self, session: Session, request: protocol.Get):
-        grant = self.table.get(session, request.id, request.timeout, False,   # ≤ 3600 s: protocol.Get
+        grant = self.table.get(session, request.id, request.timeout,   # ≤ 3600 s: protocol.Get
                                request.device, request.prefer)
         if grant.copy is not None:
             # The lease already pins both regions (Note [Copies for another device]).

@@ -401,10 +401,11 @@ class ObjectTable:
             self.changed.notify_all()
         return record
 
-    def get(self, session: Session, object_id: str, timeout: float, may_wait: bool = True,
+    def get(self, session: Session, object_id: str, timeout: float,
             device: str | None = None, prefer: str | None = None) -> Grant:
-        """Lease a sealed object; for a pending one wait up to ``timeout`` if ``may_wait``,
-        else raise WouldWait. ``device``: where the caller wants it (default: where it was
+        """Lease a sealed object; for a pending one (``timeout`` > 0) or one moving between
+        tiers raise WouldWait: the server parks the get (Note [Waiting gets own no thread],
+        controller/waiting.py). ``device``: where the caller wants it (default: where it was
         made, except that an object made on a GPU goes to ``prefer``, the caller's own GPU,
         or to the host for a caller without one); elsewhere means a copy (Note [Copies for
         another device]), and an evicted object asked for on its device is restored (Note
@@ -415,7 +416,7 @@ class ObjectTable:
             while True:
                 with self.lock:
                     try:
-                        grant = self._get(session, object_id, timeout, may_wait, device, prefer)
+                        grant = self._get(session, object_id, timeout, device, prefer)
                     except _NoRoom as no_room:
                         moves = self._room_for(no_room, session.namespace, waiting)
                     except _Missing as missing:
@@ -432,34 +433,22 @@ class ObjectTable:
             raise gone_error(object_id, forgotten[1])
         raise self._resolve_elsewhere(session, object_id)       # Redis: never under the lock
 
-    def _get(self, session: Session, object_id: str, timeout: float, may_wait: bool,
+    def _get(self, session: Session, object_id: str, timeout: float,
              device: str | None, prefer: str | None) -> Grant:
         record = self.objects.get(object_id)
         if record is None:
             raise _Missing(self._forgotten.get(object_id))
         self._check_namespace(session, record.namespace, object_id)
         if record.state == "pending" and timeout > 0:
-            if not may_wait:
-                raise WouldWait(object_id, "seal", timeout, _not_sealed(object_id, timeout))
-            session.waiting_gets += 1
-            try:
-                self.changed.wait_for(
-                    lambda: record.state != "pending" or record.unlinked or session.closed,
-                    timeout=timeout)
-            finally:
-                session.waiting_gets -= 1
-        if record.moving and record.unlinked is None:       # a bounded copy: wait for it
-            if not may_wait:
-                raise WouldWait(object_id, "move", MOVE_WAIT_S, _still_moving(object_id))
-            self.changed.wait_for(lambda: not record.moving or session.closed, timeout=MOVE_WAIT_S)
+            raise WouldWait(object_id, "seal", timeout, _not_sealed(object_id, timeout))
+        if record.moving and record.unlinked is None:       # a bounded copy: parked until it ends
+            raise WouldWait(object_id, "move", MOVE_WAIT_S, _still_moving(object_id))
         if session.closed:
             raise InvalidStateError("the connection closed while waiting")
         if record.unlinked is not None:
             raise gone_error(object_id, record.unlinked)
         if record.state == "pending":
             raise _not_sealed(object_id, timeout)
-        if record.moving:
-            raise _still_moving(object_id)
         where = record.region.slab.device
         target = device or (prefer if record.home != HOST else None) or HOST
         if target == where:
