@@ -10,31 +10,35 @@ FROM python:3.12-slim AS pump
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md image-constraints.txt ./
 COPY faastube ./faastube
 COPY controller ./controller
 COPY shim ./shim
+COPY bench ./bench
 # The folder is made readable by the controller's user first (build() would make a new one 0700).
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c image-constraints.txt . \
     && mkdir -p /opt/faastube/native && chmod 755 /opt/faastube/native \
     && python -c "from controller import pump; print(pump.build('/opt/faastube/native'))"
 
 FROM python:3.12-slim
 
 WORKDIR /opt/faastube
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md image-constraints.txt ./
 COPY faastube ./faastube
 COPY controller ./controller
 COPY shim ./shim
+COPY bench ./bench
 COPY --from=pump /opt/faastube/native /opt/faastube/native
 ENV FAASTUBE_NATIVE_DIR=/opt/faastube/native
-# The GPU pools' driver bindings (the pyproject extra "controller-gpu"), pinned to the version
-# on the GPU machines we test on (gpu-facts.md).
-RUN pip install --no-cache-dir . cuda-bindings==13.3.1 \
-    && useradd --system --uid 10001 --no-create-home faastube \
-    && mkdir -p /run/faastube && chown faastube /run/faastube
+# The GPU pools' driver bindings and NVML (the pyproject extra "controller-gpu"), at the
+# versions image-constraints.txt pins. User 10001, group 10002: the group function pods join
+# to reach the socket (knative/controller-daemonset.yaml, docs/security.md).
+RUN pip install --no-cache-dir -c image-constraints.txt ".[controller-gpu]" \
+    && groupadd --system --gid 10002 faastube-clients \
+    && useradd --system --uid 10001 --gid 10002 --no-create-home faastube \
+    && mkdir -p /run/faastube && chown faastube:faastube-clients /run/faastube && chmod 2770 /run/faastube
 
 ENV FAASTUBE_SOCKET=/run/faastube/controller.sock
 VOLUME ["/run/faastube"]
-USER 10001
+USER 10001:10002
 ENTRYPOINT ["faastube", "controller"]

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 
 from faastube import cuda
 from faastube.config import Config, format_size, share_of
@@ -30,6 +31,11 @@ log = logging.getLogger("faastube.controller")
 
 HOUSEKEEPING_INTERVAL_S = 0.1     # TTL precision and idle-slab checks
 HEARTBEAT_EVERY = 5               # housekeeping ticks per Redis heartbeat (0.5 s)
+# Note [Health endpoints]: the controller is live while its socket is served and its
+# housekeeping ticks; a tick more than this late means it is wedged (a liveness probe then
+# fails and the kubelet restarts it). Ready also needs Redis: a pod without it cannot
+# publish or resolve objects, so functions should not be sent to its node.
+HEALTH_STALL_S = 10.0
 
 
 class Controller:
@@ -64,12 +70,13 @@ class Controller:
         self.metrics_server = None
         self._stop = threading.Event()
         self._swept_old_epochs = False
+        self._housekept = time.monotonic()      # the last housekeeping tick: Controller.health
 
     def run(self) -> None:
         if self.config.metrics_port:
             try:
                 self.metrics_server = serve_metrics(self.config.metrics_port, self.table,
-                                                    self.directory, self.transfers, self.stats)
+                                                    self.directory, self.transfers, self.stats, self.health)
             except OSError as exc:
                 raise InvalidArgumentError(
                     f"cannot serve metrics on port {self.config.metrics_port} ({exc.strerror or exc}): "
@@ -100,6 +107,19 @@ class Controller:
             self.server.serve_forever()
         finally:
             self.shutdown()
+
+    def health(self) -> dict:
+        """Live while the socket is served and housekeeping (TTLs, heartbeats) ran in the last
+        HEALTH_STALL_S; ready when also Redis is up (Note [Health endpoints]). What a
+        DaemonSet's probes read (knative/controller-daemonset.yaml)."""
+        from faastube import __version__
+        stalled_s = time.monotonic() - self._housekept
+        serving = self.server is not None and not self._stop.is_set()
+        live = serving and stalled_s < HEALTH_STALL_S
+        directory = self.directory.state(admin=False)
+        return {"live": live, "ready": live and directory["state"] == "up", "serving": serving,
+                "housekeeping_s_ago": round(stalled_s, 1), "directory": directory["state"],
+                "version": __version__, "node": self.config.node}
 
     def stop(self, *_signal_args) -> None:
         self._stop.set()
@@ -144,6 +164,7 @@ class Controller:
     def _housekeeping(self) -> None:
         tick = 0
         while not self._stop.wait(HOUSEKEEPING_INTERVAL_S):
+            self._housekept = time.monotonic()
             try:
                 self.table.housekeeping()
                 if tick % HEARTBEAT_EVERY == 0:

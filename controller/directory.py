@@ -79,6 +79,8 @@ class Directory:
         self._writing = False
         self._stopped = False
         self.dropped = 0            # writes Redis refused (each logged)
+        self.redis_version: str | None = None   # from INFO, read when Redis comes up
+        self.last_ok: float | None = None      # time.time() of the last heartbeat Redis took
         self._lock = threading.Lock()          # one sweep or heartbeat at a time
         self._writer = threading.Thread(target=self._write_loop, name="directory-writer", daemon=True)
         self._writer.start()
@@ -215,14 +217,28 @@ class Directory:
                                                    "socket": socket_path})
                 pipe.expire(self._node_key, NODE_TTL_S)
                 pipe.execute()
+                if self.redis_version is None or not self.healthy:     # first contact, or back up
+                    self.redis_version = str(self._redis.info("server").get("redis_version", "?"))
             except redis.RedisError as exc:
                 if self.healthy:
                     log.warning("%s", self._unavailable(exc))
                 self.healthy = False
                 return
         self.healthy = True
+        self.last_ok = time.time()
         with self._queue_changed:
             self._queue_changed.notify_all()
+
+    def state(self, admin: bool) -> dict:
+        """What ``status`` says of the directory: Redis up or down (as the last heartbeat,
+        every 0.5 s, found it), its version, and the writes waiting or refused; the URL
+        (without its password) for the controller's own user."""
+        state = {"state": "up" if self.healthy else "down", "redis_version": self.redis_version,
+                 "last_ok_s_ago": None if self.last_ok is None else round(time.time() - self.last_ok, 1),
+                 "queued": len(self._queue), "dropped": self.dropped}
+        if admin:
+            state["url"] = redact(self.url)
+        return state
 
     def check_node_free(self, watch_s: float = 1.2) -> None:
         """Raise InvalidArgumentError if another controller serves this node name: its key

@@ -13,7 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from faastube import protocol
+from faastube import __version__, protocol
 from faastube.errors import InvalidArgumentError, InvalidStateError, NamespaceError
 
 from .objects import Grant, ObjectTable, Session
@@ -60,6 +60,8 @@ class Handlers:
         self.node = node
         self.epoch = epoch
         self.secrets = namespace_secrets
+        self.directory = table.directory
+        self.started = time.time()
         self._dispatch = {
             protocol.Hello: self.hello, protocol.Create: self.create, protocol.Seal: self.seal,
             protocol.Release: lambda s, r: protocol.Done(),
@@ -185,7 +187,10 @@ class Handlers:
             links=self.transfers.link_stats() if self.transfers is not None and admin else None,
             topology=self.transfers.topology_report() if self.transfers is not None and admin else None,
             demand=self.reserver.summary() if self.reserver is not None and admin else None,
-            namespaces_omitted=held["namespaces_omitted"])
+            namespaces_omitted=held["namespaces_omitted"],
+            controller={"version": __version__, "started": round(self.started, 3),
+                        "uptime_s": round(time.time() - self.started, 1)},
+            directory=self.directory.state(admin) if self.directory is not None else None)
 
     def ping(self, session: Session, request: protocol.Ping):
         return protocol.Pong(self.node, self.epoch)

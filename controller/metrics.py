@@ -8,9 +8,11 @@ and files their latency in a histogram (one lock, a few dict updates per request
 from __future__ import annotations
 
 import bisect
+import json
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
@@ -254,10 +256,74 @@ def _cumulative(counts_by_bucket: list[int]) -> list[tuple[str, int]]:
     return cumulative
 
 
-def serve_metrics(port: int, table, directory, transfers, stats: RequestStats):
-    """Start the /metrics HTTP server on all interfaces; returns the server (shutdown())."""
+#: HTTP requests served at once on the metrics port; more are closed unanswered. A request
+#: must arrive within HTTP_TIMEOUT_S: slow clients cannot hold the port (Note [Bounded
+#: connections], controller/server.py, for the socket).
+HTTP_CONNECTIONS = 16
+HTTP_TIMEOUT_S = 5.0
+
+
+class _HttpHandler(BaseHTTPRequestHandler):
+    """/metrics (Prometheus), /healthz (liveness: the controller serves and its housekeeping
+    runs) and /readyz (readiness: also Redis up), for probes: Note [Health endpoints]."""
+    timeout = HTTP_TIMEOUT_S
+    server_version = "faastube-controller"
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._answer(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        elif path in ("/healthz", "/readyz"):
+            health = self.server.health()
+            ok = health["live"] if path == "/healthz" else health["ready"]
+            self._answer(200 if ok else 503, json.dumps(health).encode(), "application/json")
+        else:
+            self._answer(404, b'{"error": "not found: /metrics, /healthz or /readyz"}', "application/json")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass                          # probes every few seconds would fill the log
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, port: int, registry, health):
+        super().__init__(("0.0.0.0", port), _HttpHandler)
+        self.registry = registry
+        self.health = health
+        self._slots = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)            # at the limit: refuse this one
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()                     # e.g. no thread could be started
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_metrics(port: int, table, directory, transfers, stats: RequestStats, health):
+    """Start the HTTP server of /metrics, /healthz and /readyz on all interfaces, ``health``
+    giving the probes' answer (Controller.health); returns the server (shutdown())."""
     registry = CollectorRegistry()
     registry.register(ControllerCollector(table, directory, transfers, stats))
     ProcessCollector(registry=registry)
-    server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+    server = _HttpServer(port, registry, health)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

@@ -47,6 +47,15 @@ DESCRIPTORS_KEPT = 256        # open files left for slabs, Redis and replies' de
 
 def bind_unix_socket(path: str, mode: int) -> socket.socket:
     """Listen on ``path``, replacing a stale socket file but never a live controller's."""
+    try:
+        return _bind_unix_socket(path, mode)
+    except OSError as exc:
+        raise FaasTubeError(
+            f"cannot listen on {path} ({exc.strerror or exc}): pass --socket (FAASTUBE_SOCKET) a "
+            f"path of at most 107 bytes in a folder user {os.getuid()} may write") from None
+
+
+def _bind_unix_socket(path: str, mode: int) -> socket.socket:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

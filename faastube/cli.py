@@ -1,4 +1,5 @@
-"""``faastube``: one command, with subcommands (``controller``, ``status``, ``shim``, ``conformance``, ``demo``)."""
+"""faastube: GPU-resident data passing for serverless functions. One command, with
+subcommands: controller, status, shim, conformance, demo, bench."""
 
 from __future__ import annotations
 
@@ -55,15 +56,45 @@ def _status(args) -> int:
         reply = client.request(protocol.Status())
     finally:
         client.close()
+    status = reply.as_dict()
     if args.json:
-        print(json.dumps(reply.as_dict(), indent=2))
+        print(json.dumps(status, indent=2))
     else:
-        print(render_status(reply.as_dict()))
-    return 0
+        print(render_status(status))
+    # A controller whose Redis is down serves what it holds but cannot publish or resolve:
+    # say so in the exit status too, for scripts and probes.
+    return 1 if (status.get("directory") or {}).get("state") == "down" else 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(days or hours) + [f"{minutes}m"] * bool(
+        days or hours or minutes) + [f"{seconds}s"]
+    return " ".join(parts)
 
 
 def render_status(status: dict) -> str:
-    lines = [f"node {status['node']}  epoch {status['epoch']}  clients {status.get('clients')}"]
+    lines = []
+    controller = status.get("controller")
+    if controller:
+        lines.append(f"controller {controller['version']}, up {_duration(controller['uptime_s'])}")
+    lines.append(f"node {status['node']}  epoch {status['epoch']}  clients {status.get('clients')}")
+    directory = status.get("directory")
+    if directory:
+        where = f" at {directory['url']}" if directory.get("url") else ""
+        version = f" {directory['redis_version']}" if directory.get("redis_version") else ""
+        if directory["state"] == "up":
+            lines.append(f"directory: Redis{version} up{where}; {directory['queued']} writes queued, "
+                         f"{directory['dropped']} refused")
+        else:
+            ago = directory.get("last_ok_s_ago")
+            lines.append(f"directory: Redis DOWN{where}"
+                         + (f" (last reached {ago:.0f} s ago)" if ago is not None else " (never reached)")
+                         + f": new puts fail until it is back (gets of objects this node holds "
+                           f"still work); {directory['queued']} writes queued")
     for pool in status["pools"]:
         lines.append(
             f"pool {pool.get('name', pool['device'])}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
@@ -161,6 +192,12 @@ def _shim(args) -> int:
 
 def _conformance(args) -> int:
     from .conformance import run_conformance
+    if bool(args.stdout) != bool(args.stderr):
+        raise FaasTubeError("--stdout and --stderr go together: give both log files, or neither")
+    for path in filter(None, (args.stdout, args.stderr)):
+        if not os.path.isfile(path):
+            raise FaasTubeError(f"no log file at {path}: give the files the runtime writes its "
+                                f"stdout and stderr to")
     return run_conformance(args.url, args.stdout, args.stderr, args.timeout)
 
 
@@ -169,26 +206,80 @@ def _demo(args) -> int:
     return run_demo(size_mb=args.size_mb, runs=args.runs)
 
 
+def workflows_folder() -> str:
+    """Where ``faastube bench``'s workflows are: bench/workflows in a source checkout, else
+    the ``faastube_bench.workflows`` package a wheel installs (the same files, pyproject.toml)."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "workflows")
+    if os.path.exists(os.path.join(checkout, "run.py")):
+        return checkout
+    import importlib.util
+    spec = importlib.util.find_spec("faastube_bench.workflows")
+    if spec is None or not spec.submodule_search_locations:
+        raise FaasTubeError("faastube bench cannot find its workflows (bench/workflows in a source "
+                            "checkout, or the faastube_bench package of the wheel): reinstall "
+                            "faastube")
+    return list(spec.submodule_search_locations)[0]
+
+
 def _bench(args) -> int:
-    # The workflows and their driver live in the source tree (bench/workflows), beside the
-    # package, not inside it: they need PyTorch, which the package does not.
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "workflows")
-    if not os.path.exists(os.path.join(folder, "run.py")):
-        raise FaasTubeError(f"faastube bench runs from a source checkout of FaaSTube ({folder} is missing)")
+    # The workflows need PyTorch, which the package does not: run.py says so if it is missing.
+    folder = workflows_folder()
     sys.path.insert(0, folder)
     import run
     return run.main(args.rest[1:] if args.rest[:1] == ["--"] else args.rest)
 
 
+def _positive(kind, most: int | None = None):
+    """An argparse type: a whole number from 1 (to ``most``)."""
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 1 or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: write {kind} from 1" + (f" to {most}" if most is not None else ""))
+        return value
+    convert.__name__ = kind
+    return convert
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: write seconds above 0 and below 86400")
+    return value
+
+
+def _runtime_url(text):
+    """A runtime's base URL: http://host[:port][/prefix]."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a runtime's URL: write http://HOST:PORT, e.g. http://127.0.0.1:8080")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = argparse.ArgumentParser(prog="faastube", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"faastube {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("controller", help="run the per-node controller (pools, socket, directory)")
     add_setting_flags(p, Config)
     p.set_defaults(func=_controller)
 
-    p = sub.add_parser("status", help="print pools, slabs, objects and bytes per namespace")
+    p = sub.add_parser("status", help="print the controller's version and uptime, Redis's state, and pools, "
+                                      "slabs, objects and bytes per namespace (exit 1 while Redis is down)")
     add_setting_flags(p, Config, names=("socket",))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_status)
@@ -200,15 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("conformance", help="check a runtime endpoint against the stock OpenWhisk "
                                            "Python runtime's behaviour")
-    p.add_argument("url", help="a fresh (uninitialised) runtime, e.g. http://127.0.0.1:8080")
+    p.add_argument("url", type=_runtime_url, help="a fresh (uninitialised) runtime, e.g. http://127.0.0.1:8080")
     p.add_argument("--stdout", help="the runtime's stdout log file (for the sentinel checks)")
     p.add_argument("--stderr", help="the runtime's stderr log file (for the sentinel checks)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request (default 60)")
     p.set_defaults(func=_conformance)
 
     p = sub.add_parser("demo", help="a 3-stage pipeline through the pool and through Redis bytes")
-    p.add_argument("--size-mb", type=int, default=48, help="array size per hand-off in MB (default 48)")
-    p.add_argument("--runs", type=int, default=5, help="pipeline runs per mode (default 5)")
+    p.add_argument("--size-mb", type=_positive("megabytes", 4096), default=48,
+                   help="array size per hand-off in MB, 1 to 4096 (default 48)")
+    p.add_argument("--runs", type=_positive("runs", 1000), default=5,
+                   help="pipeline runs per mode, 1 to 1000 (default 5)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", add_help=False,
@@ -228,6 +321,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except FaasTubeError as exc:
         print(f"faastube {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:          # a file or port the command was pointed at: one line, no trace
+        print(f"faastube {args.command}: {exc.strerror or exc}"
+              + (f": {exc.filename}" if getattr(exc, "filename", None) else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

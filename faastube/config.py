@@ -51,9 +51,12 @@ def parse_flag(text: str) -> bool:
 def parse_octal(text: str) -> int:
     """A file mode such as ``660``."""
     try:
-        return int(text, 8)
+        value = int(text, 8)
     except ValueError:
         raise ValueError("write an octal file mode such as 660") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError("write an octal file mode from 000 to 777, such as 660")
+    return value
 
 
 def parse_count(text: str) -> int:
@@ -62,6 +65,85 @@ def parse_count(text: str) -> int:
     if value < 1:
         raise ValueError("write a whole number of at least 1")
     return value
+
+
+def parse_whole(text: str) -> int:
+    """A whole number of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError("write a whole number of at least 0")
+    return value
+
+
+def parse_port(text: str) -> int:
+    """A TCP port, 1 to 65535, or 0 for none."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("write a port from 1 to 65535 (0: off)")
+    return value
+
+
+def parse_serving_port(text: str) -> int:
+    """A TCP port to serve on, 1 to 65535."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError("write a port from 1 to 65535")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """A finite number of seconds, at least 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError("write a number of seconds, at least 0, e.g. 30 or 0.5")
+    return value
+
+
+def parse_positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0."""
+    value = parse_seconds(text)
+    if value == 0:
+        raise ValueError("write a number of seconds above 0, e.g. 30 or 0.5")
+    return value
+
+
+def parse_microseconds(text: str) -> float:
+    """A finite number of microseconds, at least 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError("write a number of microseconds, at least 0, e.g. 100")
+    return value
+
+
+def parse_positive_size(text: str) -> int:
+    """A size (:func:`parse_size`) of at least one byte."""
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("write a size of at least 1 byte, e.g. 64MiB")
+    return value
+
+
+#: The URL schemes redis-py reads (Note: the directory is Redis, controller/directory.py).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def parse_redis_url(text: str) -> str:
+    """A Redis URL: ``redis://host:port/db``, ``rediss://`` (TLS) or ``unix:///path``."""
+    import urllib.parse
+    text = text.strip()
+    if not text.startswith(REDIS_SCHEMES):
+        raise ValueError("write a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://… for "
+                         "TLS, unix:///path/to/redis.sock)")
+    parsed = urllib.parse.urlsplit(text)
+    try:
+        parsed.port
+    except ValueError:
+        raise ValueError("the port in a Redis URL must be a number from 1 to 65535") from None
+    if parsed.scheme != "unix" and not parsed.hostname:
+        raise ValueError("a redis:// URL needs a host, e.g. redis://127.0.0.1:6379/0")
+    if parsed.scheme == "unix" and not parsed.path:
+        raise ValueError("a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock")
+    return text
 
 
 def parse_fraction(text: str) -> float:
@@ -229,16 +311,16 @@ class Config(_FromEnvironment):
 
     socket: str = setting(DEFAULT_SOCKET, env="FAASTUBE_SOCKET", flag="--socket",
                           help="the controller's Unix socket")
-    redis: str = setting(DEFAULT_REDIS, env="FAASTUBE_REDIS", flag="--redis", help="Redis URL for metadata")
+    redis: str = setting(DEFAULT_REDIS, env="FAASTUBE_REDIS", parse=parse_redis_url, flag="--redis", help="Redis URL for metadata")
     node: str = setting(env="FAASTUBE_NODE", flag="--node", default_factory=lambda: os.uname().nodename,
                         help="this node's name in the directory", shown="the hostname")
     # The host tier of the pool (controller side).
-    slab_size: int = setting(64 << 20, env="FAASTUBE_SLAB_SIZE", parse=parse_size, flag="--slab-size",
+    slab_size: int = setting(64 << 20, env="FAASTUBE_SLAB_SIZE", parse=parse_positive_size, flag="--slab-size",
                              help="bytes per host slab", shown="64MiB")
     pool_limit: int = setting(env="FAASTUBE_POOL_LIMIT", parse=parse_size, flag="--pool-limit",
                               default_factory=_default_pool_limit, shown="1/4 of RAM",
                               help="most bytes the host pool may hold, e.g. 8GiB")
-    idle_release_s: float = setting(30.0, env="FAASTUBE_IDLE_RELEASE_S", parse=float, flag="--idle-release",
+    idle_release_s: float = setting(30.0, env="FAASTUBE_IDLE_RELEASE_S", parse=parse_seconds, flag="--idle-release",
                                     metavar="SECONDS", help="release a slab after it stayed empty this long")
     idle_minimum: int = setting(300 << 20, env="FAASTUBE_IDLE_MINIMUM", parse=parse_size, flag="--idle-minimum",
                                 shown="300MiB", help="bytes of empty slabs each pool keeps however long "
@@ -247,10 +329,10 @@ class Config(_FromEnvironment):
                                    flag="--reserve-share",
                                    help="most of a pool's limit kept free ahead of one namespace's "
                                         "demand (0: no room kept ahead)")
-    demand_window_s: float = setting(60.0, env="FAASTUBE_DEMAND_WINDOW_S", parse=float,
+    demand_window_s: float = setting(60.0, env="FAASTUBE_DEMAND_WINDOW_S", parse=parse_positive_seconds,
                                      flag="--demand-window", metavar="SECONDS",
                                      help="how long room is kept for a function seen only once")
-    tombstone_ttl_s: int = setting(3600, env="FAASTUBE_TOMBSTONE_TTL_S", parse=int, flag="--tombstone-ttl",
+    tombstone_ttl_s: int = setting(3600, env="FAASTUBE_TOMBSTONE_TTL_S", parse=parse_count, flag="--tombstone-ttl",
                                    metavar="SECONDS", help="how long Redis remembers why an object is gone")
     # The GPU tier (controller side): one pool per GPU, CUDA VMM slabs (controller/gpu.py).
     gpus: str = setting("auto", env="FAASTUBE_GPUS", parse=parse_gpus, flag="--gpus",
@@ -259,7 +341,7 @@ class Config(_FromEnvironment):
                                      flag="--namespace-quota", shown="100%% (the pool's limit)",
                                      help="most of each pool one namespace may hold in slabs: a share "
                                           "of the pool's limit such as 50%%, or a size")
-    gpu_slab_size: int = setting(256 << 20, env="FAASTUBE_GPU_SLAB_SIZE", parse=parse_size,
+    gpu_slab_size: int = setting(256 << 20, env="FAASTUBE_GPU_SLAB_SIZE", parse=parse_positive_size,
                                  flag="--gpu-slab-size", help="bytes per GPU slab", shown="256MiB")
     gpu_pool_limit: float = setting(0.5, env="FAASTUBE_GPU_POOL_LIMIT", parse=parse_share,
                                     flag="--gpu-pool-limit", shown="50%%",
@@ -274,10 +356,10 @@ class Config(_FromEnvironment):
     eviction: str = setting("queue", env="FAASTUBE_EVICTION", parse=parse_eviction, flag="--eviction",
                             help="what a full GPU tier moves to the host tier first: 'queue' (the objects "
                                  "needed last), 'lru' (the least recently used) or 'off' (none: puts fail)")
-    evict_wait_s: float = setting(2.0, env="FAASTUBE_EVICT_WAIT_S", parse=float, flag="--evict-wait",
+    evict_wait_s: float = setting(2.0, env="FAASTUBE_EVICT_WAIT_S", parse=parse_seconds, flag="--evict-wait",
                                   metavar="SECONDS",
                                   help="how long a put to a full GPU tier waits for eviction before it fails")
-    stand_in_gpus: int = setting(0, env="FAASTUBE_STAND_IN_GPUS", parse=int, flag="--stand-in-gpus",
+    stand_in_gpus: int = setting(0, env="FAASTUBE_STAND_IN_GPUS", parse=parse_whole, flag="--stand-in-gpus",
                                  metavar="N", help="N tiers of host memory standing in for GPUs (host:0 …; "
                                                    "--gpu-slab-size, --gpu-pool-limit as a size): for "
                                                    "tests and benchmarks without a GPU; needs --gpus none")
@@ -285,25 +367,25 @@ class Config(_FromEnvironment):
                                        help='JSON {"namespace": "secret"}', shown="none")
     socket_mode: int = setting(0o660, env="FAASTUBE_SOCKET_MODE", parse=parse_octal, flag="--socket-mode",
                                help="socket file mode, octal", shown="660")
-    max_connections: int = setting(1024, env="FAASTUBE_MAX_CONNECTIONS", parse=int, flag="--max-connections",
+    max_connections: int = setting(1024, env="FAASTUBE_MAX_CONNECTIONS", parse=parse_count, flag="--max-connections",
                                    metavar="N", help="connections served at once; more are refused with a "
                                                      "clear error (lowered to fit the open-files limit)")
-    max_waiting_gets: int = setting(4096, env="FAASTUBE_MAX_WAITING_GETS", parse=int,
+    max_waiting_gets: int = setting(4096, env="FAASTUBE_MAX_WAITING_GETS", parse=parse_count,
                                     flag="--max-waiting-gets", metavar="N",
                                     help="gets waiting for a seal at once, all connections together")
-    idle_timeout_s: float = setting(300.0, env="FAASTUBE_IDLE_TIMEOUT_S", parse=float, flag="--idle-timeout",
+    idle_timeout_s: float = setting(300.0, env="FAASTUBE_IDLE_TIMEOUT_S", parse=parse_seconds, flag="--idle-timeout",
                                     metavar="SECONDS",
                                     help="close a connection that sent nothing for this long and holds "
                                          "no views, objects being written or waiting gets (the SDK "
                                          "reconnects on its next call); 0: never")
-    frame_timeout_s: float = setting(10.0, env="FAASTUBE_FRAME_TIMEOUT_S", parse=float, flag="--frame-timeout",
+    frame_timeout_s: float = setting(10.0, env="FAASTUBE_FRAME_TIMEOUT_S", parse=parse_positive_seconds, flag="--frame-timeout",
                                      metavar="SECONDS",
                                      help="a request frame must arrive whole within this of its first byte")
-    metrics_port: int = setting(0, env="FAASTUBE_METRICS_PORT", parse=int, flag="--metrics-port",
+    metrics_port: int = setting(0, env="FAASTUBE_METRICS_PORT", parse=parse_port, flag="--metrics-port",
                                 metavar="PORT", shown="off",
                                 help="serve Prometheus metrics on PORT, all interfaces")
     # The transfer engine (controller side): the one place its link defaults are set.
-    chunk_size: int = setting(DEFAULT_CHUNK_BYTES, env="FAASTUBE_CHUNK_SIZE", parse=parse_size, flag="--chunk-size",
+    chunk_size: int = setting(DEFAULT_CHUNK_BYTES, env="FAASTUBE_CHUNK_SIZE", parse=parse_positive_size, flag="--chunk-size",
                               shown="4MiB", help="bytes per chunk on PCIe links; NVLink links use chunks "
                                                  "as many times larger as they are faster")
     native_pump: bool = setting(True, env="FAASTUBE_NATIVE_PUMP", parse=parse_flag,
@@ -315,9 +397,9 @@ class Config(_FromEnvironment):
     namespace: str = setting("default", env="FAASTUBE_NAMESPACE",
                              help="the caller's namespace; else __OW_NAMESPACE, else POD_NAMESPACE")
     secret: str | None = setting(None, env="FAASTUBE_SECRET", help="the namespace's secret, if it has one")
-    get_timeout_s: float = setting(30.0, env="FAASTUBE_GET_TIMEOUT_S", parse=float,
+    get_timeout_s: float = setting(30.0, env="FAASTUBE_GET_TIMEOUT_S", parse=parse_seconds,
                                    help="how long a get waits for a pending object")
-    connect_timeout_s: float = setting(5.0, env="FAASTUBE_CONNECT_TIMEOUT_S", parse=float)
+    connect_timeout_s: float = setting(5.0, env="FAASTUBE_CONNECT_TIMEOUT_S", parse=parse_positive_seconds)
     slo_ms: float | None = setting(None, env="FAASTUBE_SLO_MS", parse=parse_slo_ms,
                                    help="the default copy SLO of gets (docs/sdk.md)")
     spare_bytes: int = setting(128 << 20, env="FAASTUBE_SPARE_BYTES", parse=parse_size,
@@ -325,7 +407,14 @@ class Config(_FromEnvironment):
     put_waits: bool = setting(True, env="FAASTUBE_PUT_WAITS", parse=parse_flag,
                               help="1: a GPU put returns after its copy landed; 0: at once, sealing "
                                    "when it lands (Note [Put seals when its copy lands])")
-    reply_spin_us: float = setting(env="FAASTUBE_REPLY_SPIN_US", parse=float, default_factory=_spin_default,
+    # Note [Results have a lifetime] (faastube/sdk.py): what the runtime gives an
+    # activation's objects that name no lifetime.
+    result_consumers: int = setting(1, env="FAASTUBE_RESULT_CONSUMERS", parse=parse_whole,
+                                    help="gets after which an activation's result is freed (0: not counted)")
+    result_ttl_s: float = setting(600.0, env="FAASTUBE_RESULT_TTL_S", parse=parse_seconds,
+                                  help="seconds after which an activation's result is freed if not "
+                                       "consumed first (0: no ttl)")
+    reply_spin_us: float = setting(env="FAASTUBE_REPLY_SPIN_US", parse=parse_microseconds, default_factory=_spin_default,
                                    help="poll for a reply this long before sleeping in recv")
 
     @classmethod
@@ -343,7 +432,7 @@ class ShimConfig(_FromEnvironment):
     """The action runtime's settings (``faastube shim``, shim/): what OpenWhisk and Knative
     tell a container through its environment, and FaaSTube's own."""
 
-    port: int = setting(8080, env="PORT", parse=int, flag="--port", help="port to serve")
+    port: int = setting(8080, env="PORT", parse=parse_serving_port, flag="--port", help="port to serve")
     allow_concurrent: bool = setting(False, env="__OW_ALLOW_CONCURRENT", parse=_true_text,
                                      help="OpenWhisk: the action may run activations concurrently")
     concurrency: int = setting(8, env="FAASTUBE_CONCURRENCY", parse=parse_count,
@@ -359,7 +448,7 @@ class ShimConfig(_FromEnvironment):
                            help="Knative: the reply events' type")
     max_body: int = setting(256 << 20, env="FAASTUBE_MAX_BODY", parse=parse_size, shown="256MiB",
                             help="largest request body the runtime reads (413 above it)")
-    request_timeout_s: float = setting(30.0, env="FAASTUBE_REQUEST_TIMEOUT_S", parse=float,
+    request_timeout_s: float = setting(30.0, env="FAASTUBE_REQUEST_TIMEOUT_S", parse=parse_positive_seconds,
                                        help="seconds a request may take to arrive whole, from its first "
                                             "byte (408 after it): slow clients cannot hold a connection")
     log_marker: str = setting("", env="FAASTUBE_LOG_MARKER",

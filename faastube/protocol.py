@@ -572,6 +572,10 @@ class StatusReport:
     # Namespaces left out of ``namespaces`` (it lists at most MAX_STATUS_NAMESPACES, those
     # holding the most), so the reply always fits a frame.
     namespaces_omitted: int | None = None
+    # The controller's version, start and uptime; the directory's state (Redis up or down,
+    # its version: controller/directory.py Directory.state).
+    controller: dict | None = None
+    directory: dict | None = None
 
     def as_dict(self) -> dict:
         """The report as one JSON-like map, without the admin's sections it lacks."""

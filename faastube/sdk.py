@@ -27,6 +27,10 @@ _client: Client | None = None
 _client_lock = threading.Lock()
 _scope: contextvars.ContextVar[str | None] = contextvars.ContextVar("faastube_scope", default=None)
 _activity: contextvars.ContextVar["_Activity | None"] = contextvars.ContextVar("faastube_activity", default=None)
+# (consumers, ttl) for objects made in an activation that name neither, set by the runtime
+# from FAASTUBE_RESULT_CONSUMERS / FAASTUBE_RESULT_TTL_S (Note [Results have a lifetime]).
+_result_lifetime: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("faastube_result_lifetime",
+                                                                                default=None)
 
 
 class _Activity:
@@ -50,13 +54,15 @@ class _Activity:
 
 
 @contextlib.contextmanager
-def activation(scope: str | None, function: str | None = None):
+def activation(scope: str | None, function: str | None = None, lifetime: tuple | None = None):
     """Within this block, objects put or created without a ``scope`` get ``scope``; if the
     block raises, the scope is closed (what the failed activation allocated is freed).
     ``function`` (the action's name): what it put is reported to the controller when the
     block ends, so the pool keeps room ready for its next activations, and the requests
     inside the block name it, so the controller learns which function gets what another put
-    (Note [Queue-aware eviction])."""
+    (Note [Queue-aware eviction]). ``lifetime``: (consumers, ttl) given to objects made in
+    the block that name neither (Note [Results have a lifetime])."""
+    lifetime_token = _result_lifetime.set(lifetime)
     token = _scope.set(scope)
     name = function if isinstance(function, str) and function.isprintable() else None
     activity = _Activity(name[:protocol.MAX_NAME]) if name else None
@@ -73,6 +79,7 @@ def activation(scope: str | None, function: str | None = None):
         raise
     finally:
         _scope.reset(token)
+        _result_lifetime.reset(lifetime_token)
         _activity.reset(activity_token)
         if function_token is not None:
             CURRENT_FUNCTION.reset(function_token)
@@ -115,6 +122,30 @@ def connect(**settings) -> Client:
     return _client
 
 
+def result_lifetime(config: Config | None = None) -> tuple | None:
+    """Note [Results have a lifetime]: the (consumers, ttl) the runtime gives what an
+    activation makes without naming a lifetime. A result crosses to the next step of a
+    sequence as a ref, and that step gets it once: by default, the object is freed once one
+    get of it has been released (FAASTUBE_RESULT_CONSUMERS=1), or after
+    FAASTUBE_RESULT_TTL_S (600 s) if nobody gets it. 0 turns either off; both 0: results live
+    until deleted, as any put outside an activation. Per action: the action's environment
+    (OpenWhisk: /init's env, e.g. ``wsk action update A -p``; Knative: the Service's env). A
+    function that hands one object to several consumers names ``consumers`` itself."""
+    config = config or Config.from_env()
+    consumers = config.result_consumers or None
+    ttl = config.result_ttl_s or None
+    return None if consumers is None and ttl is None else (consumers, ttl)
+
+
+def _defaulted(consumers, ttl) -> tuple:
+    """``(consumers, ttl)``, or the activation's result lifetime where both are None."""
+    if consumers is None and ttl is None:
+        default = _result_lifetime.get()
+        if default is not None:
+            return default
+    return consumers, ttl
+
+
 def _check_lifetime(consumers, ttl) -> None:
     if consumers is not None and (isinstance(consumers, bool) or not isinstance(consumers, int)
                                   or consumers < 1):
@@ -143,6 +174,7 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     closed, or by :func:`delete`, whichever comes first.
     """
     _check_lifetime(consumers, ttl)
+    consumers, ttl = _defaulted(consumers, ttl)
     scope = scope or _scope.get()
     interface = views.cuda_interface(array)
     if interface is not None:
@@ -291,6 +323,7 @@ def empty(shape, dtype="float32", consumers: int | None = None, ttl: float | Non
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"shape must not have negative dimensions, got {shape}")
     _check_lifetime(consumers, ttl)
+    consumers, ttl = _defaulted(consumers, ttl)
     dtype, target = check_dtype(dtype), device_of(device)
     array, object_id, _lease = client().create(shape, dtype, consumers, ttl, scope or _scope.get(),
                                                device=target)

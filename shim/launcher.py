@@ -62,7 +62,7 @@ def load_main(folder: str, name: str, entry: str = "__main__.py"):
     return function
 
 
-def serve(main, requests, replies) -> None:
+def serve(main, requests, replies, lifetime=None) -> None:
     from faastube.results import publish_arrays
     from faastube.sdk import activation
     for line in requests:
@@ -84,7 +84,7 @@ def serve(main, requests, replies) -> None:
             saved.setdefault(variable, previous)
         try:
             with activation(os.environ.get("__OW_ACTIVATION_ID") or None,
-                            os.environ.get("__OW_ACTION_NAME") or None):
+                            os.environ.get("__OW_ACTION_NAME") or None, lifetime):
                 result = publish_arrays(main(value))
         except Exception as exc:
             print(traceback.format_exc(), file=sys.stderr)
@@ -117,6 +117,8 @@ def main(argv) -> None:
     sys.path.insert(0, folder)
     activate_virtualenv(folder)
     try:
+        from faastube.sdk import result_lifetime
+        lifetime = result_lifetime()      # a bad result lifetime setting fails /init, in its words
         function = load_main(folder, name, entry)
     except SystemExit:
         raise
@@ -128,7 +130,7 @@ def main(argv) -> None:
     end_of_logs()
     replies.write(b'{"ok": true}\n')
     replies.flush()
-    serve(function, os.fdopen(request_fd, "rb"), replies)
+    serve(function, os.fdopen(request_fd, "rb"), replies, lifetime)
 
 
 if __name__ == "__main__":

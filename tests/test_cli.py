@@ -21,7 +21,7 @@ def faastube_cli(*args, env=None, timeout=60):
                           text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, ft):
+def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, ft, redis_server):
     ft.put(np.zeros(1_000_000, np.uint8))
     other = controller.client("team-b")
     try:
@@ -30,7 +30,11 @@ def test_status_prints_pools_slabs_objects_and_bytes_per_namespace(controller, f
         result = faastube_cli("status", "--socket", controller.socket)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[0].startswith(f"node {controller.node}  epoch ")
+        assert re.fullmatch(r"controller 0\.1\.0, up \d+s", lines[0]), lines[0]
+        assert lines[1].startswith(f"node {controller.node}  epoch ")
+        assert re.fullmatch(rf"directory: Redis [\d.]+ up at {re.escape(redis_server.url)}; \d+ writes "
+                            r"queued, 0 refused", lines[2]), lines[2]
+        lines = lines[2:]
         assert lines[1].startswith("pool host: 2 slabs of 4.0 MiB, reserved 8.0 MiB, used ")
         assert lines[2] == ("  room kept ahead 0 B for 0 namespaces; grown ahead 0 slabs (0 B), on a "
                             "request's path 2 (8.0 MiB); idle minimum 0 B")
@@ -124,6 +128,81 @@ def test_controller_flags_refuse_bad_values_in_their_own_words(args, text):
     done = subprocess.run([sys.executable, "-m", "faastube.cli", "controller", *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and text in done.stderr, done.stderr
+
+
+# Each refused before anything starts, in one line naming the flag and the fix (argparse's
+# exit status 2), never a traceback.
+@pytest.mark.parametrize("args, text", [
+    (["controller", "--metrics-port", "99999"], "argument --metrics-port: '99999': write a port from 1 to 65535"),
+    (["controller", "--redis", "notaurl"], "argument --redis: 'notaurl': write a Redis URL such as redis://"),
+    (["controller", "--redis", "redis://:6379/0"], "a redis:// URL needs a host"),
+    (["controller", "--redis", "redis://h:99x/0"], "the port in a Redis URL must be a number"),
+    (["controller", "--pool-limit", "-5"], "argument --pool-limit: '-5': cannot read '-5' as a size"),
+    (["controller", "--slab-size", "0"], "argument --slab-size: '0': write a size of at least 1 byte"),
+    (["controller", "--socket-mode", "1777"], "write an octal file mode from 000 to 777"),
+    (["controller", "--idle-timeout", "inf"], "argument --idle-timeout: 'inf': write a number of seconds"),
+    (["controller", "--frame-timeout", "0"], "write a number of seconds above 0"),
+    (["controller", "--evict-wait", "-1"], "argument --evict-wait: '-1': write a number of seconds, at least 0"),
+    (["controller", "--max-connections", "0"], "argument --max-connections: '0': write a whole number of at least 1"),
+    (["controller", "--stand-in-gpus", "-2"], "argument --stand-in-gpus: '-2': write a whole number of at least 0"),
+    (["controller", "--tombstone-ttl", "0"], "argument --tombstone-ttl: '0': write a whole number of at least 1"),
+    (["shim", "--port", "70000"], "argument --port: '70000': write a port from 1 to 65535"),
+    (["demo", "--runs", "0"], "argument --runs: '0': write runs from 1 to 1000"),
+    (["demo", "--size-mb", "-3"], "argument --size-mb: '-3': write megabytes from 1 to 4096"),
+    (["conformance", "not-a-url"], "'not-a-url' is not a runtime's URL: write http://HOST:PORT"),
+    (["conformance", "http://127.0.0.1:8080", "--timeout", "0"], "write seconds above 0"),
+])
+def test_every_flag_is_checked_with_a_one_line_error(args, text):
+    done = faastube_cli(*args)
+    assert done.returncode == 2 and text in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"faastube {args[0]}: error: ")
+
+
+def test_errors_found_after_the_flags_are_one_line_too(tmp_path, redis_server):
+    unwritable = faastube_cli("controller", "--socket", "/proc/faastube/c.sock", "--redis", redis_server.url,
+                              "--gpus", "none")
+    assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr
+    assert ("faastube controller: cannot listen on /proc/faastube/c.sock (No such file or directory): "
+            "pass --socket (FAASTUBE_SOCKET) a path") in unwritable.stderr
+    half = faastube_cli("conformance", "http://127.0.0.1:1", "--stdout", str(tmp_path / "out.log"))
+    assert half.returncode == 1 and "--stdout and --stderr go together" in half.stderr
+    missing = faastube_cli("conformance", "http://127.0.0.1:1", "--stdout", str(tmp_path / "out.log"),
+                           "--stderr", str(tmp_path / "err.log"))
+    assert missing.returncode == 1 and f"no log file at {tmp_path / 'out.log'}" in missing.stderr
+    bad_env = faastube_cli("status", env={"FAASTUBE_CONNECT_TIMEOUT_S": "soon"})
+    assert bad_env.returncode == 1 and "FAASTUBE_CONNECT_TIMEOUT_S='soon' is not valid" in bad_env.stderr
+    assert "Traceback" not in bad_env.stderr
+
+
+def test_version_and_help_list_every_command():
+    import faastube
+    version = faastube_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"faastube {faastube.__version__}"
+    helped = faastube_cli("--help")
+    assert helped.returncode == 0 and "``" not in helped.stdout
+    for command in ("controller", "status", "shim", "conformance", "demo", "bench"):
+        assert re.search(rf"^\s+{command}\b", helped.stdout, re.M), command
+
+
+def test_status_says_when_redis_is_down_and_exits_1(tmp_path):
+    from faastube.local import LocalRedis
+    with LocalRedis() as redis:
+        ctl = ControllerProcess(tmp_path, redis.url).start()
+        try:
+            up = faastube_cli("status", "--socket", ctl.socket)
+            assert up.returncode == 0 and re.search(r"^directory: Redis [\d.]+ up at ", up.stdout, re.M)
+            redis.stop()
+            wait_for(lambda: ctl.status()["directory"]["state"] == "down", message="Redis seen down")
+            down = faastube_cli("status", "--socket", ctl.socket)
+            assert down.returncode == 1, down.stderr
+            assert re.search(rf"^directory: Redis DOWN at {re.escape(redis.url)} \(last reached \d+ s ago\): "
+                             r"new puts fail until it is back", down.stdout, re.M), down.stdout
+            as_json = json.loads(faastube_cli("status", "--socket", ctl.socket, "--json").stdout)
+            assert as_json["directory"]["state"] == "down"
+            assert as_json["controller"]["version"] and as_json["controller"]["uptime_s"] >= 0
+        finally:
+            ctl.stop()
 
 
 @pytest.fixture
@@ -233,3 +312,26 @@ def test_sigterm_stops_the_controller_whichever_of_its_threads_takes_it(tmp_path
         client.close()
     finally:
         ctl.stop(timeout_s=5)
+
+
+def test_bench_runs_from_an_installed_wheel(tmp_path):
+    """A wheel carries the workflows (the faastube_bench package, pyproject.toml), so
+    `faastube bench` works without a source checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = os.path.abspath(sys.executable)          # the commands below run elsewhere
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    built = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(wheels), root], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = wheels.glob("faastube-*.whl")
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                                str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([python, "-c", "from faastube.cli import workflows_folder; print(workflows_folder())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(site / "faastube_bench" / "workflows"), where.stdout + where.stderr
+    # The wheel's bench checks its settings like the checkout's does.
+    done = subprocess.run([python, "-m", "faastube.cli", "bench", "--requests", "0"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--requests must be at least 1" in done.stderr, done.stderr

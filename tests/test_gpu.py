@@ -9,6 +9,7 @@ no usable GPU, with the reason.
 import hashlib
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -19,10 +20,12 @@ from .conftest import ControllerProcess, wait_for
 
 
 def _why_no_gpu() -> str | None:
+    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()):
+        return "this machine has no NVIDIA GPU driver (no /proc/driver/nvidia, no /dev/nvidiactl)"
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return "CuPy is not installed (pip install 'faastube[cuda]')"
+        return "there is an NVIDIA driver but CuPy is not installed (pip install 'faastube[cuda]')"
     try:
         cuda.devices()
     except cuda.CudaError as exc:

@@ -42,7 +42,47 @@ def test_dockerfile_copies_files_that_exist_and_runs_our_cli(dockerfile):
 def test_images_that_install_the_project_copy_every_package_it_declares(dockerfile):
     # `pip install .` fails when a package pyproject.toml lists is missing from the context.
     import tomllib
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    copied = {Path(source).name for sources in re.findall(r"^COPY\s+(.+)\s+\S+$", dockerfile.read_text(), re.MULTILINE)
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setuptools.get("package-dir", {})
+    copied = {source for sources in re.findall(r"^COPY\s+(.+)\s+\S+$", dockerfile.read_text(), re.MULTILINE)
               for source in sources.split()}
-    assert set(packages) <= copied, f"{dockerfile.name} does not copy {set(packages) - copied}"
+    for package in setuptools["packages"]:
+        top, _, rest = package.partition(".")
+        folder = Path(mapped.get(top, top), *rest.split(".") if rest else ())
+        assert any(folder == Path(c) or Path(c) in folder.parents for c in copied), \
+            f"{dockerfile.name} does not copy {folder} (package {package})"
+    assert "image-constraints.txt" in copied and "-c image-constraints.txt" in dockerfile.read_text()
+
+
+def test_image_pins_are_the_projects_dependencies_inside_their_ranges():
+    """image-constraints.txt pins every dependency the images install, once, inside the range
+    pyproject.toml gives it: one source of truth for what an image runs."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["cuda"]
+                + project["optional-dependencies"]["controller-gpu"]]
+    ranges = {}
+    for requirement in declared:
+        ranges.setdefault(requirement.name.lower(), []).append(requirement.specifier)
+        if "hiredis" in requirement.extras:
+            ranges.setdefault("hiredis", [])
+    pins = {}
+    for line in (ROOT / "image-constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"{line!r}: pin an exact version"
+            assert name.lower() not in pins, f"{name} pinned twice"
+            pins[name.lower()] = version
+    assert set(pins) == set(ranges), (set(ranges) - set(pins), set(pins) - set(ranges))
+    for name, version in pins.items():
+        for specifier in ranges[name]:
+            assert specifier.contains(version), f"{name}=={version} is outside pyproject's {specifier}"
+
+
+def test_the_controller_image_runs_as_the_user_and_group_the_kits_expect():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "USER 10001:10002" in text and "--gid 10002 faastube-clients" in text
+    assert '".[controller-gpu]"' in text          # NVML (topology) and the VMM bindings

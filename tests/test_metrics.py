@@ -73,3 +73,50 @@ def test_a_metrics_port_in_use_stops_the_controller_with_a_clear_error(tmp_path,
     assert result.returncode == 1
     assert f"cannot serve metrics on port {port}" in result.stderr
     assert not (tmp_path / "c.sock").exists()
+
+
+def _probe(port, path):
+    import json
+    import urllib.error
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_health_endpoints_follow_the_controller_and_redis(tmp_path, metrics_port):
+    """Note [Health endpoints]: /healthz is live while the controller serves, /readyz also
+    needs Redis: what the DaemonSet's probes read."""
+    from faastube.local import LocalRedis
+
+    from .conftest import ControllerProcess, wait_for
+    with LocalRedis() as redis:
+        ctl = ControllerProcess(tmp_path, redis.url, metrics_port=metrics_port).start()
+        try:
+            assert _probe(metrics_port, "/healthz")[0] == 200
+            status, ready = _probe(metrics_port, "/readyz")
+            assert status == 200 and ready["ready"] and ready["directory"] == "up"
+            assert _probe(metrics_port, "/nothing")[0] == 404
+            redis.stop()
+            wait_for(lambda: _probe(metrics_port, "/readyz")[0] == 503, message="not ready without Redis")
+            status, health = _probe(metrics_port, "/healthz")
+            assert status == 200 and health["live"] and not health["ready"] and health["directory"] == "down"
+        finally:
+            assert ctl.stop() == 0
+
+
+def test_idle_http_connections_cannot_hold_the_health_port(controller, metrics_port):
+    """More silent connections than the port serves at once: they are refused or time out,
+    and a probe afterwards is answered."""
+    from controller.metrics import HTTP_CONNECTIONS
+    idle = [socket.create_connection(("127.0.0.1", metrics_port)) for _ in range(HTTP_CONNECTIONS + 8)]
+    try:
+        # A probe made while every slot is held is closed unanswered (not queued forever).
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=10).read()
+    finally:
+        for conn in idle:
+            conn.close()
+    from .conftest import wait_for
+    wait_for(lambda: _probe(metrics_port, "/healthz")[0] == 200, timeout=15, message="the port serves again")

@@ -68,7 +68,7 @@ def parse(argv):
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of each load run not measured")
     p.add_argument("--slo-ms", type=float, default=None, help="end-to-end SLO (default: see above)")
     p.add_argument("--find-max", action="store_true", help="search each mode's max rate within the SLO")
-    p.add_argument("--out", default=None, help="results folder (default bench/results/workflows-<time>)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results/workflows-<time> in a checkout, ./workflows-<time> from a wheel)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     args.workflow = args.workflow or ["traffic"]
@@ -258,7 +258,10 @@ def main(argv=None) -> int:
     gpus = gpus_here()
     args.size = args.size or ("gpu" if gpus else "cpu")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = args.out or os.path.join(os.path.dirname(HERE), "results", f"workflows-{stamp}")
+    # bench/results in a source checkout; the current folder where a wheel installed this.
+    checkout = os.path.basename(os.path.dirname(HERE)) == "bench"
+    out = args.out or os.path.join(os.path.join(os.path.dirname(HERE), "results") if checkout else os.getcwd(),
+                                   f"workflows-{stamp}")
     os.makedirs(out, exist_ok=True)
     from faastube.local import LocalController, LocalRedis
     results = {"benchmark": "workflows",
