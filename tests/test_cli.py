@@ -314,6 +314,7 @@ def test_sigterm_stops_the_controller_whichever_of_its_threads_takes_it(tmp_path
         ctl.stop(timeout_s=5)
 
 
+@pytest.mark.slow
 def test_bench_runs_from_an_installed_wheel(tmp_path):
     """A wheel carries the workflows (the faastube_bench package, pyproject.toml), so
     `faastube bench` works without a source checkout."""

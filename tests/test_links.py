@@ -52,6 +52,7 @@ def test_concurrent_moves_share_the_link_and_all_arrive(link):
     assert link.queued == 0 and link.stats()["wait_s"] > 0     # someone waited for a turn
 
 
+@pytest.mark.slow
 def test_a_small_move_finishes_while_a_large_one_is_still_running(link):
     big_src = np.ones(768 * MiB, np.uint8)
     big_dst = np.zeros_like(big_src)

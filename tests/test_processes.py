@@ -96,6 +96,7 @@ def test_a_live_view_keeps_its_bytes_after_delete_in_another_process(worker_env,
     holder.wait(10)
 
 
+@pytest.mark.slow
 def test_fifty_killed_processes_leak_nothing(worker_env, controller):
     produced = worker_env.run("function.py", "put", 100_000, 5)
     victims = []

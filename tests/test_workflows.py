@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real PyTorch models in real function processes
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (scripts/setup installs the CPU build)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "workflows"))
