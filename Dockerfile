@@ -6,6 +6,8 @@
 # The direct links' native pump (controller/pump.py) is compiled in a first stage that has a C
 # compiler; the controller's image has none and loads the library from FAASTUBE_NATIVE_DIR.
 FROM python:3.12-slim AS pump
+# The distribution's packages follow the base image's release; pinning their versions (DL3008)
+# breaks the build as soon as the mirror drops that exact version.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*

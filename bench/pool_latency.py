@@ -15,8 +15,11 @@ What is timed:
 - redis set/get: what functions do today: ``SET key arr.tobytes()``, ``GET`` + ``frombuffer``;
 - hand-off: producer process publishes an array it computed, consumer process holds it as
   an array; timed from the start of publishing to the consumer's array (CLOCK_MONOTONIC).
-  Three ways: pool zero-copy (the producer computed into ``faastube.empty``; publishing is
-  ``seal``), pool put (publishing is ``put``, one copy), and Redis bytes.
+  Pool zero-copy (the producer computed into ``faastube.empty``; publishing is ``seal``),
+  pool put (publishing is ``put``, one copy), Redis bytes, and host shared memory as the
+  workflow benchmark's ``shm`` mode passes it: the producer computes into a fresh POSIX
+  segment, the consumer opens and maps it and copies the array out (``shm``), or keeps
+  the mapping as its array (``shm view``: no copy, the strictest host baseline).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+from multiprocessing import resource_tracker, shared_memory
 import sys
 import time
 
@@ -40,7 +44,8 @@ from faastube.local import LocalController, redis_for
 from report import percentile, write_json
 
 SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20, 256 << 20]
-HANDOFF_SIZES = [1 << 20, 16 << 20, 64 << 20]
+HANDOFF_SIZES = [64 << 10, 1 << 20, 16 << 20, 64 << 20]
+HANDOFF_MODES = ("zero-copy", "put", "shm", "shm-view", "redis")
 
 
 def percentiles(samples_ns):
@@ -107,6 +112,16 @@ def _producer(mode, socket_path, redis_url, size, runs, inbox, outbox):
             start = time.monotonic_ns()
             message = faastube.seal(out)
             del out
+        elif mode.startswith("shm"):
+            name = f"ftb-latency-{os.getpid()}-{run}"
+            segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+            resource_tracker.unregister(segment._name, "shared_memory")   # the consumer unlinks it
+            out = np.ndarray(size, np.uint8, buffer=segment.buf)
+            np.add(source, run, out=out)                         # computed into the segment
+            start = time.monotonic_ns()
+            message = {"segment": name}
+            del out
+            segment.close()
         else:
             out = np.add(source, run)
             start = time.monotonic_ns()
@@ -115,7 +130,7 @@ def _producer(mode, socket_path, redis_url, size, runs, inbox, outbox):
             else:
                 board.set(f"bench:handoff:{run}", out.tobytes())
                 message = {"key": f"bench:handoff:{run}"}
-        outbox.send((start, message, int(out.sum() if mode != "zero-copy" else 0)))
+        outbox.send((start, message, 0))
 
 
 def _consumer(mode, socket_path, redis_url, size, runs, inbox, outbox):
@@ -123,14 +138,23 @@ def _consumer(mode, socket_path, redis_url, size, runs, inbox, outbox):
     board = redis.Redis.from_url(redis_url)
     for _ in range(runs):
         start, message = inbox.recv()
+        segment = None
         if mode == "redis":
             array = np.frombuffer(board.get(message["key"]), np.uint8)
             board.delete(message["key"])
+        elif mode.startswith("shm"):
+            segment = shared_memory.SharedMemory(name=message["segment"])
+            array = np.ndarray(size, np.uint8, buffer=segment.buf)
+            if mode == "shm":
+                array = array.copy()                             # into the consumer's memory
         else:
             array = faastube.get(message)
         done = time.monotonic_ns()
         checksum = int(array[:: max(1, size // 4096)].sum())
         del array
+        if segment is not None:
+            segment.close()
+            segment.unlink()
         outbox.send((done - start, checksum))
 
 
@@ -176,8 +200,8 @@ def main(argv=None) -> int:
         handoffs = {}
         runs = 5 if args.quick else 15
         for size in HANDOFF_SIZES:
-            for mode in ("zero-copy", "put", "redis"):
-                print(f"measuring the {size >> 20} MiB hand-off via {mode} …", file=sys.stderr)
+            for mode in HANDOFF_MODES:
+                print(f"measuring the {size_label(size)} hand-off via {mode} …", file=sys.stderr)
                 handoffs[f"{mode}_{size}"] = bench_handoff(mode, controller.socket, redis_url, size, runs)
         faastube.sdk._client.close()
     result = {
@@ -191,6 +215,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def size_label(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+
+
 def render(result) -> str:
     local, handoff = result["local"], result["handoff"]
     lines = [f"control round trip (ping): p50 {local['ping']['p50_us']:.0f} µs, p99 {local['ping']['p99_us']:.0f} µs",
@@ -200,15 +228,17 @@ def render(result) -> str:
         if not key.startswith("size_"):
             continue
         size = row["size"]
-        label = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+        label = size_label(size)
         redis_us = row["redis_set"]["p50_us"] + row["redis_get"]["p50_us"]
         lines.append(f"{label:>8} {row['get']['p50_us']:>7.0f}µs {row['get']['p99_us']:>7.0f}µs "
                      f"{row['put']['p50_us'] / 1e3:>8.2f}ms {redis_us / 1e3:>16.2f}ms")
-    lines += ["", f"{'hand-off (2 processes)':<24}{'pool zero-copy':>15}{'pool put':>11}{'Redis bytes':>13}"
-              f"{'vs zero-copy':>14}{'vs put':>8}"]
+    lines += ["", "hand-off, 2 processes (median ms); 'pool vs': a mode's time over pool zero-copy's",
+              f"{'size':>8}{'pool zero-copy':>16}{'pool put':>10}{'shm':>9}{'shm view':>10}{'Redis':>9}"
+              f"{'pool vs shm':>13}{'vs shm view':>13}{'vs Redis':>10}"]
     for size in HANDOFF_SIZES:
-        z, p, r = (handoff[f"{m}_{size}"]["median_ms"] for m in ("zero-copy", "put", "redis"))
-        lines.append(f"{str(size >> 20) + ' MiB':<24}{z:>12.3f} ms{p:>8.2f} ms{r:>10.1f} ms{r / z:>13.0f}×{r / p:>7.0f}×")
+        z, p, c, v, r = (handoff[f"{m}_{size}"]["median_ms"] for m in HANDOFF_MODES)
+        lines.append(f"{size_label(size):>8}{z:>16.3f}{p:>10.3f}{c:>9.3f}{v:>10.3f}{r:>9.2f}"
+                     f"{c / z:>12.1f}×{v / z:>12.1f}×{r / z:>9.0f}×")
     worst_get = max(row["get"]["p50_us"] for k, row in local.items() if k.startswith("size_"))
     z64, r64 = handoff[f"zero-copy_{64 << 20}"]["median_ms"], handoff[f"redis_{64 << 20}"]["median_ms"]
     lines += ["", f"target get p50 ≤ 150 µs at every size: worst {worst_get:.0f} µs → "

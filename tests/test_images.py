@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import faastube
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "runtime-image" / "Dockerfile", ROOT / "knative" / "Dockerfile.examples"]
 
@@ -86,3 +88,50 @@ def test_the_controller_image_runs_as_the_user_and_group_the_kits_expect():
     text = (ROOT / "Dockerfile").read_text()
     assert "USER 10001:10002" in text and "--gid 10002 faastube-clients" in text
     assert '".[controller-gpu]"' in text          # NVML (topology) and the VMM bindings
+
+
+BUILD = ROOT / "scripts" / "build-images"
+
+
+def fake_docker(tmp_path, engine=True):
+    """A stand-in for the Docker CLI (no engine here): `docker info` answers as an engine
+    that is up or down, every other call is logged one per line."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(f"""#!/bin/sh
+[ "$1" = info ] && exit {0 if engine else 1}
+echo "$@" >> {tmp_path / "docker.log"}
+""")
+    docker.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_build_images_builds_the_three_images_in_order_with_the_version_tag(tmp_path):
+    result = subprocess.run([str(BUILD), "--prefix", "ghcr.io/me"], env=fake_docker(tmp_path),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "docker.log").read_text().splitlines()
+    version = faastube.__version__
+    builds = [c.split() for c in calls if c.startswith("build ")]
+    assert [b[4] for b in builds] == [f"ghcr.io/me/faastube-{n}:{version}" for n in ("controller", "runtime", "examples")]
+    for build in builds:
+        assert build[1] == "-f" and Path(build[2]).is_file() and build[3] == "-t" and build[5] == str(ROOT)
+    # The examples image starts FROM the runtime image under its default name.
+    assert f"FROM faastube/faastube-runtime:{version}" in (ROOT / "knative" / "Dockerfile.examples").read_text()
+    assert calls.index(f"tag ghcr.io/me/faastube-runtime:{version} faastube/faastube-runtime:{version}") < \
+        calls.index(" ".join(builds[2]))
+    assert not any(c.startswith("push") for c in calls)
+
+
+@pytest.mark.parametrize("engine, args, message", [
+    (None, [], "no docker command here"),
+    (False, [], "docker cannot reach a Docker engine"),
+    (True, ["--prefix"], "--prefix needs a value"),
+    (True, ["--bogus"], "usage: scripts/build-images"),
+])
+def test_build_images_says_what_is_missing(tmp_path, engine, args, message):
+    env = {"PATH": "/usr/bin:/bin"} if engine is None else fake_docker(tmp_path, engine)
+    result = subprocess.run([str(BUILD), *args], env=env, capture_output=True, text=True)
+    assert result.returncode in (1, 2) and message in result.stderr
+    assert not (tmp_path / "docker.log").exists()

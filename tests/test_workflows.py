@@ -111,6 +111,36 @@ def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "driving" in report and "![driving-cdf.png](driving-cdf.png)" in report
     assert "outputs identical across modes: True" in done.stdout
+    # Threads per container sized to this machine, and said in the table.
+    assert results["settings"]["cpus"] == run_module().default_cpus()
+    assert f"{results['settings']['cpus']} threads per container" in done.stdout
+
+
+def run_module():
+    import run
+    return run
+
+
+def test_threads_per_container_follow_the_machines_cores(monkeypatch):
+    run = run_module()
+    for cores, threads in [(1, 1), (2, 1), (4, 2), (8, 4), (128, 4)]:
+        monkeypatch.setattr(run.os, "cpu_count", lambda: cores)
+        assert run.default_cpus() == threads
+        assert run.parse([]).cpus == threads
+    assert run.parse(["--cpus", "3"]).cpus == 3
+
+
+def test_a_load_phase_that_overloads_the_machine_says_so():
+    run = run_module()
+    queued = {"isolated": {"p50_ms": 40.0}, "load": {"p50_ms": 130.0}}
+    warning = run.overload_warning("traffic", "pool", queued, 12.5)
+    assert queued["load"]["p50_vs_isolated"] == 3.25
+    assert warning.startswith("traffic/pool: the p50 under load (130 ms at 12.5/s) is 3.2× the isolated p50")
+    assert "lower --rate, or --rate 0" in warning
+    served = {"isolated": {"p50_ms": 40.0}, "load": {"p50_ms": 60.0}}
+    assert run.overload_warning("traffic", "pool", served, 5.0) is None
+    nothing = {"isolated": {"p50_ms": 40.0}, "load": {"p50_ms": float("nan")}}
+    assert run.overload_warning("traffic", "pool", nothing, 5.0) is None
 
 
 def test_links_per_request_splits_the_controllers_moves_by_link():

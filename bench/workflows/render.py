@@ -33,7 +33,9 @@ def rows(results) -> list[list[str]]:
 
 
 def table(results) -> str:
-    lines = [f"== workflows ({', '.join(results['machine']['gpus']) or 'CPU only'}, {results['date']})",
+    settings = results.get("settings", {})
+    lines = [f"== workflows ({', '.join(results['machine']['gpus']) or 'CPU only'}, {results['machine']['cpus']} cores, "
+             f"{settings.get('cpus', '?')} threads per container, {results['date']})",
              "p50/p99 = one request at a time; passing = time in getting and putting tensors on the "
              "critical path (of parallel branches, the slowest), as a share of the mean latency; "
              "load = open-loop arrivals; SLO per workflow below; 'vs pool' = this mode's number over "
