@@ -91,12 +91,17 @@ def parse_serving_port(text: str) -> int:
     return value
 
 
-def parse_seconds(text: str) -> float:
-    """A finite number of seconds, at least 0."""
+def _finite_amount(text: str, unit: str, example: str) -> float:
+    """A finite number of ``unit``, at least 0 (NaN and infinity refused)."""
     value = float(text)
     if not 0 <= value < float("inf"):
-        raise ValueError("write a number of seconds, at least 0, e.g. 30 or 0.5")
+        raise ValueError(f"write a number of {unit}, at least 0, e.g. {example}")
     return value
+
+
+def parse_seconds(text: str) -> float:
+    """A finite number of seconds, at least 0."""
+    return _finite_amount(text, "seconds", "30 or 0.5")
 
 
 def parse_positive_seconds(text: str) -> float:
@@ -109,10 +114,7 @@ def parse_positive_seconds(text: str) -> float:
 
 def parse_microseconds(text: str) -> float:
     """A finite number of microseconds, at least 0."""
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise ValueError("write a number of microseconds, at least 0, e.g. 100")
-    return value
+    return _finite_amount(text, "microseconds", "100")
 
 
 def parse_positive_size(text: str) -> int:
