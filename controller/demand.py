@@ -47,24 +47,39 @@ class FunctionDemand:
         default_factory=lambda: collections.deque(maxlen=4))   # {device: sizes} per activation
     activations: int = 0
 
+    # The window and the concurrency sort every kept span: computed once per change of
+    # ``spans`` (record), not on every read, since the reserver and eviction read them for
+    # every function on every step (they were most of the controller's CPU per request).
+    _window: float | None = dataclasses.field(default=None, repr=False, compare=False)
+    _concurrency: int | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def add_span(self, start: float, end: float) -> None:
+        self.spans.append((start, end))
+        self._window = self._concurrency = None
+
     def window_s(self, default_s: float) -> float:
-        """The 99th percentile of the intervals between starts, within sane bounds."""
-        starts = sorted(start for start, _end in self.spans)
-        intervals = sorted(b - a for a, b in zip(starts, starts[1:]))
-        if not intervals:
-            return default_s
-        p99 = intervals[min(len(intervals) - 1, math.ceil(0.99 * len(intervals)) - 1)]
-        return min(max(p99 * 1.5, WINDOW_MIN_S), WINDOW_MAX_S)   # a margin: the next may come a bit late
+        """The 99th percentile of the intervals between starts, within sane bounds (``default_s``
+        until there are two)."""
+        if self._window is None:
+            starts = sorted(start for start, _end in self.spans)
+            intervals = sorted(b - a for a, b in zip(starts, starts[1:]))
+            if not intervals:
+                return default_s
+            p99 = intervals[min(len(intervals) - 1, math.ceil(0.99 * len(intervals)) - 1)]
+            self._window = min(max(p99 * 1.5, WINDOW_MIN_S), WINDOW_MAX_S)   # a margin: the next may come a bit late
+        return self._window
 
     def concurrency(self) -> int:
         """The most of the kept activations that ran at once."""
-        events = sorted([(start, 1) for start, _ in self.spans] + [(end, -1) for _, end in self.spans],
-                        key=lambda e: (e[0], e[1]))
-        running = most = 0
-        for _time, step in events:
-            running += step
-            most = max(most, running)
-        return max(most, 1)
+        if self._concurrency is None:
+            events = sorted([(start, 1) for start, _ in self.spans] + [(end, -1) for _, end in self.spans],
+                            key=lambda e: (e[0], e[1]))
+            running = most = 0
+            for _time, step in events:
+                running += step
+                most = max(most, running)
+            self._concurrency = max(most, 1)
+        return self._concurrency
 
     def sizes(self) -> dict[str, list[int]]:
         """Per device, the sizes of the recent activation that put the most bytes there."""
@@ -125,7 +140,7 @@ class DemandTracker:
                     self._functions.popitem(last=False)
             else:
                 self._functions.move_to_end(key)
-            demand.spans.append((now - activity.seconds, now))
+            demand.add_span(now - activity.seconds, now)
             demand.recent_sizes.append({device: tuple(sorted(sizes, reverse=True)[:SIZES_KEPT])
                                         for device, sizes in activity.sizes.items()
                                         if devices is None or device in devices})

@@ -48,6 +48,22 @@ def test_overlapping_activations_multiply_the_room_and_the_largest_recent_activa
     assert concurrency == {"fn": 2, "other": 1}
 
 
+def test_the_window_and_concurrency_read_between_activations_follow_each_new_one():
+    # They are kept from one activation to the next (read on every step of the reserver):
+    # each new activation must still change them.
+    tracker = DemandTracker(default_window_s=60)
+    tracker.record("ns", [activity(seconds=0.1, host=[MiB])], now=10.0)
+    tracker.record("ns", [activity(seconds=0.1, host=[MiB])], now=12.0)
+    (summary,) = tracker.summary(12.0)
+    assert summary["window_s"] == pytest.approx(3.0) and summary["concurrency"] == 1
+    tracker.wanted(12.0)                                         # read again: the same
+    tracker.record("ns", [activity(seconds=1.5, host=[MiB])], now=13.0)   # ran 11.5-13.0
+    (summary,) = tracker.summary(13.0)
+    assert summary["concurrency"] == 2                           # overlaps the one of 11.9-12.0
+    assert summary["window_s"] == pytest.approx(2.4)             # starts 9.9, 11.5, 11.9: p99 1.6 s
+    assert tracker.wanted(13.0) == {("ns", "host"): [MiB, MiB]}
+
+
 def test_what_clients_report_is_kept_within_bounds():
     from controller import demand as policy
     tracker = DemandTracker(default_window_s=60)
