@@ -32,6 +32,10 @@ def main(args):
         raise ValueError("conformance exception")
     if kind == "string":
         return "not a dict"
+    if kind == "none":
+        return None
+    if kind == "init env":
+        return {k: os.environ.get(k) for k in ("FT_OBJECT", "FT_NUMBER", "FT_TEXT")}
     if kind == "env":
         return {k: v for k, v in os.environ.items() if k.startswith("__OW_") and k not in ("__OW_API_HOST", "__OW_ALLOW_CONCURRENT")}
     if kind == "exit":
@@ -64,8 +68,14 @@ def _zip(files: dict) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _init(code, binary=False, main="main"):
-    return {"value": {"name": "conformance", "main": main, "code": code, "binary": binary, "env": {}}}
+# Non-string init env values reach the action as the Go proxy's json.Marshal writes them:
+# compact, keys sorted, HTML characters escaped, whole numbers without a fraction.
+INIT_ENV = {"FT_OBJECT": {"b": [1, 2.5], "a": "<&>"}, "FT_NUMBER": 1.0, "FT_TEXT": "as is"}
+INIT_ENV_SEEN = {"FT_OBJECT": '{"a":"\\u003c\\u0026\\u003e","b":[1,2.5]}', "FT_NUMBER": "1", "FT_TEXT": "as is"}
+
+
+def _init(code, binary=False, main="main", env=None):
+    return {"value": {"name": "conformance", "main": main, "code": code, "binary": binary, "env": env or {}}}
 
 
 def _error(text: str) -> bytes:
@@ -88,7 +98,7 @@ def checks():
          exact(_error("The action failed to generate or locate a binary. See logs for details."))),
         ("import that fails", "/init", _init("import iamnotsupported\ndef main(a):\n    return a\n"), 502,
          exact(_error("Cannot start action. Check logs for details."))),
-        ("init", "/init", _init(TEST_ACTION), 200, lambda body: json.loads(body) == {"ok": True}),
+        ("init", "/init", _init(TEST_ACTION, env=INIT_ENV), 200, lambda body: json.loads(body) == {"ok": True}),
         ("second init", "/init", _init(TEST_ACTION), 403,
          exact(_error("Cannot initialize the action more than once."))),
         ("run without value", "/run", {}, 200, lambda body: json.loads(body) == {}),
@@ -100,6 +110,9 @@ def checks():
          lambda body: json.loads(body) == {"error": "conformance exception"}),
         ("non-dict result", "/run", {"value": {"kind": "string"}}, 502,
          exact(_error("The action did not return a dictionary or array."))),
+        ("None result", "/run", {"value": {"kind": "none"}}, 200, lambda body: body.strip() == b"null"),
+        ("init env values", "/run", {"value": {"kind": "init env"}}, 200,
+         lambda body: json.loads(body) == INIT_ENV_SEEN),
         ("__OW_ environment", "/run", {"value": {"kind": "env"}, "namespace": "ns", "action_name": "/ns/a",
                                        "activation_id": "id1", "transaction_id": "t1",
                                        "deadline": "1700000000000"}, 200,

@@ -91,7 +91,9 @@ def run_activation(runtime: Runtime, body: bytes) -> tuple[int, bytes]:
     except ActionExited:
         return 400, error_body("command exited")   # later runs: no action defined yet
     # The launcher wrote the reply with json.dumps: a dict starts with "{", a list with "[".
-    if reply[:1] not in (b"{", b"["):
+    # The stock proxy's check (json.Unmarshal into a map, else a slice) also takes "null",
+    # which a Go map accepts: `return None` answers 200 null there, so it does here.
+    if reply[:1] not in (b"{", b"[") and reply != b"null":
         return 502, error_body(NOT_A_DICT)
     return 200, reply
 

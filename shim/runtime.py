@@ -23,11 +23,28 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def go_json(value) -> str:
+    """``value`` as the stock Go proxy writes a non-string init env value (``json.Marshal`` of
+    what ``json.Unmarshal`` made of it): compact, object keys sorted, ``<``, ``>`` and ``&``
+    escaped, a whole number written without a fraction (Go holds every JSON number as a
+    float64). Exponent forms of very large or small numbers may still differ."""
+    def whole(v):
+        if isinstance(v, float) and v.is_integer() and abs(v) < 1e21:
+            return int(v)
+        if isinstance(v, dict):
+            return {k: whole(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [whole(x) for x in v]
+        return v
+    text = json.dumps(whole(value), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def action_environment(init_env: dict) -> dict:
     """The container's environment (PATH, LD_LIBRARY_PATH, CUDA_*, NVIDIA_*, FAASTUBE_* …)
     plus the init env. Unlike the stock proxy, nothing of the container's is dropped."""
     env = dict(os.environ)
-    env.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in init_env.items()})
+    env.update({str(k): v if isinstance(v, str) else go_json(v) for k, v in init_env.items()})
     shim_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (shim_root, env.get("PYTHONPATH")) if p)
     return env

@@ -26,7 +26,7 @@ def test_our_runtime_conforms(tmp_path, env):
     finally:
         server.stop()
     assert result.returncode == 0, result.stdout
-    assert "FAIL" not in result.stdout and result.stdout.count("PASS") == 23
+    assert "FAIL" not in result.stdout and result.stdout.count("PASS") == 25
     assert "all checks passed" in result.stdout
 
 

@@ -263,7 +263,8 @@ def test_run_results_and_errors(shim):
     assert s.run({"kind": "raise"}) == (200, b'{"error": "bad input"}')
     assert "Traceback" in s.stderr() and "ValueError: bad input" in s.stderr()
     assert s.run({"kind": "string"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
-    assert s.run({"kind": "none"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
+    # The stock proxy's json.Unmarshal into a map takes "null": 200 null, as there.
+    assert s.run({"kind": "none"}) == (200, b'null')
     # NaN is not JSON: the stock proxy cannot parse it either, and answers the same 502.
     assert s.run({"kind": "nan"}) == (502, b'{"error":"The action did not return a dictionary or array."}\n')
     assert "the action's result is not JSON: Out of range float values are not JSON compliant" in s.stderr()
