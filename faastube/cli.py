@@ -231,26 +231,25 @@ def _bench(args) -> int:
 
 def _positive(kind, most: int | None = None):
     """An argparse type: a whole number from 1 (to ``most``)."""
-    def convert(text):
+    def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise ValueError("not a whole number") from None
         if value < 1 or (most is not None and value > most):
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: write {kind} from 1" + (f" to {most}" if most is not None else ""))
+            raise ValueError(f"write {kind} from 1" + (f" to {most}" if most is not None else ""))
         return value
-    convert.__name__ = kind
-    return convert
+    parse.__name__ = kind
+    return _words(parse)
 
 
 def _seconds(text):
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        raise ValueError("not a number of seconds") from None
     if not 0 < value < 86400:
-        raise argparse.ArgumentTypeError(f"{text!r}: write seconds above 0 and below 86400")
+        raise ValueError("write seconds above 0 and below 86400")
     return value
 
 
@@ -294,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", type=_runtime_url, help="a fresh (uninitialised) runtime, e.g. http://127.0.0.1:8080")
     p.add_argument("--stdout", help="the runtime's stdout log file (for the sentinel checks)")
     p.add_argument("--stderr", help="the runtime's stderr log file (for the sentinel checks)")
-    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--timeout", type=_words(_seconds), default=60.0, help="seconds per request (default 60)")
     p.set_defaults(func=_conformance)
 
     p = sub.add_parser("demo", help="a 3-stage pipeline through the pool and through Redis bytes")

@@ -10,6 +10,7 @@ help: ``faastube controller``, ``status`` and ``shim`` build their flags from th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -59,36 +60,32 @@ def parse_octal(text: str) -> int:
     return value
 
 
+def _whole_within(text: str, low: int, high: float, message: str) -> int:
+    """A whole number from ``low`` to ``high``; else ValueError(``message``)."""
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(message)
+    return value
+
+
 def parse_count(text: str) -> int:
     """A whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise ValueError("write a whole number of at least 1")
-    return value
+    return _whole_within(text, 1, math.inf, "write a whole number of at least 1")
 
 
 def parse_whole(text: str) -> int:
     """A whole number of at least 0."""
-    value = int(text)
-    if value < 0:
-        raise ValueError("write a whole number of at least 0")
-    return value
+    return _whole_within(text, 0, math.inf, "write a whole number of at least 0")
 
 
 def parse_port(text: str) -> int:
     """A TCP port, 1 to 65535, or 0 for none."""
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("write a port from 1 to 65535 (0: off)")
-    return value
+    return _whole_within(text, 0, 65535, "write a port from 1 to 65535 (0: off)")
 
 
 def parse_serving_port(text: str) -> int:
     """A TCP port to serve on, 1 to 65535."""
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise ValueError("write a port from 1 to 65535")
-    return value
+    return _whole_within(text, 1, 65535, "write a port from 1 to 65535")
 
 
 def _finite_amount(text: str, unit: str, example: str) -> float:

@@ -137,16 +137,9 @@ def result_lifetime(config: Config | None = None) -> tuple | None:
     return None if consumers is None and ttl is None else (consumers, ttl)
 
 
-def _defaulted(consumers, ttl) -> tuple:
-    """``(consumers, ttl)``, or the activation's result lifetime where both are None."""
-    if consumers is None and ttl is None:
-        default = _result_lifetime.get()
-        if default is not None:
-            return default
-    return consumers, ttl
-
-
-def _check_lifetime(consumers, ttl) -> None:
+def _lifetime(consumers, ttl) -> tuple:
+    """``(consumers, ttl)`` checked, or the activation's result lifetime where both are None
+    (Note [Results have a lifetime])."""
     if consumers is not None and (isinstance(consumers, bool) or not isinstance(consumers, int)
                                   or consumers < 1):
         raise InvalidArgumentError(f"consumers must be a positive integer or None, got {consumers!r}")
@@ -154,6 +147,11 @@ def _check_lifetime(consumers, ttl) -> None:
         raise InvalidArgumentError(f"ttl must be a number of seconds above 0 and at most "
                                    f"{protocol.MAX_TTL_S} ({protocol.MAX_TTL_S // 86400} days), or None, "
                                    f"got {ttl!r}")
+    if consumers is None and ttl is None:
+        default = _result_lifetime.get()
+        if default is not None:
+            return default
+    return consumers, ttl
 
 
 def put(array, consumers: int | None = None, ttl: float | None = None,
@@ -173,8 +171,7 @@ def put(array, consumers: int | None = None, ttl: float | None = None,
     after ``consumers`` gets have been released, after ``ttl`` seconds, when ``scope`` is
     closed, or by :func:`delete`, whichever comes first.
     """
-    _check_lifetime(consumers, ttl)
-    consumers, ttl = _defaulted(consumers, ttl)
+    consumers, ttl = _lifetime(consumers, ttl)
     scope = scope or _scope.get()
     interface = views.cuda_interface(array)
     if interface is not None:
@@ -322,8 +319,7 @@ def empty(shape, dtype="float32", consumers: int | None = None, ttl: float | Non
         raise InvalidArgumentError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"shape must not have negative dimensions, got {shape}")
-    _check_lifetime(consumers, ttl)
-    consumers, ttl = _defaulted(consumers, ttl)
+    consumers, ttl = _lifetime(consumers, ttl)
     dtype, target = check_dtype(dtype), device_of(device)
     array, object_id, _lease = client().create(shape, dtype, consumers, ttl, scope or _scope.get(),
                                                device=target)

@@ -180,3 +180,24 @@ def test_placement_deals_gpu_containers_to_the_gpus_in_turn():
     assert driver.place(driver.WORKFLOWS["image"], 1, 4) == {
         "preprocess": [""], "classify_a": ["0"], "classify_b": ["1"], "classify_c": ["2"], "vote": [""]}
     assert set(sum(driver.place(traffic, 3, 0).values(), [])) == {""}
+
+
+def test_the_closed_loop_keeps_its_requests_in_flight_and_counts_them():
+    import threading
+    import load
+    calls, lock, in_flight, most = [], threading.Lock(), [0], [0]
+    barrier = threading.Barrier(3)
+
+    def request(i):
+        with lock:
+            calls.append(i)
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        if len(calls) <= 3:
+            barrier.wait(timeout=10)        # the first three are in flight together
+        with lock:
+            in_flight[0] -= 1
+
+    rps = load.closed_loop_rps(request, concurrency=3, rounds=4)
+    assert sorted(calls) == sorted(k + i for k in range(3) for i in range(4))
+    assert most[0] == 3 and rps > 0

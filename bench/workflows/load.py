@@ -92,6 +92,18 @@ def open_loop(request, offsets: list[float], workers: int = 64, progress=None) -
     return outcomes
 
 
+def closed_loop_rps(request, concurrency: int, rounds: int) -> float:
+    """Requests per second served with ``concurrency`` requests always in flight: each of
+    ``concurrency`` threads calls ``request(i)`` ``rounds`` times, the next as the last returns."""
+    def worker(k: int) -> None:
+        for i in range(rounds):
+            request(k + i)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    return concurrency * rounds / (time.perf_counter() - started)
+
+
 def summary(outcomes: list[Outcome], warmup_s: float, duration_s: float, slo_s: float) -> dict:
     """Latency p50/p99, SLO attainment and goodput over the requests that arrived after
     the warm-up; failures count as missed SLOs."""

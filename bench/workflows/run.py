@@ -27,7 +27,6 @@ breakdown) and ``<out>/report.md``; prints a table last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import datetime
 import json
@@ -242,7 +241,9 @@ def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
             # requests, since on a machine whose stages share few cores that is far below
             # what one request at a time suggests (1 / p50).
             slowest_mode = max(result["modes"], key=lambda m: result["modes"][m]["isolated"]["p50_ms"])
-            carried = closed_loop_rps(deployments[slowest_mode], PROBE_CONCURRENCY * args.replicas)
+            deployment = deployments[slowest_mode]
+            carried = load.closed_loop_rps(lambda i: deployment.run(i % INPUTS),
+                                           PROBE_CONCURRENCY * args.replicas, PROBE_ROUNDS)
             rate = 0.5 * min(carried, 1e3 / slowest * args.replicas)
             result["default_rate"] = {"mode": slowest_mode, "closed_loop_rps": carried, "rate": rate}
         for mode, deployment in deployments.items():
@@ -264,18 +265,6 @@ def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
 
 PROBE_CONCURRENCY = 4   # requests in flight in the closed loop that sizes the default rate
 PROBE_ROUNDS = 5        # ... and how many of them each thread sends
-
-
-def closed_loop_rps(deployment, concurrency: int) -> float:
-    """Requests per second ``deployment`` carries with ``concurrency`` requests always in
-    flight (each thread sends its next as its last returns)."""
-    def worker(k: int) -> None:
-        for i in range(PROBE_ROUNDS):
-            deployment.run((k + i) % INPUTS)
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(worker, range(concurrency)))
-    return concurrency * PROBE_ROUNDS / (time.perf_counter() - started)
 
 
 def run_load(deployment, args, rate, slo_s, label, duration=None) -> dict:
