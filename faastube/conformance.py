@@ -69,9 +69,9 @@ def _zip(files: dict) -> str:
 
 
 # Non-string init env values reach the action as the Go proxy's json.Marshal writes them:
-# compact, keys sorted, HTML characters escaped, whole numbers without a fraction.
-INIT_ENV = {"FT_OBJECT": {"b": [1, 2.5], "a": "<&>"}, "FT_NUMBER": 1.0, "FT_TEXT": "as is"}
-INIT_ENV_SEEN = {"FT_OBJECT": '{"a":"\\u003c\\u0026\\u003e","b":[1,2.5]}', "FT_NUMBER": "1", "FT_TEXT": "as is"}
+# compact, keys sorted, HTML characters and U+2028/U+2029 escaped, whole numbers without a fraction.
+INIT_ENV = {"FT_OBJECT": {"b": [1, 2.5], "a": "<&>\u2028\u2029é"}, "FT_NUMBER": 1.0, "FT_TEXT": "as is"}
+INIT_ENV_SEEN = {"FT_OBJECT": '{"a":"\\u003c\\u0026\\u003e\\u2028\\u2029é","b":[1,2.5]}', "FT_NUMBER": "1", "FT_TEXT": "as is"}
 
 
 def _init(code, binary=False, main="main", env=None):

@@ -26,8 +26,9 @@ def _write_all(fd: int, data: bytes) -> None:
 def go_json(value) -> str:
     """``value`` as the stock Go proxy writes a non-string init env value (``json.Marshal`` of
     what ``json.Unmarshal`` made of it): compact, object keys sorted, ``<``, ``>`` and ``&``
-    escaped, a whole number written without a fraction (Go holds every JSON number as a
-    float64). Exponent forms of very large or small numbers may still differ."""
+    escaped, and U+2028/U+2029 too (as Go's encoder does for JavaScript), a whole number written
+    without a fraction (Go holds every JSON number as a float64). Exponent forms of very large
+    or small numbers may still differ."""
     def whole(v):
         if isinstance(v, float) and v.is_integer() and abs(v) < 1e21:
             return int(v)
@@ -37,7 +38,14 @@ def go_json(value) -> str:
             return [whole(x) for x in v]
         return v
     text = json.dumps(whole(value), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    for char, escape in _GO_ESCAPES:
+        text = text.replace(char, escape)
+    return text
+
+
+# What Go's json.Marshal escapes that json.dumps(ensure_ascii=False) writes as it is.
+_GO_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+               ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def action_environment(init_env: dict) -> dict:

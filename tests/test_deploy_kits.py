@@ -337,6 +337,11 @@ def rendered_chart(release="owdev"):
              "spec": {"ports": [{"port": 8080}]}}]
 
 
+def renamed_invoker_container(chart):
+    chart[0]["spec"]["template"]["spec"]["containers"][0]["name"] = "proxy"
+    return chart
+
+
 def post_render(documents, **env):
     return subprocess.run([str(ROOT / "openwhisk" / "helm" / "faastube-post-render")],
                           input=yaml.safe_dump_all(documents), capture_output=True, text=True,
@@ -392,8 +397,11 @@ def test_the_action_pod_template_keeps_what_the_invoker_does_not_overwrite():
      "tag-based placement needs scheduler.enabled: true"),
     ([dict(rendered_chart()[0], kind="DaemonSet")] + rendered_chart()[1:], {}, "invoker.containerFactory.impl=docker"),
     (rendered_chart()[1:], {}, "no invoker StatefulSet"),
+    ([rendered_chart()[0], rendered_chart("other")[0]] + rendered_chart()[1:], {},
+     "more than one invoker StatefulSet"),
+    (renamed_invoker_container(rendered_chart()), {}, "no single container named 'invoker' (its containers: 'proxy')"),
     (rendered_chart(), {"FAASTUBE_GPU_INVOKERS": "0"}, "FAASTUBE_GPU_INVOKERS='0'"),
-], ids=["no-scheduler", "docker-factory", "no-invoker", "bad-replicas"])
+], ids=["no-scheduler", "docker-factory", "no-invoker", "two-invokers", "no-invoker-container", "bad-replicas"])
 def test_the_post_renderer_refuses_what_it_cannot_serve(chart, env, message):
     result = post_render(chart, **env)
     assert result.returncode == 1 and result.stdout == ""
