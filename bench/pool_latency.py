@@ -130,7 +130,7 @@ def _producer(mode, socket_path, redis_url, size, runs, inbox, outbox):
             else:
                 board.set(f"bench:handoff:{run}", out.tobytes())
                 message = {"key": f"bench:handoff:{run}"}
-        outbox.send((start, message, 0))
+        outbox.send((start, message))
 
 
 def _consumer(mode, socket_path, redis_url, size, runs, inbox, outbox):
@@ -173,7 +173,7 @@ def bench_handoff(mode, socket_path, redis_url, size, runs):
     try:
         for run in range(runs + 1):
             to_producer.send(run)
-            start, message, _ = to_producer.recv()
+            start, message = to_producer.recv()
             to_consumer.send((start, message))
             elapsed, _checksum = to_consumer.recv()
             if run:
