@@ -19,6 +19,7 @@ from .demand import DemandTracker
 log = logging.getLogger("faastube.controller")
 
 TICK_S = 0.1          # how often wanted room is recomputed when no activation wakes it
+SETTLE_S = 0.01       # after an activation wakes it: the rest of the burst is folded into one step
 RETRY_S = 5.0         # after a slab could not be made: the memory is not there for now
 
 
@@ -65,7 +66,10 @@ class Reserver(BackgroundThread):
                 log.exception("reserving room ahead of demand failed")
                 grew = False
             if not grew:
-                self._wake.wait(TICK_S)
+                # A workflow's stages report within milliseconds of each other; one step for
+                # the burst costs the cores the functions run on a fifth of one per report.
+                if self._wake.wait(TICK_S):
+                    self._stop.wait(SETTLE_S)
                 self._wake.clear()
 
     def step(self) -> bool:

@@ -41,6 +41,39 @@ def test_256_mib_of_objects_cost_redis_well_under_1_mib_and_no_payload(ft, contr
     assert meta[b"node"].decode() == controller.node
 
 
+def test_an_object_freed_before_its_publish_is_written_once_as_its_tombstone(ft, controller, redis_server):
+    # Note [Directory writes are coalesced]: a put and a delete within one batch window reach
+    # Redis as one tombstone that still says what the object was and whose it was.
+    r = redis.Redis.from_url(redis_server.url)
+    adds_before = r.info("commandstats").get("cmdstat_sadd", {}).get("calls", 0)
+    refs = []
+    for _ in range(50):
+        refs.append(ft.put(np.arange(10)))
+        ft.delete(refs[-1])
+    keys = [f"faastube:obj:{ref['id']}" for ref in refs]
+    wait_for(lambda: all(r.hget(key, "state") == b"deleted" for key in keys), message="the tombstones")
+    for key in keys:
+        meta = r.hgetall(key)
+        assert meta[b"ns"] == b"test" and meta[b"size"] == b"80" and meta[b"node"].decode() == controller.node
+        assert 0 < r.ttl(key) <= 3600, "a tombstone expires"
+    members = r.smembers(f"faastube:node:{controller.node}:objects")
+    assert not {ref["id"].encode() for ref in refs} & members, "freed objects are not the node's"
+    adds = r.info("commandstats").get("cmdstat_sadd", {}).get("calls", 0) - adds_before
+    assert adds < 50, f"every one of 50 put-then-deleted objects was published on its own ({adds} SADDs)"
+
+
+def test_coalesce_folds_a_publish_and_its_forget_and_keeps_the_rest_in_order():
+    from controller.directory import coalesce
+    fields = {"state": "sealed", "ns": "a"}
+    batch = [("publish", "x", fields, None), ("publish", "y", fields, 99), ("forget", "x", "consumed"),
+             ("forget", "z", "deleted"), ("publish", "y", {**fields, "device": "host"}, 99)]
+    assert coalesce(batch) == [
+        ("tombstone", "x", "consumed", {"state": "consumed", "ns": "a"}),
+        ("publish", "y", {**fields, "device": "host"}, 99),
+        ("forget", "z", "deleted")]
+    assert coalesce([("forget", "z", "deleted")]) == [("forget", "z", "deleted")]
+
+
 @pytest.fixture
 def own_redis():
     server = LocalRedis(port=free_port()).start()
