@@ -17,10 +17,10 @@ from . import errors
 from .client import Client
 from .config import Config
 from .refs import REF_MARKER, is_ref
-from .sdk import (client, close_scope, connect, delete, empty, flush_puts, get, put, ref_of,
-                  release, seal)
+from .sdk import (client, close_scope, connect, delete, empty, event, flush_puts, get, put,
+                  ref_of, release, seal)
 
 __version__ = "0.1.0"
 
 __all__ = ["put", "get", "empty", "seal", "ref_of", "delete", "release", "close_scope",
-           "flush_puts", "connect", "client", "is_ref", "REF_MARKER", "Client", "Config", "errors"]
+           "flush_puts", "event", "connect", "client", "is_ref", "REF_MARKER", "Client", "Config", "errors"]

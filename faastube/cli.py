@@ -198,7 +198,10 @@ def _conformance(args) -> int:
         if not os.path.isfile(path):
             raise FaasTubeError(f"no log file at {path}: give the files the runtime writes its "
                                 f"stdout and stderr to")
-    return run_conformance(args.url, args.stdout, args.stderr, args.timeout)
+    if args.prebuilt and args.prebuilt.rstrip("/") == args.url.rstrip("/"):
+        raise FaasTubeError("--prebuilt needs a second fresh runtime: a runtime initialises once, "
+                            "and the first URL's is used by the other checks")
+    return run_conformance(args.url, args.stdout, args.stderr, args.timeout, prebuilt_url=args.prebuilt)
 
 
 def _demo(args) -> int:
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdout", help="the runtime's stdout log file (for the sentinel checks)")
     p.add_argument("--stderr", help="the runtime's stderr log file (for the sentinel checks)")
     p.add_argument("--timeout", type=_words(_seconds), default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--prebuilt", type=_runtime_url, metavar="URL",
+                   help="a second fresh runtime, for the prebuilt ActionLoop zip checks")
     p.set_defaults(func=_conformance)
 
     p = sub.add_parser("demo", help="a 3-stage pipeline through the pool and through Redis bytes")

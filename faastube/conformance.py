@@ -64,8 +64,50 @@ def _zip(files: dict) -> str:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, content in files.items():
-            archive.writestr(name, content)
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (0o755 if name == "exec" else 0o644) << 16
+            archive.writestr(info, content)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+# What the stock runtime's -compile step makes of a zip (Note [Prebuilt ActionLoop zips],
+# shim/extractor.py): ``exec`` runs ``exec__.py``, a launcher importing NAME from
+# ``main__.py``. This launcher is our own, minimal, so the zip also runs on the stock proxy.
+BUILD_EXEC = '#!/bin/bash\ncd "$(dirname "$0")"\nexec python3 exec__.py "$@"\n'
+BUILD_LAUNCHER = """import json, os, sys
+from main__ import {entry} as main
+out = os.fdopen(3, "wb")
+if os.getenv("__OW_WAIT_FOR_ACK"):
+    out.write(b'{{"ok": true}}\\n')
+    out.flush()
+for line in sys.stdin:
+    args = json.loads(line)
+    for key, value in args.items():
+        if key != "value":
+            os.environ["__OW_" + key.upper()] = value if isinstance(value, str) else json.dumps(value)
+    try:
+        result = main(args.get("value", {{}}))
+    except Exception as exc:
+        result = {{"error": str(exc)}}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    out.write(json.dumps(result, ensure_ascii=False).encode() + b"\\n")
+    out.flush()
+"""
+BUILD_ACTION = '''
+def main(args):
+    return {"entry": "main", "args": args}
+
+def naim(args):
+    return {"entry": "naim", "args": args}
+'''
+
+
+def prebuilt_zip(entry: str = "main", without: tuple = ()) -> str:
+    """A -compile build of BUILD_ACTION whose entry point is ``entry``, base64, leaving out
+    the files named in ``without``."""
+    files = {"exec": BUILD_EXEC, "exec__.py": BUILD_LAUNCHER.format(entry=entry), "main__.py": BUILD_ACTION}
+    return _zip({name: text for name, text in files.items() if name not in without})
 
 
 # Non-string init env values reach the action as the Go proxy's json.Marshal writes them:
@@ -98,6 +140,12 @@ def checks():
          exact(_error("The action failed to generate or locate a binary. See logs for details."))),
         ("import that fails", "/init", _init("import iamnotsupported\ndef main(a):\n    return a\n"), 502,
          exact(_error("Cannot start action. Check logs for details."))),
+        ("prebuilt zip without main__.py", "/init", _init(prebuilt_zip(without=("main__.py",)), binary=True),
+         502, exact(_error("Cannot start action. Check logs for details."))),
+        ("zip with an invalid virtualenv", "/init",
+         _init(_zip({"__main__.py": "def main(a):\n    return a\n", "virtualenv/README.md": "no activate_this"}),
+               binary=True), 502,
+         exact(_error("The action failed to generate or locate a binary. See logs for details."))),
         ("init", "/init", _init(TEST_ACTION, env=INIT_ENV), 200, lambda body: json.loads(body) == {"ok": True}),
         ("second init", "/init", _init(TEST_ACTION), 403,
          exact(_error("Cannot initialize the action more than once."))),
@@ -126,9 +174,19 @@ def checks():
     ]
 
 
+def prebuilt_checks():
+    """Checks for a second fresh runtime: a prebuilt zip initialises and runs its build's own
+    entry point, whatever /init's ``main`` says (the stock proxy runs a build as it is)."""
+    return [
+        ("prebuilt zip: init ignores main", "/init", _init(prebuilt_zip(), binary=True, main="naim"), 200,
+         lambda body: json.loads(body) == {"ok": True}),
+        ("prebuilt zip: run calls the build's entry point", "/run", {"value": {"n": 1}}, 200,
+         lambda body: json.loads(body) == {"entry": "main", "args": {"n": 1}}),
+    ]
+
+
 def run_conformance(url: str, stdout_log=None, stderr_log=None, timeout: float = 60.0,
-                    out=sys.stdout) -> int:
-    endpoint = Endpoint(url, timeout)
+                    out=sys.stdout, prebuilt_url: str | None = None) -> int:
     failures = 0
 
     def report(name, ok, detail=""):
@@ -136,15 +194,19 @@ def run_conformance(url: str, stdout_log=None, stderr_log=None, timeout: float =
         failures += not ok
         print(f"{'PASS' if ok else 'FAIL'}  {name}{'  — ' + detail if detail and not ok else ''}", file=out)
 
-    for name, path, body, status, check in checks():
-        try:
-            got_status, got_body, headers = endpoint.post(path, body)
-        except OSError as exc:
-            report(name, False, f"no answer from {url}: {exc}")
-            continue
-        ok = got_status == status and check(got_body) and headers.get("content-length") == str(len(got_body))
-        report(name, ok, f"got {got_status} {got_body[:160]!r}, Content-Length "
-                         f"{headers.get('content-length')}; expected {status}")
+    def run(endpoint_url, cases):
+        endpoint = Endpoint(endpoint_url, timeout)
+        for name, path, body, status, check in cases:
+            try:
+                got_status, got_body, headers = endpoint.post(path, body)
+            except OSError as exc:
+                report(name, False, f"no answer from {endpoint_url}: {exc}")
+                continue
+            ok = got_status == status and check(got_body) and headers.get("content-length") == str(len(got_body))
+            report(name, ok, f"got {got_status} {got_body[:160]!r}, Content-Length "
+                             f"{headers.get('content-length')}; expected {status}")
+
+    run(url, checks())
     if stdout_log and stderr_log:
         time.sleep(0.2)                   # let the runtime's log writes land
         logs = [open(p, encoding="utf-8", errors="replace").read() for p in (stdout_log, stderr_log)]
@@ -158,5 +220,10 @@ def run_conformance(url: str, stdout_log=None, stderr_log=None, timeout: float =
     else:
         print("SKIP  log checks (sentinels, output order, tracebacks): pass --stdout and --stderr "
               "with the runtime's log files", file=out)
+    if prebuilt_url:
+        run(prebuilt_url, prebuilt_checks())
+    else:
+        print("SKIP  prebuilt zip checks (a runtime initialises once): pass --prebuilt with the "
+              "URL of a second fresh runtime", file=out)
     print(f"{'all checks passed' if not failures else f'{failures} checks failed'} against {url}", file=out)
     return 1 if failures else 0

@@ -26,6 +26,7 @@ from .refs import make_ref, parse_ref
 _client: Client | None = None
 _client_lock = threading.Lock()
 _scope: contextvars.ContextVar[str | None] = contextvars.ContextVar("faastube_scope", default=None)
+_event: contextvars.ContextVar[dict | None] = contextvars.ContextVar("faastube_event", default=None)
 _activity: contextvars.ContextVar["_Activity | None"] = contextvars.ContextVar("faastube_activity", default=None)
 # (consumers, ttl) for objects made in an activation that name neither, set by the runtime
 # from FAASTUBE_RESULT_CONSUMERS / FAASTUBE_RESULT_TTL_S (Note [Results have a lifetime]).
@@ -85,6 +86,26 @@ def activation(scope: str | None, function: str | None = None, lifetime: tuple |
             CURRENT_FUNCTION.reset(function_token)
         if activity is not None and _client is not None:
             _client.report(activity.ended())
+
+
+@contextlib.contextmanager
+def handling_event(attributes: dict | None):
+    """Within this block, :func:`event` returns ``attributes`` (the runtime sets it around
+    a Knative request, shim/launcher.py)."""
+    token = _event.set(attributes)
+    try:
+        yield
+    finally:
+        _event.reset(token)
+
+
+def event() -> dict | None:
+    """The attributes of the CloudEvent this function was called with on Knative (``id``,
+    ``source``, ``type``, ``specversion``, ``time``, ``datacontenttype``, … and extensions such
+    as ``traceparent``), as a new dict; None outside a call, on OpenWhisk, and for a request
+    that was not a CloudEvent. The runtime's reply event carries the extensions on."""
+    attributes = _event.get()
+    return None if attributes is None else dict(attributes)
 
 
 def _note(device: str, nbytes: int) -> None:

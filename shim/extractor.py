@@ -2,14 +2,27 @@
 
 The action process runs with this folder as its working directory, so data files in a zip
 are opened by relative path, and a ``virtualenv/`` folder in it is activated at start.
+
+Note [Prebuilt ActionLoop zips]: the stock runtime's ``-compile`` step (``docker run -i
+IMAGE -compile main``, how large actions are deployed) turns a zip into a build: ``exec``
+(a script that runs ``exec__.py``), ``exec__.py`` (the launcher, whose line ``from main__
+import NAME as main`` names the entry point) and ``main__.py`` (the action), beside any
+``virtualenv/``. The stock proxy runs an archive whose ``exec`` is an executable (``#!`` or
+ELF) as it is, without compiling, and ignores the /init ``main``. Here the same build runs
+through this runtime's own launcher: ``main__.py`` imported, NAME called, the /init ``main``
+ignored as on stock. An ``exec`` that is not a Python build (no ``exec__.py``: a Go or Rust
+binary) cannot run in a Python runtime and is refused at /init. An ``exec`` that is not an
+executable is the action's source, as the stock compile step reads it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -28,7 +41,25 @@ class BuildError(Exception):
     """No runnable action in the payload (→ 502; the reason goes to stderr)."""
 
 
-def extract(code: str, binary: bool) -> str:
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """An extracted action: its folder, the file the launcher imports, and for a prebuilt
+    zip the entry point its build names (then the /init ``main`` is ignored)."""
+    folder: str
+    entry: str = "__main__.py"
+    main: str | None = None
+
+    @property
+    def prebuilt(self) -> bool:
+        return self.main is not None
+
+
+# The line the stock compile step writes into exec__.py (Note [Prebuilt ActionLoop zips]).
+BUILD_ENTRY = re.compile(rb"^from main__ import (\w+) as main\s*$", re.MULTILINE)
+INVALID_VIRTUALENV = "Invalid virtualenv. Zip file does not include 'activate_this.py'."
+
+
+def extract(code: str, binary: bool) -> Action:
     """A new folder holding the action; raises DecodeError or BuildError, and then leaves
     nothing behind."""
     folder = tempfile.mkdtemp(prefix="faastube-action-")
@@ -44,11 +75,11 @@ def remove(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fill(folder: str, code: str, binary: bool) -> str:
+def _fill(folder: str, code: str, binary: bool) -> Action:
     if not binary:
         with open(os.path.join(folder, "__main__.py"), "w", encoding="utf-8") as file:
             file.write(code)
-        return folder
+        return Action(folder)
     try:
         data = base64.b64decode(code, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -59,9 +90,43 @@ def _fill(folder: str, code: str, binary: bool) -> str:
         _untar(data, folder)
     else:
         raise BuildError("the binary code is neither a zip nor a tar.gz archive")
+    prebuilt = _prebuilt(folder)
+    if prebuilt is not None:
+        return prebuilt
     if not os.path.isfile(os.path.join(folder, "__main__.py")):
         raise BuildError("Zip file does not include __main__.py")
-    return folder
+    if not has_activate_this(folder):
+        raise BuildError(INVALID_VIRTUALENV)
+    return Action(folder)
+
+
+def _prebuilt(folder: str) -> Action | None:
+    """The build in ``folder`` if its ``exec`` is an executable (Note [Prebuilt ActionLoop
+    zips]); an ``exec`` that is not becomes ``__main__.py``, as the stock compile step moves it."""
+    executable = os.path.join(folder, "exec")
+    if not os.path.isfile(executable):
+        return None
+    with open(executable, "rb") as file:
+        head = file.read(4)
+    if not (head.startswith(b"#!") or head == b"\x7fELF"):
+        if not os.path.exists(os.path.join(folder, "__main__.py")):
+            os.rename(executable, os.path.join(folder, "__main__.py"))
+        return None
+    launcher = os.path.join(folder, "exec__.py")
+    if not os.path.isfile(launcher):
+        raise BuildError("the archive's exec is a prebuilt binary, and this runtime runs Python "
+                         "actions: a Python build has exec__.py and main__.py beside its exec")
+    with open(launcher, "rb") as file:
+        named = BUILD_ENTRY.search(file.read())
+    return Action(folder, "main__.py", named.group(1).decode() if named else "main")
+
+
+def has_activate_this(folder: str) -> bool:
+    """False for a ``virtualenv/`` without an ``activate_this.py`` (where the stock runtime
+    looks: ``bin/``, or ``Scripts/`` for one made on Windows)."""
+    venv = os.path.join(folder, "virtualenv")
+    return not os.path.isdir(venv) or any(
+        os.path.exists(os.path.join(venv, where, "activate_this.py")) for where in ("bin", "Scripts"))
 
 
 def _bounded(unpacked: int) -> None:

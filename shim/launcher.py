@@ -9,7 +9,16 @@ Protocol (one type of message each way, one line each):
   but ``value`` becomes ``__OW_<KEY>`` in the environment for the call;
 - reply: the result as ``json.dumps(result, ensure_ascii=False)``, as the stock Python
   launcher writes it (the shim passes these bytes through unchanged). An exception becomes
-  ``{"error": str(exception)}`` with the traceback on stderr.
+  ``{"error": str(exception)}`` with the traceback on stderr. A result JSON cannot hold is
+  ``NOT_JSON`` + why.
+
+A Knative request (shim/knative.py: a CloudEvent, or a plain body) is the same line behind
+``KNATIVE``: its ``value`` may come as ``value_base64`` (event data that is bytes) and its
+``event`` (the CloudEvent's attributes, or null) is what ``faastube.event()`` returns during
+the call. Its reply may also be
+``RAISED`` + ``{"error": …}`` (the function raised: Knative answers 5xx, so Eventing retries)
+or ``BYTES`` + the base64 of a ``bytes`` result. The /run bodies of OpenWhisk are checked as
+JSON by the shim first, so they never start with these bytes.
 
 stdout and stderr are flushed before each reply, so the shim's activation sentinels always
 come after the action's own output. Arrays in a result are put into the FaaSTube pool and
@@ -18,6 +27,7 @@ replaced by refs (faastube.results).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -39,13 +49,15 @@ def end_of_logs() -> None:
 
 
 def activate_virtualenv(folder: str) -> None:
+    from shim.extractor import INVALID_VIRTUALENV, has_activate_this
     venv = os.path.join(folder, "virtualenv")
     if not os.path.isdir(venv):
         return
-    activate = os.path.join(venv, "bin", "activate_this.py")
-    if not os.path.exists(activate):
-        sys.stderr.write("Invalid virtualenv. Zip file does not include /virtualenv/bin/activate_this.py\n")
+    if not has_activate_this(folder):       # a prebuilt zip's (Note [Prebuilt ActionLoop zips])
+        sys.stderr.write(INVALID_VIRTUALENV + "\n")
         sys.exit(IMPORT_FAILED_EXIT)
+    activate = next(path for path in (os.path.join(venv, where, "activate_this.py") for where in ("bin", "Scripts"))
+                    if os.path.exists(path))
     with open(activate) as file:
         exec(compile(file.read(), activate, "exec"), {"__file__": activate})
 
@@ -64,10 +76,16 @@ def load_main(folder: str, name: str, entry: str = "__main__.py"):
 
 def serve(main, requests, replies, lifetime=None) -> None:
     from faastube.results import publish_arrays
-    from faastube.sdk import activation
+    from faastube.sdk import activation, handling_event
     for line in requests:
-        args = json.loads(line)
+        knative = line.startswith(KNATIVE)
+        args = json.loads(line[len(KNATIVE):] if knative else line)
         value = args.pop("value", {}) if isinstance(args, dict) else {}
+        attributes = None
+        if knative:
+            attributes = args.pop("event", None)
+            if "value_base64" in args:
+                value = base64.b64decode(args.pop("value_base64"))
         saved = {}
         for key, item in (args.items() if isinstance(args, dict) else ()):
             variable = f"__OW_{key.upper()}"
@@ -82,13 +100,15 @@ def serve(main, requests, replies, lifetime=None) -> None:
                       file=sys.stderr)
                 continue
             saved.setdefault(variable, previous)
+        raised = False
         try:
             with activation(os.environ.get("__OW_ACTIVATION_ID") or None,
-                            os.environ.get("__OW_ACTION_NAME") or None, lifetime):
+                            os.environ.get("__OW_ACTION_NAME") or None, lifetime), \
+                    handling_event(attributes):
                 result = publish_arrays(main(value))
         except Exception as exc:
             print(traceback.format_exc(), file=sys.stderr)
-            result = {"error": str(exc)}
+            result, raised = {"error": str(exc)}, True
         finally:
             for variable, old in saved.items():
                 if old is None:
@@ -96,7 +116,11 @@ def serve(main, requests, replies, lifetime=None) -> None:
                 else:
                     os.environ[variable] = old
         try:
-            reply = json.dumps(result, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            if knative and isinstance(result, (bytes, bytearray, memoryview)):
+                reply = BYTES + base64.b64encode(result)
+            else:
+                reply = (RAISED if knative and raised else b"") + json.dumps(
+                    result, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except ValueError as exc:
             # NaN or Infinity: Python would write them, but they are not JSON, and the stock
             # proxy answers 502 to what it cannot parse.
@@ -108,6 +132,9 @@ def serve(main, requests, replies, lifetime=None) -> None:
 
 
 NOT_JSON = b"\x00"     # a reply line that starts with it: the result could not be made JSON
+KNATIVE = b"\x01"      # a request line that starts with it: a Knative request (module docstring)
+BYTES = b"\x01"        # a Knative request's reply: a bytes result, in base64
+RAISED = b"\x02"       # a Knative request's reply: the function raised
 
 
 def main(argv) -> None:

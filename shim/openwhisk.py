@@ -123,26 +123,28 @@ def initialize(runtime: Runtime, body) -> Response:
     main = value.get("main") or "main"
     init_env = value.get("env") or {}
     try:
-        folder = extract(code, bool(value.get("binary")))
+        action = extract(code, bool(value.get("binary")))
     except DecodeError as exc:
         return error_response(400, f"cannot decode the request: {exc}")
     except BuildError as exc:
         print(exc, file=sys.stderr, flush=True)
         return error_response(502, BUILD_FAILED)
+    if not action.prebuilt:      # the stock compile step checks the source; a build it runs as is
+        try:
+            with open(os.path.join(action.folder, action.entry), "rb") as file:
+                compile(file.read(), action.entry, "exec")
+        except (SyntaxError, ValueError):
+            traceback.print_exc(limit=0, file=sys.stderr)
+            sys.stderr.flush()
+            remove(action.folder)
+            return error_response(502, BUILD_FAILED)
     try:
-        with open(os.path.join(folder, "__main__.py"), "rb") as file:
-            compile(file.read(), "__main__.py", "exec")
-    except (SyntaxError, ValueError):
-        traceback.print_exc(limit=0, file=sys.stderr)
-        sys.stderr.flush()
-        remove(folder)
-        return error_response(502, BUILD_FAILED)
-    try:
-        runtime.start(folder, main, action_environment(init_env))
+        # A build names its own entry point (Note [Prebuilt ActionLoop zips]).
+        runtime.start(action.folder, action.main or main, action_environment(init_env), entry=action.entry)
     except ActionExited as exc:
         if exc.returncode != IMPORT_FAILED_EXIT:
             print("Command exited abruptly during initialization.", file=sys.stderr, flush=True)
-        remove(folder)
+        remove(action.folder)
         return error_response(502, CANNOT_START)
-    atexit.register(remove, folder)           # the action's files go with the runtime
+    atexit.register(remove, action.folder)    # the action's files go with the runtime
     return json_response(b'{"ok":true}\n')

@@ -19,14 +19,19 @@ def conformance(url, *args):
 @pytest.mark.parametrize("env", [{}, {"__OW_ALLOW_CONCURRENT": "true", "FAASTUBE_CONCURRENCY": "2"}],
                          ids=["serial", "concurrent"])
 def test_our_runtime_conforms(tmp_path, env):
-    server = Shim(tmp_path, env)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    server, second = Shim(tmp_path / "a", env), Shim(tmp_path / "b", env)
     try:
         result = conformance(f"http://127.0.0.1:{server.port}",
-                             "--stdout", str(server.out_path), "--stderr", str(server.err_path))
+                             "--stdout", str(server.out_path), "--stderr", str(server.err_path),
+                             "--prebuilt", f"http://127.0.0.1:{second.port}")
     finally:
         server.stop()
+        second.stop()
     assert result.returncode == 0, result.stdout
-    assert "FAIL" not in result.stdout and result.stdout.count("PASS") == 25
+    assert "FAIL" not in result.stdout and result.stdout.count("PASS") == 29
+    assert "PASS  prebuilt zip: run calls the build's entry point" in result.stdout
     assert "all checks passed" in result.stdout
 
 
@@ -38,6 +43,7 @@ def test_without_logs_the_log_checks_are_skipped_with_a_reason(tmp_path):
         server.stop()
     assert result.returncode == 0
     assert "SKIP  log checks" in result.stdout and "pass --stdout and --stderr" in result.stdout
+    assert "SKIP  prebuilt zip checks" in result.stdout and "--prebuilt" in result.stdout
 
 
 def test_a_runtime_that_answers_everything_with_200_fails():

@@ -152,3 +152,121 @@ def test_one_function_file_runs_unchanged_on_both_platforms(knative, tmp_path):
         assert status == 200 and json.loads(body)["echo"] == {"x": [1, 2]}
     finally:
         ow.stop()
+
+
+# Issue 22: events through the CloudEvents SDK, bytes of any content type, extensions carried
+# on, and a function error answered 5xx so Knative Eventing retries and dead-letters.
+EVENT_FUNCTION = source("""
+    import hashlib
+    import faastube
+    def main(data):
+        event = faastube.event()
+        if isinstance(data, dict) and data.get("fail"):
+            raise RuntimeError("the model refused frame " + str(data["fail"]))
+        if isinstance(data, bytes):
+            if data.startswith(b"echo:"):
+                return data[5:]                       # bytes back: an octet-stream event
+            return {"kind": "bytes", "len": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                    "event": event}
+        return {"kind": type(data).__name__, "data": data, "event": event}
+""")
+
+
+@pytest.fixture
+def events(tmp_path):
+    (tmp_path / "func.py").write_text(EVENT_FUNCTION)
+    server = KnativeShim(tmp_path, "func.py:main")
+    wait_for(lambda: server.get("/health/readiness")[0] == 200, message="readiness")
+    yield server
+    server.stop()
+
+
+def _send(server, event, mode=to_binary):
+    headers, body = mode(event)
+    status, reply_headers, reply_body = server.request("POST", "/", body, headers)
+    return status, reply_headers, reply_body
+
+
+def _reply(reply_headers, reply_body):
+    return from_http({k.lower(): v for k, v in reply_headers.items()}, reply_body)
+
+
+BINARY = bytes(range(256)) * 3 + b"\xff\x00\xfe"            # not UTF-8
+
+
+@pytest.mark.parametrize("mode", [to_binary, to_structured])
+def test_binary_event_data_reaches_the_function_as_bytes_in_either_mode(events, mode):
+    import hashlib
+    event = CloudEvent({"type": "dev.example.blob", "source": "/cam", "id": "b-1",
+                        "datacontenttype": "application/octet-stream"}, BINARY)
+    status, reply_headers, reply_body = _send(events, event, mode)   # structured: data_base64
+    assert status == 200, reply_body
+    reply = _reply(reply_headers, reply_body)
+    assert reply.data["kind"] == "bytes" and reply.data["len"] == len(BINARY)
+    assert reply.data["sha256"] == hashlib.sha256(BINARY).hexdigest()
+
+
+def test_extensions_and_traceparent_reach_the_function_and_the_reply_event(events):
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    event = CloudEvent({"type": "dev.example.frame", "source": "/camera/7", "id": "t-1",
+                        "subject": "frame-9", "traceparent": traceparent, "tracestate": "k=v",
+                        "tenant": "blue", "datacontenttype": "application/json"}, {"frame": 9})
+    status, reply_headers, reply_body = _send(events, event)
+    assert status == 200, reply_body
+    seen = json.loads(reply_body)["event"]
+    assert seen["id"] == "t-1" and seen["source"] == "/camera/7" and seen["subject"] == "frame-9"
+    assert seen["traceparent"] == traceparent and seen["tenant"] == "blue"
+    reply = _reply(reply_headers, reply_body)
+    assert reply["traceparent"] == traceparent and reply["tracestate"] == "k=v"
+    assert reply["tenant"] == "blue"
+    assert reply["type"] == "dev.faastube.result" and reply["source"] == "/faastube/echo"
+    assert reply["id"] != "t-1" and "subject" not in reply.get_attributes()
+
+
+def test_bytes_a_function_returns_are_an_octet_stream_event_or_body(events):
+    event = CloudEvent({"type": "dev.example.blob", "source": "/cam",
+                        "datacontenttype": "application/octet-stream"}, b"echo:" + BINARY)
+    status, reply_headers, reply_body = _send(events, event)
+    assert status == 200 and reply_headers["Content-Type"] == "application/octet-stream"
+    assert reply_body == BINARY and _reply(reply_headers, reply_body).data == BINARY
+    # A plain request gets the bytes as its body.
+    status, headers, body = events.request("POST", "/", json.dumps({"x": 1}).encode(),
+                                           {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body) == {"kind": "dict", "data": {"x": 1}, "event": None}
+
+
+def test_text_and_json_content_types_arrive_as_the_spec_reads_them(events):
+    text = CloudEvent({"type": "t", "source": "/s", "datacontenttype": "text/plain"}, "42 é".encode())
+    status, headers, body = _send(events, text)
+    assert status == 200 and json.loads(body)["kind"] == "bytes"        # not JSON: the bytes
+    assert json.loads(body)["len"] == len("42 é".encode())
+    number = CloudEvent({"type": "t", "source": "/s", "datacontenttype": "application/json"}, 42)
+    status, headers, body = _send(events, number, to_structured)
+    assert status == 200 and json.loads(body)["data"] == 42 and json.loads(body)["kind"] == "int"
+
+
+@pytest.mark.parametrize("mode", [to_binary, to_structured, None])
+def test_a_function_that_raises_is_answered_500_with_its_error_and_serves_on(events, mode):
+    data = {"fail": 3}
+    if mode is None:
+        status, headers, body = events.post_json(data)
+    else:
+        event = CloudEvent({"type": "t", "source": "/s", "datacontenttype": "application/json"}, data)
+        status, headers, body = _send(events, event, mode)
+    assert status == 500 and json.loads(body) == {"error": "the model refused frame 3"}
+    assert not any(k.lower().startswith("ce-") for k in headers), "a failure is not a result event"
+    assert events.get("/health/readiness")[0] == 200
+    status, _headers, body = events.post_json({"ok": 1})
+    assert status == 200 and json.loads(body)["data"] == {"ok": 1}
+
+
+def test_invalid_events_are_refused_400_saying_why(events):
+    status, _h, body = events.request("POST", "/", b'{"specversion": "1.0"}',
+                                      {"Content-Type": "application/cloudevents+json"})
+    assert status == 400 and "not a valid CloudEvent" in json.loads(body)["error"]
+    assert "source" in json.loads(body)["error"]
+    status, _h, body = events.request("POST", "/", b"{not json", {
+        "ce-specversion": "1.0", "ce-id": "1", "ce-source": "/s", "ce-type": "t",
+        "Content-Type": "application/json"})
+    assert status == 400 and "not valid JSON" in json.loads(body)["error"]
+    assert events.post_json({"still": "serving"})[0] == 200

@@ -237,6 +237,50 @@ def test_zip_with_a_virtualenv_is_activated(shim):
     assert s.run({}) == (200, b'{"from": "virtualenv"}')
 
 
+def test_a_prebuilt_actionloop_zip_runs_its_builds_entry_point_whatever_init_main_says(shim):
+    # Note [Prebuilt ActionLoop zips]: what `docker run -i IMAGE -compile main` makes.
+    from faastube.conformance import prebuilt_zip
+    s = shim()
+    assert s.init(prebuilt_zip("naim"), main="main", binary=True) == (200, b'{"ok":true}\n')
+    status, body = s.run({"n": 3})
+    assert status == 200 and json.loads(body) == {"entry": "naim", "args": {"n": 3}}
+
+
+def test_a_prebuilt_zip_without_its_action_cannot_start(shim):
+    from faastube.conformance import prebuilt_zip
+    s = shim()
+    assert s.init(prebuilt_zip(without=("main__.py",)), binary=True) == (502, CANNOT_START)
+    assert "main__.py" in s.stderr()
+    assert s.init(prebuilt_zip(), binary=True) == (200, b'{"ok":true}\n')    # a later init works
+
+
+def test_an_invalid_virtualenv_fails_as_on_stock_in_a_source_zip_and_in_a_build(shim):
+    stock_text = "Invalid virtualenv. Zip file does not include 'activate_this.py'."
+    s = shim()
+    source_zip = zipped({"__main__.py": "def main(args):\n    return {}\n", "virtualenv/README.md": "x"})
+    assert s.init(source_zip, binary=True) == (502, BUILD_FAILED)      # the stock compile step's check
+    assert stock_text in s.stderr()
+    import base64 as b64
+    from faastube import conformance
+    build = io.BytesIO(b64.b64decode(conformance.prebuilt_zip()))
+    with zipfile.ZipFile(build, "a") as archive:
+        archive.writestr("virtualenv/README.md", "x")
+    assert s.init(b64.b64encode(build.getvalue()).decode(), binary=True) == (502, CANNOT_START)  # its launcher's
+    assert s.stderr().count(stock_text) == 2
+
+
+def test_a_prebuilt_binary_for_another_language_is_refused_saying_why(shim):
+    s = shim()
+    assert s.init(zipped({"exec": b"\x7fELF\x02\x01\x01" + b"\0" * 64}), binary=True) == (502, BUILD_FAILED)
+    assert "this runtime runs Python actions" in s.stderr()
+
+
+def test_an_exec_that_is_not_executable_is_the_actions_source(shim):
+    s = shim()
+    assert s.init(zipped({"exec": "def main(args):\n    return {'from': 'exec'}\n"}), binary=True)[0] == 200
+    assert s.run({}) == (200, b'{"from": "exec"}')
+
+
 def test_run_results_and_errors(shim):
     s = shim()
     s.init(source("""
