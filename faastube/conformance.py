@@ -174,6 +174,16 @@ def checks():
     ]
 
 
+# Answers that differ from stock on purpose (docs/runtime.md), reported as DIFF, not FAIL:
+# check name → (status, body check, why).
+DELIBERATE = {
+    "run after the action exited": (
+        200, lambda body: json.loads(body) == {},
+        "the runtime replaced the process that exited (FaaSTube with concurrent activations: "
+        "Note [A crashed process is replaced])"),
+}
+
+
 def prebuilt_checks():
     """Checks for a second fresh runtime: a prebuilt zip initialises and runs its build's own
     entry point, whatever /init's ``main`` says (the stock proxy runs a build as it is)."""
@@ -202,7 +212,12 @@ def run_conformance(url: str, stdout_log=None, stderr_log=None, timeout: float =
             except OSError as exc:
                 report(name, False, f"no answer from {endpoint_url}: {exc}")
                 continue
-            ok = got_status == status and check(got_body) and headers.get("content-length") == str(len(got_body))
+            whole = headers.get("content-length") == str(len(got_body))
+            ok = got_status == status and check(got_body) and whole
+            other = DELIBERATE.get(name)
+            if not ok and other and whole and got_status == other[0] and other[1](got_body):
+                print(f"DIFF  {name}  — {other[2]}", file=out)
+                continue
             report(name, ok, f"got {got_status} {got_body[:160]!r}, Content-Length "
                              f"{headers.get('content-length')}; expected {status}")
 
@@ -225,5 +240,9 @@ def run_conformance(url: str, stdout_log=None, stderr_log=None, timeout: float =
     else:
         print("SKIP  prebuilt zip checks (a runtime initialises once): pass --prebuilt with the "
               "URL of a second fresh runtime", file=out)
+    print("NOTE  not checked, and different on the FaaSTube runtime on purpose (docs/runtime.md): the "
+          "container's environment reaches the action; concurrent activations work, and a process "
+          "that exits is replaced; a prebuilt zip runs through its launcher, so an exec that is not "
+          "a Python build is refused", file=out)
     print(f"{'all checks passed' if not failures else f'{failures} checks failed'} against {url}", file=out)
     return 1 if failures else 0

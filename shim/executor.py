@@ -177,3 +177,11 @@ class ActionPool:
         with self._available:
             self._idle.append(process)
             self._available.notify()
+
+    def discard(self, process: ActionProcess) -> None:
+        """Forget a process that exited: its slot is free for a new one (Note [A crashed
+        process is replaced], shim/runtime.py)."""
+        with self._available:
+            if process in self._all:
+                self._all.remove(process)
+            self._available.notify()

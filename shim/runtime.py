@@ -68,6 +68,12 @@ class Runtime:
         self.pool: ActionPool | None = None
         self.initialized = False
         self.gone = False                   # the action process exited: no action any more
+        # Note [A crashed process is replaced]: with several processes (OpenWhisk's concurrent
+        # mode) and on Knative, a process that exits fails only its own activation; the next
+        # one starts a new process. One serial OpenWhisk process keeps the stock proxy's rule
+        # (the action is gone). Replacing stops once a new process cannot start either.
+        self.replaces_crashed = settings.knative or self.concurrency > 1
+        self.replaced = 0                   # processes that exited and were replaced
         self.load_error: str | None = None  # Knative: why the function did not load
         self.init_lock = threading.Lock()      # /init runs once, never twice at a time
         self._log_lock = threading.Lock()
@@ -87,14 +93,25 @@ class Runtime:
     def call(self, args: dict | bytes) -> bytes:
         """Run one activation on a free action process (``args``: the request as a dict, or
         as one line of JSON); its reply line. Raises ActionExited if the process died, and
-        the action is then gone (as on the stock proxy)."""
+        the action is then gone (as on the stock proxy), or its process is replaced (Note [A
+        crashed process is replaced])."""
         line = args if isinstance(args, bytes) else json.dumps(args, ensure_ascii=False).encode("utf-8")
-        process = self.pool.acquire()
+        try:
+            process = self.pool.acquire()
+        except ActionExited:                  # a new process could not even start
+            self.gone = True
+            raise
         try:
             reply = process.interact(line)
-        except ActionExited:
-            self.gone = True
+        except ActionExited as exc:
             self.log_sentinels(process)
+            if not self.replaces_crashed:
+                self.gone = True
+                raise
+            self.pool.discard(process)
+            self.replaced += 1
+            print(f"faastube: the action's process exited during an activation ({exc}); a new one "
+                  f"starts for the next activation", file=sys.stderr, flush=True)
             raise
         self.log_sentinels(process)
         self.pool.release(process)

@@ -95,13 +95,36 @@ def test_a_result_json_cannot_hold_is_a_clear_502_and_the_function_serves_on(kna
     assert status == 200 and json.loads(body)["echo"] == {"a": 2}
 
 
-def test_a_crashed_function_process_fails_liveness_so_the_pod_is_restarted(knative):
-    assert knative.get("/health/liveness")[0] == 200
+def test_a_crashed_function_process_is_replaced_and_the_pod_serves_on(knative):
+    # Note [A crashed process is replaced]: only the activation that crashed fails.
     status, _headers, body = knative.post_json({"crash": True})
     assert status == 500 and json.loads(body) == {"error": "the function process exited"}
-    assert knative.get("/health/readiness")[0] == 503
-    status, body = knative.get("/health/liveness")
-    assert status == 503 and json.loads(body)["status"] == "dead"
+    assert knative.get("/health/liveness")[0] == 200 and knative.get("/health/readiness")[0] == 200
+    status, _headers, body = knative.post_json({"a": 3})
+    assert status == 200 and json.loads(body)["echo"] == {"a": 3}
+
+
+def test_liveness_fails_once_a_crashed_process_cannot_be_replaced(tmp_path):
+    # The function imports once; any later import fails, so the crashed process has no successor.
+    (tmp_path / "func.py").write_text(source("""
+        import os
+        if os.path.exists("imported-once"):
+            raise RuntimeError("this function imports only once")
+        open("imported-once", "w").close()
+        def main(args):
+            os._exit(3)
+    """))
+    server = KnativeShim(tmp_path, "func.py:main", FAASTUBE_CONCURRENCY="1")
+    try:
+        wait_for(lambda: server.get("/health/readiness")[0] == 200, message="readiness")
+        assert server.post_json({})[0] == 500                  # the crash
+        status, _headers, body = server.post_json({})          # no new process can start
+        assert status == 500 and json.loads(body) == {"error": "the function process exited"}
+        assert server.get("/health/readiness")[0] == 503
+        status, body = server.get("/health/liveness")
+        assert status == 503 and json.loads(body)["status"] == "dead"
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("mode", [to_binary, to_structured])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import time
 import zipfile
 
@@ -315,12 +316,49 @@ def test_run_results_and_errors(shim):
     assert s.stdout().count(SENTINEL) == 7 and s.stderr().count(SENTINEL) == 7
 
 
-def test_sys_exit_during_run_then_no_action(shim):
+def test_sys_exit_during_run_then_no_action_or_a_new_process(shim):
     s = shim()
-    s.init("import sys\ndef main(args):\n    sys.exit(1)\n")
-    assert s.run({}) == (400, b'{"error":"command exited"}\n')
-    assert s.run({}) == (500, b'{"error":"no action defined yet"}\n')
-    assert s.stdout().count(SENTINEL) == 1 and s.stderr().count(SENTINEL) == 1
+    s.init("import sys\ndef main(args):\n    if args.get('exit'):\n        sys.exit(1)\n    return {'ok': 1}\n")
+    assert s.run({"exit": True}) == (400, b'{"error":"command exited"}\n')
+    if shim.mode == "serial":        # the stock proxy's rule: the action is gone
+        assert s.run({}) == (500, b'{"error":"no action defined yet"}\n')
+        assert s.stdout().count(SENTINEL) == 1 and s.stderr().count(SENTINEL) == 1
+    else:                            # Note [A crashed process is replaced]
+        assert s.run({}) == (200, b'{"ok": 1}')
+        assert "a new one starts for the next activation" in s.stderr()
+        assert s.stdout().count(SENTINEL) == 2 and s.stderr().count(SENTINEL) == 2
+
+
+def test_in_concurrent_mode_one_crashing_activation_leaves_the_others_running(tmp_path):
+    import http.client
+    server = Shim(tmp_path, {"__OW_ALLOW_CONCURRENT": "true", "FAASTUBE_CONCURRENCY": "3"})
+    started = tmp_path / "started"
+    try:
+        server.init(source("""
+            import os, time
+            def main(args):
+                if args.get("crash"):
+                    os._exit(9)
+                if args.get("started"):
+                    open(args["started"], "w").close()
+                    time.sleep(1.0)
+                return {"pid": os.getpid()}
+        """))
+
+        def slow_run():
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            connection.request("POST", "/run", json.dumps({"value": {"started": str(started)}}))
+            results["slow"] = connection.getresponse().status
+        results = {}
+        slow = threading.Thread(target=slow_run)
+        slow.start()
+        wait_for(started.exists, message="the slow activation to be running")
+        assert server.run({"crash": True}) == (400, b'{"error":"command exited"}\n')
+        slow.join(30)
+        assert results["slow"] == 200, "the activation beside the crash finished"
+        assert {server.run({})[0] for _ in range(4)} == {200}, "the pool serves on with a new process"
+    finally:
+        server.stop()
 
 
 def test_ow_environment_per_activation(shim):
