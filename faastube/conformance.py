@@ -77,14 +77,15 @@ BUILD_EXEC = '#!/bin/bash\ncd "$(dirname "$0")"\nexec python3 exec__.py "$@"\n'
 BUILD_LAUNCHER = """import json, os, sys
 from main__ import {entry} as main
 out = os.fdopen(3, "wb")
-if os.getenv("__OW_WAIT_FOR_ACK"):
+if "__OW_WAIT_FOR_ACK" in os.environ:          # the proxy waits for this line
     out.write(b'{{"ok": true}}\\n')
     out.flush()
 for line in sys.stdin:
     args = json.loads(line)
     for key, value in args.items():
         if key != "value":
-            os.environ["__OW_" + key.upper()] = value if isinstance(value, str) else json.dumps(value)
+            name = "__OW_" + key.upper()
+            os.environ[name] = value if isinstance(value, str) else json.dumps(value)
     try:
         result = main(args.get("value", {{}}))
     except Exception as exc:

@@ -1,7 +1,7 @@
 """The four inference workflows (issue 6), CPU-sized, run through real action containers
 (``faastube shim`` processes over the OpenWhisk protocol), a real controller and Redis, in
-each of the three data-passing modes: every mode computes the same outputs (checksums), and
-nothing a run passed is left behind. No timing is asserted (bench/workflows/ measures)."""
+each data-passing mode (the floor mode too: data passing taken out): every mode computes the
+same outputs (checksums), and nothing a run passed is left behind. No timing is asserted (bench/workflows/ measures)."""
 
 import glob
 import sys
@@ -28,6 +28,8 @@ def test_every_mode_computes_the_same_and_leaves_nothing_behind(name, controller
     for mode in driver.common.MODES:
         deployment = driver.Deployment(workflow, mode, "cpu", controller.env, str(tmp_path / mode))
         try:
+            if mode == "floor":           # its inputs are handed on once, in preparing runs
+                prepared = [deployment.run(seed, prepare=True) for seed in (1, 2)]
             runs = [deployment.run(seed) for seed in (1, 2)]
         finally:
             deployment.close()
@@ -45,8 +47,12 @@ def test_every_mode_computes_the_same_and_leaves_nothing_behind(name, controller
         # its connection close)
         wait_for(lambda: controller.status()["namespaces"].get("bench", {}).get("objects", 0) == 0,
                  timeout=10, message="no pool object left")
+        if mode == "floor":
+            assert [r.result["checksum"] for r in prepared] == results["floor"]
+            assert any("get" in a.passing_ops for r in runs for a in r.activations), "the floor's stages got inputs"
     assert results["pool"][0] != results["pool"][1], "two inputs gave the same output"
     assert results["shm"] == results["pool"] and results["redis"] == results["pool"]
+    assert results["floor"] == results["pool"], "the floor computes what the other modes do"
 
 
 def test_knative_sequences_compute_what_openwhisk_sequences_do(controller, tmp_path):
@@ -85,14 +91,14 @@ def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
     import subprocess
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "faastube.cli", "bench", "--workflow", "driving", "--modes", "pool,shm",
+        [sys.executable, "-m", "faastube.cli", "bench", "--workflow", "driving", "--modes", "floor,pool,shm",
          "--size", "cpu", "--requests", "3", "--rate", "2", "--duration", "2", "--warmup", "0.5",
          "--find-max", "--slo-ms", "5000", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     (driving,) = results["workflows"]
-    assert driving["identical_outputs"] and set(driving["modes"]) == {"pool", "shm"}
+    assert driving["identical_outputs"] and set(driving["modes"]) == {"floor", "pool", "shm"}
     for mode in driving["modes"].values():
         assert len(mode["isolated"]["latencies_ms"]) == 3
         assert set(mode["isolated"]["stages"]) == set(driver.WORKFLOWS["driving"].stages)
@@ -105,6 +111,12 @@ def test_faastube_bench_writes_results_plots_and_a_report(tmp_path):
     assert gets["gets"] == 2 and gets["copying_ms"] == 0
     assert gets["in_functions_ms"] > gets["in_controller_ms"] > 0
     assert driving["modes"]["shm"]["isolated"]["gets"] == {}
+    assert driving["modes"]["floor"]["isolated"]["gets"] == {}
+    # Every mode against the floor: ms above it and how many times it.
+    floor_p50 = driving["modes"]["floor"]["isolated"]["p50_ms"]
+    pool_p50 = driving["modes"]["pool"]["isolated"]["p50_ms"]
+    assert f"{pool_p50 - floor_p50:+.1f} ({pool_p50 / floor_p50:.2f}×)" in done.stdout
+    assert "vs floor" in done.stdout
     assert "driving: the pool's 2 gets a request took " in done.stdout
     for plot in ("driving-cdf.png", "driving-load.png", "driving-stages.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

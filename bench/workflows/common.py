@@ -1,4 +1,4 @@
-"""What the workflow actions share: how a tensor travels to the next stage (three modes,
+"""What the workflow actions share: how a tensor travels to the next stage (four modes,
 chosen by configuration only), where a stage computes, and the models.
 
 Modes (``FAASTUBE_BENCH_MODE``):
@@ -9,6 +9,12 @@ Modes (``FAASTUBE_BENCH_MODE``):
   fresh POSIX shared-memory segment; the consumer maps it and copies host→GPU (pageable).
 - ``redis``: what users do today on OpenWhisk and Knative (payloads are capped at 1 MB):
   the bytes go through Redis (``SET``/``GET``), with the same copies as ``shm`` around them.
+- ``floor``: data passing taken out, the limit the others are measured against. The same
+  workflow, processes and HTTP hops; each stage's inputs are already in place on its device.
+  A preparing run (the driver's warm-up, ``args["prepare"]``) hands each output on through
+  shm once, and each consumer keeps what it got under the output's key (the producing stage,
+  the request's seed, which of its outputs); a timed run's handle carries only the key, and
+  the consumer takes its kept tensor. Same inputs, so the same outputs as the other modes.
 
 Every handle names the workflow run (``args["run"]``): the driver frees what a run left
 (``cleanup``) after the run, outside its timing, in every mode.
@@ -30,7 +36,7 @@ import warnings
 
 import numpy as np
 
-MODES = ("pool", "shm", "redis")
+MODES = ("floor", "pool", "shm", "redis")
 SEED = 2026
 _counter = itertools.count()
 
@@ -84,11 +90,11 @@ def _from_numpy(array):
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
 
-def send(tensor, run: str, consumers: int = 1):
-    """Hand ``tensor`` (torch, on any device) to ``consumers`` later stages; returns what
-    goes in the result JSON."""
+def send(tensor, run: str, consumers: int = 1, how: str | None = None):
+    """Hand ``tensor`` (torch, on any device) to ``consumers`` later stages (through ``how``,
+    by default the configured mode); returns what goes in the result JSON."""
     tensor = tensor.detach().contiguous()
-    how = mode()
+    how = how or mode()
     if how == "pool":
         import faastube
         value = tensor if tensor.is_cuda else tensor.numpy()
@@ -103,9 +109,21 @@ def send(tensor, run: str, consumers: int = 1):
     return {"ftb": how, "name": name, "shape": list(host.shape), "dtype": str(host.dtype)}
 
 
+# floor mode: the inputs this container was handed in preparing runs, by key (module docstring)
+_kept: dict[tuple, object] = {}
+
+
 def receive(handle, where: str):
     """The tensor ``handle`` names, as torch on ``where`` ("cpu" or "cuda")."""
     import torch
+    if isinstance(handle, dict) and handle.get("ftb") == "floor":
+        key = (handle["key"], where)
+        if "via" in handle:                              # a preparing run: the bytes, once
+            _kept[key] = receive(handle["via"], where)
+        elif key not in _kept:
+            raise RuntimeError(f"floor mode: no input {handle['key']} was handed to this container "
+                               f"in a preparing run (the driver prepares every input on every replica)")
+        return _kept[key]
     if isinstance(handle, dict) and "ftb" in handle:
         dtype = np.dtype(handle["dtype"])
         if handle["ftb"] == "shm":
@@ -152,6 +170,8 @@ class Stage:
     def __init__(self, args: dict):
         self.run = args["run"]
         self.seed = args["seed"]
+        self.prepare = bool(args.get("prepare"))     # floor mode: hand outputs on for real, once
+        self._outputs = itertools.count()
         self.started = time.perf_counter()
         self.ops: dict[str, float] = {}            # data passing seconds by kind: get, empty, put
         self._own: dict[int, tuple] = {}           # outputs made by empty(), by id of the tensor
@@ -199,7 +219,13 @@ class Stage:
             torch.cuda.synchronize(tensor.device)
         started = time.perf_counter()
         own = self._own.pop(id(tensor), None)
-        if own is None:
+        if mode() == "floor":
+            # Keyed by what makes it: the same stage, seed and output give the same tensor.
+            key = f"{os.environ.get('__OW_ACTION_NAME', '')}:{self.seed}:{next(self._outputs)}"
+            handle = {"ftb": "floor", "key": key}
+            if self.prepare:
+                handle["via"] = send(tensor, self.run, consumers, how="shm")
+        elif own is None:
             handle = send(tensor, self.run, consumers)
         elif own[0] == "pool":
             import faastube
@@ -210,7 +236,7 @@ class Stage:
         return handle
 
     def result(self, **fields) -> dict:
-        return {"run": self.run, "seed": self.seed, **fields,
+        return {"run": self.run, "seed": self.seed, **({"prepare": True} if self.prepare else {}), **fields,
                 "timing": {"total_s": time.perf_counter() - self.started, "passing_s": self.passing_s,
                            "passing_ops": self.ops}}
 

@@ -213,12 +213,14 @@ class Deployment:
         record.append(activation)
         return body, activation
 
-    def run(self, seed: int) -> Run:
-        """One request through the whole workflow; returns the last stage's result."""
+    def run(self, seed: int, prepare: bool = False) -> Run:
+        """One request through the whole workflow; returns the last stage's result.
+        ``prepare``: a warm-up run, in which the floor mode hands its inputs on for real
+        (bench/workflows/common.py)."""
         run_id = f"r{os.getpid()}x{next(self._ids)}x{uuid.uuid4().hex[:8]}"
         record: list[Activation] = []
         started = time.perf_counter()
-        value = {"run": run_id, "seed": seed}
+        value = {"run": run_id, "seed": seed, **({"prepare": True} if prepare else {})}
         critical = 0.0
         try:
             for step in self.workflow.steps:
@@ -250,7 +252,8 @@ class Deployment:
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(inputs)) as pool:
             done = list(pool.map(lambda job: self._chain(job[0], job[1], record), inputs))
         slowest = max(done, key=lambda branch: sum(a.wall_s for a in branch[1]))
-        return ({"run": value["run"], "seed": value["seed"], "branches": [v for v, _a in done]},
+        return ({"run": value["run"], "seed": value["seed"], "branches": [v for v, _a in done],
+                 **({"prepare": True} if value.get("prepare") else {})},
                 sum(a.passing_s for a in slowest[1]))
 
     def _chain(self, chain, value: dict, record: list) -> tuple[dict, list[Activation]]:

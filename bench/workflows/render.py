@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-COLOURS = {"pool": "tab:green", "shm": "tab:blue", "redis": "tab:red"}
+COLOURS = {"floor": "black", "pool": "tab:green", "shm": "tab:blue", "redis": "tab:red"}
 
 
 def _ratio(a, b):
@@ -15,13 +15,16 @@ def _ratio(a, b):
 
 
 def rows(results) -> list[list[str]]:
-    out = [["workflow", "mode", "p50 ms", "p99 ms", "passing", "load p50", "load p99", "SLO met",
-            "max rps@SLO", "p50 vs pool", "max vs pool"]]
+    out = [["workflow", "mode", "p50 ms", "p99 ms", "p50 vs floor", "passing", "load p50", "load p99",
+            "SLO met", "max rps@SLO", "p50 vs pool", "max vs pool"]]
     for w in results["workflows"]:
         pool = w["modes"].get("pool", {})
+        floor = w["modes"].get("floor", {}).get("isolated", {}).get("p50_ms")
         for mode, m in w["modes"].items():
             iso, ld, mx = m["isolated"], m.get("load", {}), m.get("max", {})
             out.append([w["workflow"], mode, f"{iso['p50_ms']:.1f}", f"{iso['p99_ms']:.1f}",
+                        f"{iso['p50_ms'] - floor:+.1f} ({iso['p50_ms'] / floor:.2f}×)"
+                        if floor and mode != "floor" else "—",
                         f"{iso['passing_share']:.0%}",
                         f"{ld['p50_ms']:.1f}" if ld else "—", f"{ld['p99_ms']:.1f}" if ld else "—",
                         f"{ld['slo_attainment']:.0%}" if ld else "—",
@@ -38,8 +41,9 @@ def table(results) -> str:
              f"{settings.get('cpus', '?')} threads per container, {results['date']})",
              "p50/p99 = one request at a time; passing = time in getting and putting tensors on the "
              "critical path (of parallel branches, the slowest), as a share of the mean latency; "
-             "load = open-loop arrivals; SLO per workflow below; 'vs pool' = this mode's number over "
-             "the pool's (p50: how much slower; max: how much less the mode carries)"]
+             "load = open-loop arrivals; SLO per workflow below; 'vs floor' = ms above the floor mode's "
+             "p50 (the same workflow with data passing taken out) and how many times it; 'vs pool' = "
+             "this mode's number over the pool's (p50: how much slower; max: how much less the mode carries)"]
     body = rows(results)
     widths = [max(len(r[i]) for r in body) for i in range(len(body[0]))]
     for r in body:
@@ -102,21 +106,30 @@ def plot(results, out: str) -> list[str]:
             ax.legend(fontsize=7)
             paths.append(_save(fig, out, f"{name}-load.png"))
 
-        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(w["modes"])))
+        fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(w["modes"])))
         for row, (mode, m) in enumerate(w["modes"].items()):
             left = 0.0
-            for stage in w["stages"]:
+            for number, stage in enumerate(w["stages"], 1):
                 parts = m["isolated"]["stages"].get(stage)
                 if not parts:
                     continue
-                for key, colour in (("compute_s", "tab:gray"), ("passing_s", COLOURS.get(mode)),
-                                    ("platform_s", "tab:olive")):
+                start = left
+                for key, colour, hatch in (("compute_s", "tab:gray", ""), ("passing_s", COLOURS.get(mode), "//"),
+                                           ("platform_s", "tab:olive", "..")):
                     width = parts[key] * 1e3
-                    ax.barh(row, width, left=left, color=colour, edgecolor="white", linewidth=0.3)
+                    ax.barh(row, width, left=left, color=colour, hatch=hatch, edgecolor="white", linewidth=0.3)
                     left += width
+                ax.text((start + left) / 2, row + 0.42, str(number), ha="center", va="bottom", fontsize=6)
         ax.set_yticks(range(len(w["modes"])), list(w["modes"]))
-        ax.set(xlabel="ms per request, stages in order, parallel branches one after another\n"
-                      "(grey compute, colour data passing, olive platform)",
+        import matplotlib.patches as patches
+        parts = [patches.Patch(facecolor="tab:gray", label="compute"),
+                 patches.Patch(facecolor="white", edgecolor="black", hatch="//", label="data passing (mode's colour)"),
+                 patches.Patch(facecolor="tab:olive", hatch="..", label="platform (HTTP, runtime)")]
+        stages = [patches.Patch(facecolor="none", edgecolor="none", label=f"{n} {s}")
+                  for n, s in enumerate(w["stages"], 1)]
+        ax.legend(handles=parts + stages, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.set(xlabel="ms per request, stages in order (numbered above each bar),\n"
+                      "parallel branches one after another",
                title=f"{name}: per-stage breakdown")
         paths.append(_save(fig, out, f"{name}-stages.png"))
     return paths
@@ -125,7 +138,7 @@ def plot(results, out: str) -> list[str]:
 def _save(fig, out, name) -> str:
     path = os.path.join(out, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")     # the legends beside the axes too
     import matplotlib.pyplot as plt
     plt.close(fig)
     return path

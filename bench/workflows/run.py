@@ -51,7 +51,8 @@ def parse(argv):
     p = argparse.ArgumentParser(prog="faastube bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--workflow", action="append", choices=sorted(driver.WORKFLOWS),
                    help="a workflow to run (repeat for several; default: traffic)")
-    p.add_argument("--modes", default="pool,shm,redis", help="data-passing modes, comma-separated")
+    p.add_argument("--modes", default="floor,pool,shm,redis",
+                   help="data-passing modes, comma-separated (floor: data passing taken out, the limit)")
     p.add_argument("--size", choices=("cpu", "gpu"), default=None,
                    help="cpu: small models and inputs; gpu: torchvision models, frames of 720p "
                         "(default: gpu where CUDA is usable, else cpu)")
@@ -201,8 +202,9 @@ def measure_workflow(name, args, controller, log_dir, gpus) -> dict:
         for mode, deployment in deployments.items():
             # Warm-up: every input once per container. Sequential runs take the replicas of
             # each action in turn (driver.Deployment), so input k goes to each replica once.
+            # The floor mode's inputs are handed on in these runs, once per container.
             for k in range(INPUTS * args.replicas):
-                deployment.run(k // args.replicas % INPUTS)
+                deployment.run(k // args.replicas % INPUTS, prepare=True)
             runs = []
             status_before = controller.status()
             with bar(args, args.requests, f"{name}/{mode} isolated") as progress:
