@@ -376,3 +376,39 @@ def test_a_read_only_view_refuses_dlpack_instead_of_crashing_the_process_on_a_wr
     assert float(doubled[3]) == 6.0 and float(copy[0]) == 100.0
     del view
     assert ft.get(ref)[0] == 0.0                      # the object is unchanged
+
+
+def test_a_thread_that_cannot_start_refuses_that_connection_and_the_controller_serves_on(ft, controller):
+    # No thread to be had (root ignores RLIMIT_NPROC, so the controller's address space is
+    # capped instead: a new thread's stack cannot be mapped). Note [Bounded connections].
+    import resource
+    ref = ft.put(np.arange(100))
+    pid = controller.process.pid
+    with open(f"/proc/{pid}/status") as status:
+        size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+    clients, refused = [], []
+    resource.prlimit(pid, resource.RLIMIT_AS, (size + (24 << 20), resource.RLIM_INFINITY))
+    try:
+        for _ in range(8):
+            client = controller.client()
+            try:
+                client.request(protocol.Ping())
+                clients.append(client)
+            except errors.ControllerBusyError as exc:
+                refused.append(str(exc))
+                client.close()
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert refused, "every connection got a thread under the cap"
+    assert all("cannot serve another connection now (can't start new thread)" in why for why in refused)
+    assert controller.process.poll() is None
+    assert controller.status()["requests"]["connections"]["refused"] == {"threads": len(refused)}
+    fresh = controller.client()
+    try:
+        fresh.request(protocol.Ping())                 # threads to be had again: served
+    finally:
+        fresh.close()
+    for client in clients:
+        client.request(protocol.Ping())                # those it took still served
+        client.close()
+    assert int(ft.get(ref).sum()) == 4950
