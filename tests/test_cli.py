@@ -250,7 +250,7 @@ def test_the_demo_runs_both_modes_and_cleans_up(redis_server):
 
 
 @pytest.mark.parametrize("args, text", [
-    (["--modes", "pool,tcp"], "--modes takes pool, shm, redis; got ['pool', 'tcp']"),
+    (["--modes", "pool,tcp"], "--modes takes floor, pool, shm, redis; got ['pool', 'tcp']"),
     (["--workflow", "chess"], "argument --workflow: invalid choice: 'chess'"),
     (["--requests", "0"], "--requests must be at least 1"),
     (["--cpus", "0"], "--cpus must be at least 1"),
