@@ -68,13 +68,18 @@ class KnativeShim:
         return self.process.wait(30)
 
 
-@pytest.fixture
-def knative(tmp_path):
-    (tmp_path / "func.py").write_text(FUNCTION)
+def serving(tmp_path, function: str):
+    """A Knative shim serving ``function`` (its source), once it is ready; stopped after."""
+    (tmp_path / "func.py").write_text(function)
     server = KnativeShim(tmp_path, "func.py:main")
     wait_for(lambda: server.get("/health/readiness")[0] == 200, message="readiness")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def knative(tmp_path):
+    yield from serving(tmp_path, FUNCTION)
 
 
 def test_json_post_calls_main(knative):
@@ -197,11 +202,7 @@ EVENT_FUNCTION = source("""
 
 @pytest.fixture
 def events(tmp_path):
-    (tmp_path / "func.py").write_text(EVENT_FUNCTION)
-    server = KnativeShim(tmp_path, "func.py:main")
-    wait_for(lambda: server.get("/health/readiness")[0] == 200, message="readiness")
-    yield server
-    server.stop()
+    yield from serving(tmp_path, EVENT_FUNCTION)
 
 
 def _send(server, event, mode=to_binary):
