@@ -117,10 +117,12 @@ def _reply_event(incoming: dict, settings, payload: bytes, content_type: str) ->
 def register_knative(app: Flask, runtime: Runtime) -> None:
     @app.get("/health/liveness")
     def liveness():
-        # A function process that exited does not come back: fail liveness, so Kubernetes
-        # restarts the container, instead of a pod that is never ready again.
+        # A process that exits is replaced (Note [A crashed process is replaced]); once a new
+        # one cannot start either, fail liveness, so Kubernetes restarts the container
+        # instead of keeping a pod that is never ready again.
         if runtime.gone:
-            return _json({"status": "dead", "reason": "the function process exited; see the logs"}, 503)
+            return _json({"status": "dead", "reason": "the function process exited and a new one "
+                                                      "could not start; see the logs"}, 503)
         return _json({"status": "alive"})
 
     @app.get("/health/readiness")
