@@ -15,10 +15,10 @@ Protocol (one type of message each way, one line each):
 A Knative request (shim/knative.py: a CloudEvent, or a plain body) is the same line behind
 ``KNATIVE``: its ``value`` may come as ``value_base64`` (event data that is bytes) and its
 ``event`` (the CloudEvent's attributes, or null) is what ``faastube.event()`` returns during
-the call. Its reply may also be
-``RAISED`` + ``{"error": …}`` (the function raised: Knative answers 5xx, so Eventing retries)
-or ``BYTES`` + the base64 of a ``bytes`` result. The /run bodies of OpenWhisk are checked as
-JSON by the shim first, so they never start with these bytes.
+the call. Its reply may also be ``RAISED`` + ``{"error": …}`` (the function raised: Knative
+answers 5xx, so Eventing retries) or ``BYTES`` + the base64 of a ``bytes`` result. The /run
+bodies of OpenWhisk are checked as JSON by the shim first, so they never start with these
+bytes.
 
 stdout and stderr are flushed before each reply, so the shim's activation sentinels always
 come after the action's own output. Arrays in a result are put into the FaaSTube pool and
