@@ -29,7 +29,7 @@ write of a batch before it sends the batch, and an object published and freed wi
 batch is written once, as its tombstone (its fields, the state saying why it went, the
 tombstone's expiry): on a workflow whose hand-offs live for milliseconds, most objects never
 cost Redis more than that one write, where each used to cost two pipelines of three commands.
-On the 2-core VM the writer thread's CPU per traffic request fell from 1.5 ms to 0.5 ms
+On the 2-core VM the writer thread's CPU per traffic request fell from 1.5 ms to 0.3–0.5 ms
 (docs/benchmarks.md). The delay is the most a sealed object reaches Redis late (for this
 node's own gets it does not matter: they are answered from the local table, and the table
 keeps why a recently freed object went).

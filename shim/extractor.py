@@ -95,7 +95,7 @@ def _fill(folder: str, code: str, binary: bool) -> Action:
         return prebuilt
     if not os.path.isfile(os.path.join(folder, "__main__.py")):
         raise BuildError("Zip file does not include __main__.py")
-    if not has_activate_this(folder):
+    if os.path.isdir(os.path.join(folder, "virtualenv")) and activate_this(folder) is None:
         raise BuildError(INVALID_VIRTUALENV)
     return Action(folder)
 
@@ -121,12 +121,12 @@ def _prebuilt(folder: str) -> Action | None:
     return Action(folder, "main__.py", named.group(1).decode() if named else "main")
 
 
-def has_activate_this(folder: str) -> bool:
-    """False for a ``virtualenv/`` without an ``activate_this.py`` (where the stock runtime
-    looks: ``bin/``, or ``Scripts/`` for one made on Windows)."""
+def activate_this(folder: str) -> str | None:
+    """The ``activate_this.py`` of the action's ``virtualenv/``, where the stock runtime
+    looks (``bin/``, or ``Scripts/`` for one made on Windows); None if it has none."""
     venv = os.path.join(folder, "virtualenv")
-    return not os.path.isdir(venv) or any(
-        os.path.exists(os.path.join(venv, where, "activate_this.py")) for where in ("bin", "Scripts"))
+    return next((path for path in (os.path.join(venv, where, "activate_this.py") for where in ("bin", "Scripts"))
+                 if os.path.exists(path)), None)
 
 
 def _bounded(unpacked: int) -> None:

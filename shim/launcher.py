@@ -49,15 +49,13 @@ def end_of_logs() -> None:
 
 
 def activate_virtualenv(folder: str) -> None:
-    from shim.extractor import INVALID_VIRTUALENV, has_activate_this
-    venv = os.path.join(folder, "virtualenv")
-    if not os.path.isdir(venv):
+    from shim.extractor import INVALID_VIRTUALENV, activate_this
+    if not os.path.isdir(os.path.join(folder, "virtualenv")):
         return
-    if not has_activate_this(folder):       # a prebuilt zip's (Note [Prebuilt ActionLoop zips])
+    activate = activate_this(folder)
+    if activate is None:                    # a prebuilt zip's (Note [Prebuilt ActionLoop zips])
         sys.stderr.write(INVALID_VIRTUALENV + "\n")
         sys.exit(IMPORT_FAILED_EXIT)
-    activate = next(path for path in (os.path.join(venv, where, "activate_this.py") for where in ("bin", "Scripts"))
-                    if os.path.exists(path))
     with open(activate) as file:
         exec(compile(file.read(), activate, "exec"), {"__file__": activate})
 

@@ -73,7 +73,6 @@ class Runtime:
         # one starts a new process. One serial OpenWhisk process keeps the stock proxy's rule
         # (the action is gone). Replacing stops once a new process cannot start either.
         self.replaces_crashed = settings.knative or self.concurrency > 1
-        self.replaced = 0                   # processes that exited and were replaced
         self.load_error: str | None = None  # Knative: why the function did not load
         self.init_lock = threading.Lock()      # /init runs once, never twice at a time
         self._log_lock = threading.Lock()
@@ -109,7 +108,6 @@ class Runtime:
                 self.gone = True
                 raise
             self.pool.discard(process)
-            self.replaced += 1
             print(f"faastube: the action's process exited during an activation ({exc}); a new one "
                   f"starts for the next activation", file=sys.stderr, flush=True)
             raise
