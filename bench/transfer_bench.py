@@ -75,6 +75,39 @@ def small_during_big(move_big, move_small, samples: int) -> list[float]:
         runner.join()
 
 
+def traced_during(link, pump, dst_big, src_big, dst_small, src_small, samples: int) -> dict:
+    """Where each small move's time goes during the large ones, one move at a time (a second
+    pass, so the pump's counters read around each move stay out of the untraced figures):
+    queued in the pump, from going on the copy engine to the pump seeing it done, and the
+    rest, outside the pump (the caller's Python, the GIL, waking up). Reported for the
+    median move and for the slowest 1%."""
+    traces = []
+
+    def traced():
+        before = pump.stats()
+        started = time.perf_counter()
+        link.move(dst_small, src_small, MB)
+        total = time.perf_counter() - started
+        after = pump.stats()
+        pieces = after["express_pieces"] - before["express_pieces"]
+        queued = after["express_queued_s"] - before["express_queued_s"]
+        copy = after["express_copy_s"] - before["express_copy_s"]
+        traces.append({"total_us": total * 1e6, "express": pieces == 1, "queued_us": queued * 1e6,
+                       "engine_us": copy * 1e6, "outside_us": (total - queued - copy) * 1e6})
+
+    small_during_big(lambda: link.move(dst_big, src_big, GB), traced, samples)
+    ordered = sorted(traces, key=lambda t: t["total_us"])
+    tail = ordered[min(len(ordered) - 1, int(0.99 * len(ordered))):]
+
+    def mean(rows, key):
+        return statistics.fmean(r[key] for r in rows)
+    middle = ordered[len(ordered) // 2]
+    return {"samples": len(traces), "not_express": sum(not t["express"] for t in traces),
+            "median": {k: middle[k] for k in ("total_us", "queued_us", "engine_us", "outside_us")},
+            "slowest_1pct": {k: mean(tail, k) for k in ("total_us", "queued_us", "engine_us", "outside_us")},
+            "slowest": ordered[-3:]}
+
+
 def make_copier(kind: str, ordinal: int, bandwidth: float, chunk: int, split: int):
     """The link's copier: the native pump (Note [The native pump]) or copies issued from Python."""
     from controller.gpu import CopyQueue
@@ -119,7 +152,8 @@ def measure_path(name, dst_big, src_big, dst_small, src_small, ordinal, bandwidt
             pumped = {"express_queued_us": (after["express_queued_s"] - before["express_queued_s"]) / express * 1e6,
                       "express_copy_us": (after["express_copy_s"] - before["express_copy_s"]) / express * 1e6,
                       "idles": after["idles"], "lead_us": after["lead_s"] * 1e6,
-                      "learnt_GBps": after["learnt_bandwidth"] / 1e9}
+                      "learnt_GBps": after["learnt_bandwidth"] / 1e9,
+                      "traced": traced_during(link, copier, dst_big, src_big, dst_small, src_small, samples)}
             copier.close()
         result["configs"].append({
             "pump": pumped,
@@ -323,6 +357,11 @@ def main() -> int:
                 print(f"{'':>9}in the pump, mean per small move during: queued {q['express_queued_us']:.0f} µs, "
                       f"on the engine until seen {q['express_copy_us']:.0f} µs; lead {q['lead_us']:.0f} µs, "
                       f"ran dry {q['idles']}×, learnt {q['learnt_GBps']:.1f} GB/s")
+                t = q["traced"]
+                for label, part in (("median", t["median"]), ("slowest 1%", t["slowest_1pct"])):
+                    print(f"{'':>9}traced ({t['samples']}, {t['not_express']} not express), {label}: "
+                          f"{part['total_us']:.0f} µs = queued {part['queued_us']:.0f} + engine until seen "
+                          f"{part['engine_us']:.0f} + outside the pump {part['outside_us']:.0f}")
     print(f"topology: {engine.topology_source}")
     if multi:
         for name in ("host→GPU 0", "GPU 0→host"):

@@ -96,8 +96,9 @@ class CopyQueue:
         self._calls.check(self._calls.record(int(event), self._stream))
         return event
 
-    def wait(self, event) -> None:
-        """Block (the GIL released) until the copies of ``event`` have arrived."""
+    def wait(self, event, spin_s: float = 0.0) -> None:
+        """Block (the GIL released) until the copies of ``event`` have arrived. (``spin_s``
+        is the driver's to decide: a primary context spins or yields by its own rule.)"""
         try:
             check(cu.cuEventSynchronize(event))
         finally:

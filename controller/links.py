@@ -3,7 +3,8 @@ waiting], controller/scheduler.py), has its copier carry them, and reports each 
 and service time.
 
 A copier has ``issue(pieces) -> token`` (queue (destination, source, length) copies) and
-``wait(token)`` (block until they arrived): :class:`HostCopier` copies host memory with
+``wait(token, spin_s=0)`` (block until they arrived; a copier that can spins up to ``spin_s``
+first): :class:`HostCopier` copies host memory with
 ``memmove`` at issue; ``controller.gpu.CopyQueue`` queues ``cuMemcpyAsync`` on the link's own
 stream and waits on an event; ``controller.pump.Pump`` hands them to a C thread that puts them
 on the link's stream one at a time (Note [The native pump]) and also has ``move(dst, src,
@@ -43,6 +44,7 @@ DEFAULT_BATCH_CHUNKS = 1        # chunks per batch a link hands a copy queue dri
 DEFAULT_DEPTH = 2               # batches queued on the engine at once (Note [Batches bound waiting])
 PUMP_BATCH_CHUNKS = 2           # a direct link's batches on a pump (Note [The native pump]) …
 PUMP_DEPTH = 2                  # … and how many it keeps there
+LAST_BATCH_SPIN_S = 0.002       # most a leader spins for the batch that ends its own move
 
 
 class HostCopier:
@@ -54,7 +56,7 @@ class HostCopier:
             ctypes.memmove(dst, src, nbytes)
 
     @staticmethod
-    def wait(token) -> None:
+    def wait(token, spin_s: float = 0.0) -> None:
         pass
 
 
@@ -173,11 +175,22 @@ class Link:
             batch, issued, token, error = self._in_flight.popleft()
             if error is None:
                 try:
-                    self.copier.wait(token)
+                    self.copier.wait(token, self._last_batch_spin(batch, mine))
                 except BaseException as exc:
                     error = exc
             self._refill()              # the copy engine first, the bookkeeping after
             self._account(batch, issued, error)
+
+    def _last_batch_spin(self, batch, mine: Move) -> float:
+        """Note [The last batch is spun for]: while a leader waits for a batch with more
+        queued behind it, the engine stays busy however late the leader wakes, so it sleeps;
+        the batch that ends its own move has nothing behind it that matters to its caller,
+        whose reply then waits for the leader's wake-up (tens of µs to a few hundred on a
+        busy host). So the leader spins for that one, for about twice the batch's time on
+        the link, at most LAST_BATCH_SPIN_S, and sleeps after that."""
+        if not any(c.transfer is mine.transfer and c.offset + c.nbytes >= c.transfer.nbytes for c in batch):
+            return 0.0
+        return min(LAST_BATCH_SPIN_S, 2 * sum(c.nbytes for c in batch) / self.scheduler.bandwidth + 50e-6)
 
     def _refill(self) -> None:
         """Queue batches on the copier until ``depth`` are in flight or nothing is left."""

@@ -86,9 +86,9 @@ class Client:
                 pass
         self.connection.close()
 
-    def request(self, request, wait_s: float = 0.0):
+    def request(self, request, wait_s: float = 0.0, copy_bytes: int = 0):
         """Send one request and return its typed reply (Connection.request)."""
-        return self.connection.request(request, wait_s)
+        return self.connection.request(request, wait_s, copy_bytes)
 
     def send_only(self, request) -> None:
         """Send a request whose reply nobody waits for (Note [Seal without waiting])."""
@@ -223,10 +223,12 @@ class Client:
     # -- reading objects ------------------------------------------------------------------
 
     def get(self, object_id: str, timeout: float, device: str | None = None,
-            prefer: str | None = None, slo_ms: float | None = None):
+            prefer: str | None = None, slo_ms: float | None = None, copy_bytes: int = 0):
         """A read-only view: numpy for a host object, CuPy for a GPU one (protocol.Get says
-        where the object comes to)."""
-        grant = self.request(protocol.Get(object_id, timeout, device, prefer, slo_ms), wait_s=timeout)
+        where the object comes to). ``copy_bytes``: what the controller is expected to copy
+        for it (Note [A get that copies spins longer], faastube/connection.py)."""
+        grant = self.request(protocol.Get(object_id, timeout, device, prefer, slo_ms), wait_s=timeout,
+                             copy_bytes=copy_bytes)
         if not in_host_memory(grant.device):
             array, owner, start = views.gpu_view(self.slabs, grant, writable=False)
             self.leases.track_gpu(owner, grant, writable=False, start=start)

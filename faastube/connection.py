@@ -31,6 +31,12 @@ log = logging.getLogger("faastube")
 READ_TICK_S = 0.25            # how often a waiting reader re-checks its deadline
 REPLY_MARGIN_S = 10.0         # a controller slower than this past a request's own wait is hung
 DEFAULT_REPLY_TIMEOUT_S = 60.0
+# Note [A get that copies spins longer]: a reply that carries a copy comes after the copy,
+# later than the reply spin covers, and a reader asleep by then pays its wake-up on top. So
+# where the reply spin is on, a get that the controller will copy spins longer too: for the
+# copy at a slow link's rate, at most COPY_SPIN_MAX_S (a 64 MB host→GPU get: 1.2 ms of copy).
+COPY_SPIN_BYTES_PER_S = 20e9
+COPY_SPIN_MAX_S = 0.002
 
 #: The function this thread runs (faastube.sdk.activation sets it): requests carry it when it
 #: changed since the last one sent (Note [Queue-aware eviction], controller/eviction.py).
@@ -96,11 +102,13 @@ class Connection:
         """Whether releases or demand wait for a request to ride on."""
         return bool(self.releases or self.demand)
 
-    def request(self, request, wait_s: float = 0.0):
+    def request(self, request, wait_s: float = 0.0, copy_bytes: int = 0):
         """Send one request (plus queued releases) and return its typed reply
         (protocol.REPLIES), or raise its error. ``wait_s``: how long the controller itself
-        may wait before answering (a get's timeout)."""
-        return self.wait(self.send(request), wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S)
+        may wait before answering (a get's timeout); ``copy_bytes``: what it will copy
+        first (Note [A get that copies spins longer])."""
+        return self.wait(self.send(request), wait_s + REPLY_MARGIN_S if wait_s else DEFAULT_REPLY_TIMEOUT_S,
+                         copy_bytes)
 
     def send(self, request, connect: bool = True) -> Pending | None:
         """Send a request whose reply :meth:`wait` reads later; None if not connected and
@@ -138,10 +146,11 @@ class Connection:
                     self._unawaited.discard(seq)
                 raise
 
-    def wait(self, pending: Pending, timeout: float = DEFAULT_REPLY_TIMEOUT_S):
+    def wait(self, pending: Pending, timeout: float = DEFAULT_REPLY_TIMEOUT_S, copy_bytes: int = 0):
         """The typed reply of a sent request, or its error."""
+        spin_s = reply_spin_s(self.config.reply_spin_us, copy_bytes)
         try:
-            message = self._wait(pending.seq, pending.generation, timeout)
+            message = self._wait(pending.seq, pending.generation, timeout, spin_s)
         except ControllerUnavailableError:
             if self._closed_idle != pending.generation:
                 raise
@@ -149,7 +158,7 @@ class Connection:
             # controller/server.py) after making sure it had read nothing more: the request
             # never reached it, so it goes once more on a new connection.
             pending = self.send(pending.request)
-            message = self._wait(pending.seq, pending.generation, timeout)
+            message = self._wait(pending.seq, pending.generation, timeout, spin_s)
         return protocol.decode_reply(type(pending.request), message)
 
     def peek(self, pending: Pending):
@@ -246,7 +255,7 @@ class Connection:
 
     # -- replies (Note [Pipelined requests]) ----------------------------------------------
 
-    def _wait(self, seq: int, generation: int, timeout: float) -> dict:
+    def _wait(self, seq: int, generation: int, timeout: float, spin_s: float | None = None) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             with self._state:
@@ -267,20 +276,22 @@ class Connection:
                         break
                     self._state.wait(remaining)
             try:
-                self._read_one(sock, reader, generation)
+                self._read_one(sock, reader, generation, spin_s)
             finally:
                 with self._state:
                     self._reading = False
                     self._state.notify_all()
 
-    def _read_one(self, sock, reader, generation: int) -> None:
+    def _read_one(self, sock, reader, generation: int, spin_s: float | None = None) -> None:
         """Read one reply frame (as the current reader) and file it under its seq."""
-        if self.config.reply_spin_us > 0 and not reader.has_frame():
+        if spin_s is None:
+            spin_s = self.config.reply_spin_us / 1e6
+        if spin_s > 0 and not reader.has_frame():
             # Poll before sleeping in recv: a thread that sleeps pays the wake-up (an idle
             # core's, or a VM's halted vCPU's) when the reply lands.
             poller = select.poll()
             poller.register(sock, select.POLLIN)
-            until = time.perf_counter() + self.config.reply_spin_us / 1e6
+            until = time.perf_counter() + spin_s
             while not poller.poll(0) and time.perf_counter() < until:
                 pass
         try:
@@ -332,6 +343,15 @@ class Connection:
         return ControllerUnavailableError(
             f"the controller at {self.config.socket} {what}; check that `faastube controller` "
             f"is running")
+
+
+def reply_spin_s(reply_spin_us: float, copy_bytes: int = 0) -> float:
+    """How long a reader polls for a reply before sleeping: the reply spin, and for a reply
+    behind a copy of ``copy_bytes`` that much longer (Note [A get that copies spins longer])."""
+    spin_s = reply_spin_us / 1e6
+    if spin_s > 0 and copy_bytes > 0:
+        spin_s += min(COPY_SPIN_MAX_S, copy_bytes / COPY_SPIN_BYTES_PER_S)
+    return spin_s
 
 
 def _checked(reply: dict) -> dict:

@@ -397,7 +397,7 @@ def get(ref, timeout: float | None = None, device=None, slo_ms: float | None = N
     may take; the controller gives it the link bandwidth that needs, and spare bandwidth
     to the tightest SLO, ahead of copies without one (docs/sdk.md, "Copy SLOs").
     """
-    object_id, _shape, _dtype = parse_ref(ref)
+    object_id, shape, dtype = parse_ref(ref)
     conn = client()
     if timeout is None:
         timeout = conn.config.get_timeout_s
@@ -410,12 +410,16 @@ def get(ref, timeout: float | None = None, device=None, slo_ms: float | None = N
         raise InvalidArgumentError(f"slo_ms must be a number of milliseconds between "
                                    f"{protocol.MIN_SLO_MS} and {protocol.MAX_SLO_MS:.0f}, got {slo_ms!r}")
     target = prefer = None
+    made_on = ref.get("device", cuda.HOST)
     if device is not None:
         target = device_of(device)
-    elif not cuda.in_host_memory(ref.get("device", cuda.HOST)):
+    elif not cuda.in_host_memory(made_on):
         prefer = _current_gpu()
+    # Where the controller will put it (controller/objects.py, Table._get): elsewhere is a copy.
+    comes_to = target or (prefer if not cuda.in_host_memory(made_on) else None) or cuda.HOST
     return conn.get(object_id, float(timeout), target, prefer,
-                    None if slo_ms is None else float(slo_ms))
+                    None if slo_ms is None else float(slo_ms),
+                    copy_bytes=math.prod(shape) * dtype.itemsize if comes_to != made_on else 0)
 
 
 def release(array) -> None:

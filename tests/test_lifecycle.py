@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from faastube import errors, protocol, refs, sdk
+from faastube.connection import COPY_SPIN_BYTES_PER_S, COPY_SPIN_MAX_S, reply_spin_s
 from faastube.refs import REF_MARKER
 
-from .conftest import wait_for
+from .conftest import ControllerProcess, wait_for
 
 NUMERIC = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
            "float16", "float32", "float64", "complex64", "complex128", ">i4", ">f8"]
@@ -330,6 +331,36 @@ def test_a_client_that_polls_for_its_replies_gets_the_same_answers(controller, w
         assert got["shape"] == [1000]
     finally:
         conn.close()
+
+
+def test_a_get_that_copies_spins_longer_only_where_the_reply_spin_is_on():
+    # Note [A get that copies spins longer]: at a slow link's rate, capped; never on a
+    # machine where the reply spin is off (it would take the controller's core).
+    assert reply_spin_s(0, 64 << 20) == 0
+    assert reply_spin_s(100) == reply_spin_s(100, 0) == pytest.approx(100e-6)
+    assert reply_spin_s(100, 1 << 20) == pytest.approx(100e-6 + (1 << 20) / COPY_SPIN_BYTES_PER_S)
+    assert reply_spin_s(100, 1 << 30) == pytest.approx(100e-6 + COPY_SPIN_MAX_S)
+
+
+def test_gets_that_copy_between_tiers_under_a_long_spin_give_the_same_bytes(tmp_path, redis_server):
+    # A host object got on a stand-in GPU tier and back: the reply comes after the copy,
+    # which the spinning reader waits out like any other.
+    ctl = ControllerProcess(tmp_path, redis_server.url, stand_in_gpus="1", gpu_slab_size="4MiB",
+                            gpu_pool_limit="16MiB").start()
+    conn = ctl.client(reply_spin_us=500)
+    try:
+        data = np.random.default_rng(7).integers(0, 256, 3 << 20, dtype=np.uint8)
+        target, object_id, lifetime = conn.create_for_put(data.shape, data.dtype)
+        target[:] = data
+        del target
+        conn.seal(object_id, drop_writer=True, wait=True, lifetime=lifetime)
+        for _ in range(3):
+            on_tier = conn.get(object_id, 1, device="host:0", copy_bytes=data.nbytes)
+            np.testing.assert_array_equal(on_tier, data)
+            del on_tier
+    finally:
+        conn.close()
+        assert ctl.stop() == 0, ctl.log()
 
 
 def test_a_request_nobody_waits_for_that_fails_is_logged(ft, controller, caplog):
