@@ -279,7 +279,9 @@ def main() -> int:
     # the links as they were before it (copies issued from Python), side by side.
     pcie, nvlink = DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES * peer_factor
     pcie_configs = [(pcie, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 4, True),
-                    (pcie, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
+                    (pcie, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False),
+                    # fewer leader wake-ups, each one a GIL turn a small move may wait for
+                    (pcie, 2 * PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", pcie // 4, False)]
     nvlink_configs = [(nvlink, PUMP_BATCH_CHUNKS, PUMP_DEPTH, "pump", nvlink // 4, True),
                       (nvlink, DEFAULT_BATCH_CHUNKS, DEFAULT_DEPTH, "python", 0, False)]
     if not args.quick:
