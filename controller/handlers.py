@@ -67,6 +67,7 @@ class Handlers:
             protocol.Release: lambda s, r: protocol.Done(),
             protocol.Delete: self.delete, protocol.CloseScope: self.close_scope,
             protocol.Status: self.status, protocol.Ping: self.ping,
+            protocol.Watch: self.watch,
         }
 
     def handle(self, session: Session, envelope: protocol.Envelope, retry: bool = False) -> Answer:
@@ -191,6 +192,10 @@ class Handlers:
             controller={"version": __version__, "started": round(self.started, 3),
                         "uptime_s": round(time.time() - self.started, 1)},
             directory=self.directory.state(admin) if self.directory is not None else None)
+
+    def watch(self, session: Session, request: protocol.Watch):
+        self.table.watch(session, request.tiers)        # Note [Slabs mapped ahead]
+        return protocol.Done()
 
     def ping(self, session: Session, request: protocol.Ping):
         return protocol.Pong(self.node, self.epoch)

@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 
-from faastube.cuda import HOST
+from faastube.cuda import HOST, in_host_memory
 from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceError, ObjectDeletedError,
                              ObjectExpiredError, ObjectLostError, ObjectNotFoundError, PoolExhaustedError,
                              QuotaExceededError, FaasTubeTimeoutError, UnknownObjectError)
@@ -173,6 +173,7 @@ class Session:
         self.pending: set[str] = set()            # objects created here, not sealed yet
         self.waiting_gets = 0                     # gets of this session waiting (parked)
         self.retired: list[int] = []              # retired slabs to tell the client about
+        self.watch: str | None = None             # the slabs it is sent unasked: "gpu", "all" (Watch)
         self.closed = False
         self.pidfd = open_pidfd(pid)
 
@@ -247,6 +248,10 @@ class ObjectTable:
         self._lease_ids = itertools.count(1)
         for pool in pools:
             pool.on_retire = self._slab_retired
+            pool.on_create = self._slab_created
+        # Called (lock held, so it must not take it) when a watching session has descriptors
+        # or retired slabs to be sent: the server's push thread (Note [Slabs mapped ahead]).
+        self.push_to = lambda session: None
         # Copies a region's bytes into another, unlocked (controller/transfer.py move_region).
         self.move = move
         self.evictor = Evictor(self, eviction, evict_wait_s)
@@ -652,7 +657,7 @@ class ObjectTable:
         """Whether closing ``session``'s connection would lose it nothing: no lease, no object
         being written, no waiting get (Note [Bounded connections], controller/server.py)."""
         with self.lock:
-            return not (session.leases or session.pending or session.waiting_gets)
+            return not (session.leases or session.pending or session.waiting_gets or session.watch)
 
     def may_answer(self, object_id: str, session: Session) -> bool:
         """(lock held) Whether a get of ``object_id`` parked by ``session`` would not wait now."""
@@ -664,6 +669,40 @@ class ObjectTable:
         for session in self.sessions.values():
             if session.slabs_sent.pop(slab.id, None) is not None:
                 session.retired.append(slab.id)
+                if session.watch is not None:
+                    self.push_to(session)
+
+    # -- slabs mapped ahead (Note [Slabs mapped ahead], faastube/watcher.py) ----------------
+
+    def watch(self, session: Session, tiers: str) -> None:
+        """Make ``session`` a watcher of its namespace's slabs: what there is now goes at once."""
+        with self.lock:
+            session.watch = tiers
+            self.push_to(session)
+
+    def _slab_created(self, slab) -> None:
+        for session in self.sessions.values():
+            if session.watch is not None and session.namespace == slab.namespace and not session.closed:
+                self.push_to(session)
+
+    def take_watched(self, session_id: int) -> tuple[list, list[int]] | None:
+        """For a watching session: ([(dup'ed read-only fd, SlabDescriptor)] of its namespace's
+        slabs (of its tiers) not yet sent to it, the retired slabs to tell it of); None if
+        the session is gone. The caller sends them and closes the descriptors."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None or session.closed or session.watch is None:
+                return None
+            fds = []
+            for pool in self.pools.values():
+                if session.watch == "gpu" and in_host_memory(pool.device):
+                    continue
+                for slab in pool.slabs.values():
+                    if slab.namespace == session.namespace and slab.id not in session.slabs_sent:
+                        fds.append((os.dup(slab.fd(False)), SlabDescriptor(slab.id, slab.size, False, slab.device)))
+                        session.slabs_sent[slab.id] = False
+            retired, session.retired = session.retired, []
+            return fds, retired
 
     def take_retired(self, session: Session) -> list[int]:
         with self.lock:

@@ -50,13 +50,15 @@ class Region:
 
 class Pool:
     def __init__(self, device: str, slab_size: int, limit: int, idle_release_s: float,
-                 slab_factory=MemfdSlab, on_retire=lambda slab: None, alignment: int = PAGE,
+                 slab_factory=MemfdSlab, on_retire=lambda slab: None, on_create=lambda slab: None,
+                 alignment: int = PAGE,
                  name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT",
                  idle_minimum: int = 0, reserve_share: float = 0.0, quota: float = 1.0,
                  free_probe=None, free_share: float = 1.0, watermark: int = 0):
         self.device = device            # "host" or a GPU's UUID
         self.name = name or device      # for people: "host", "GPU 0 (NVIDIA H100 …)"
         self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
+        self.on_create = on_create      # told of every new slab (Note [Slabs mapped ahead])
         self.limit_setting = limit_setting
         self.alignment = alignment      # slab sizes are multiples of it (GPU: VMM granularity)
         self.slab_size = align_up(slab_size, alignment)
@@ -213,6 +215,7 @@ class Pool:
         if self.reserved + slab.size > self.cap():
             return False
         self.slabs[slab.id] = slab
+        self.on_create(slab)
         self.reserved += slab.size
         self.slabs_created += 1
         self.grown[path][0] += 1
@@ -323,6 +326,7 @@ class Pool:
         self.slabs[slab.id] = slab
         self.reserved += size
         self.slabs_created += 1
+        self.on_create(slab)
         return slab
 
     def _retire(self, slab: MemfdSlab, close: bool = True) -> None:

@@ -38,6 +38,7 @@ from .handlers import Handlers
 from .metrics import RequestStats
 from .objects import ObjectTable, Session, WouldWait
 from .waiting import Parked, ParkedGets
+from .watchers import SlabPusher
 
 log = logging.getLogger("faastube.controller")
 
@@ -114,6 +115,7 @@ class ControllerServer:
         self.idle_timeout_s = idle_timeout_s
         self.frame_timeout_s = frame_timeout_s
         self.parked = ParkedGets(table, max_waiting_gets)
+        self.pusher = SlabPusher(table)                     # Note [Slabs mapped ahead]
         self.stats.connection_limit = self.max_connections
         self._count_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -226,6 +228,7 @@ class ControllerServer:
     def stop(self) -> None:
         self._stopping.set()
         self.parked.stop()
+        self.pusher.stop()
         try:
             os.write(self._wake_write, b"s")
         except (BlockingIOError, OSError):
@@ -247,6 +250,7 @@ class ControllerServer:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, protocol.timeval(self.frame_timeout_s))
             reader = protocol.FrameReader(conn)
             send_lock = threading.Lock()     # parked gets answer from the answer threads
+            self.pusher.opened(session.id, conn, send_lock)
             last_frame = time.monotonic()
             partial_since = None
             while True:
@@ -284,6 +288,7 @@ class ControllerServer:
         except OSError:
             pass                                            # peer vanished mid-reply
         finally:
+            self.pusher.closed(session.id)
             self.table.close_session(session)
             conn.close()
             self._count_closed()

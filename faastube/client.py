@@ -40,6 +40,7 @@ from .errors import FaasTubeError, InvalidStateError, ObjectNotFoundError, PoolE
 from .landing import Landing, Sealer
 from .leases import Leases
 from .spares import Signature, Spares
+from .watcher import SlabWatcher
 
 
 class Client:
@@ -54,7 +55,19 @@ class Client:
         self.leases = Leases(self.connection)
         self.spares = Spares(self.connection, self.config.spare_bytes)
         self.sealer = Sealer(self.connection, self._seal_landed)
+        self.watcher: SlabWatcher | None = None
+        if not anonymous and self.config.map_ahead != "none":
+            self.connection.on_connected = self._start_watcher
         _clients.add(self)
+
+    def _start_watcher(self) -> None:
+        """(connection made) Note [Slabs mapped ahead]: one watcher per connection's life."""
+        watcher = self.watcher
+        if watcher is not None and watcher.alive and watcher.epoch == self.connection.epoch:
+            return
+        if watcher is not None:
+            watcher.close()                 # a restarted controller's slabs are new ones
+        self.watcher = SlabWatcher(self.config, self.slabs, self.connection.epoch).start()
 
     @property
     def node(self) -> str | None:
@@ -68,6 +81,9 @@ class Client:
     def _after_fork(self) -> None:
         """Note [After fork]."""
         self.connection.reset()
+        if self.watcher is not None:
+            self.watcher.forget()
+            self.watcher = None
         self.slabs.forget()
         self.leases.forget()
         self.spares.forget()
@@ -84,6 +100,8 @@ class Client:
                 self.request(protocol.Release())
             except FaasTubeError:
                 pass
+        if self.watcher is not None:
+            self.watcher.close()
         self.connection.close()
 
     def request(self, request, wait_s: float = 0.0, copy_bytes: int = 0):

@@ -165,6 +165,12 @@ def parse_eviction(text: str) -> str:
     return text
 
 
+def parse_map_ahead(text: str) -> str:
+    if text not in ("gpu", "all", "none"):
+        raise ValueError("write 'gpu' (GPU slabs), 'all' (host slabs too) or 'none'")
+    return text
+
+
 def parse_share(text: str) -> float:
     """``0.5`` or ``50%`` (a share of each GPU's memory) or a size such as ``40GiB``."""
     text = text.strip()
@@ -413,6 +419,9 @@ class Config(_FromEnvironment):
     result_ttl_s: float = setting(600.0, env="FAASTUBE_RESULT_TTL_S", parse=parse_seconds,
                                   help="seconds after which an activation's result is freed if not "
                                        "consumed first (0: no ttl)")
+    map_ahead: str = setting("gpu", env="FAASTUBE_MAP_AHEAD", parse=parse_map_ahead,
+                             help="slabs a process maps as they are made, on a thread of its own: "
+                                  "gpu, all or none (Note [Slabs mapped ahead])")
     reply_spin_us: float = setting(env="FAASTUBE_REPLY_SPIN_US", parse=parse_microseconds, default_factory=_spin_default,
                                    help="poll for a reply this long before sleeping in recv")
 

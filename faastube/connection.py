@@ -72,6 +72,8 @@ class Connection:
         #: protocol.Activity of activations that ended, to travel the same way (Note
         #: [Reservation ahead of demand], controller/demand.py).
         self.demand: collections.deque = collections.deque()
+        #: Called after each new connection's hello (the client starts its slab watcher).
+        self.on_connected = None
         self.reset()
 
     def reset(self) -> None:
@@ -173,6 +175,23 @@ class Connection:
     def close(self) -> None:
         self._disconnect()
 
+    def follow(self, after_frame=None) -> None:
+        """Read what the controller sends unasked (Note [Slabs mapped ahead],
+        faastube/watcher.py) until the connection closes: the descriptors are attached and
+        the retired slabs dropped, as a reply's are, then ``after_frame()`` is called. For a
+        connection nothing else reads."""
+        while True:
+            with self._state:
+                if self._sock is None:
+                    return
+                sock, reader, generation = self._sock, self._reader, self._generation
+            self._read_one(sock, reader, generation, 0.0)
+            with self._state:
+                got = self._replies.pop(None, None)
+                self._parting = None
+            if got is not None and after_frame is not None:
+                after_frame()
+
     # -- the socket -----------------------------------------------------------------------
 
     def _connect(self) -> None:
@@ -205,6 +224,8 @@ class Connection:
         if welcome.epoch != self.epoch:
             self.slabs.clear()   # slab ids belong to one controller epoch
         self.node, self.epoch = welcome.node, welcome.epoch
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _disconnect(self, generation: int | None = None) -> None:
         with self._state:

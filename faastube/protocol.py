@@ -372,7 +372,27 @@ class Ping:
     _fields = {}
 
 
-REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, CloseScope, Status, Ping)}
+def _tiers(value, field):
+    if value not in WATCH_TIERS:
+        raise ProtocolError(f"field {field!r} must be one of {', '.join(map(repr, WATCH_TIERS))}")
+    return value
+
+
+WATCH_TIERS = ("gpu", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Watch:
+    """Make this connection the process's slab watcher (Note [Slabs mapped ahead],
+    faastube/watcher.py): after the reply, the controller sends on it, unasked, the
+    descriptors of its namespace's slabs (``tiers``: GPU slabs only, or all), those there now
+    and each new one, and the slabs it retires."""
+    op = "watch"
+    tiers: str = "gpu"
+    _fields = {"tiers": _tiers}
+
+
+REQUESTS = {cls.op: cls for cls in (Hello, Create, Seal, Get, Release, Delete, CloseScope, Status, Ping, Watch)}
 # consume: counts toward consumers, view kept; drop: the view is gone (consumed, lease ends);
 # abandon: the client never used the grant (lease ends, nothing consumed).
 RELEASE_KINDS = ("consume", "drop", "abandon")
@@ -585,7 +605,7 @@ class StatusReport:
 
 #: The reply type of each request type.
 REPLIES = {Hello: Welcome, Create: Granted, Seal: Done, Get: Granted, Release: Done, Delete: Done,
-           CloseScope: Freed, Status: StatusReport, Ping: Pong}
+           CloseScope: Freed, Status: StatusReport, Ping: Pong, Watch: Done}
 # Per reply type, computed once: its field names, and per field: whether the reply must have
 # it, the default if not, whether it arrives as a list and is kept as a tuple.
 _REPLY_LAYOUT = {

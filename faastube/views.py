@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import threading
 
 import numpy as np
 
@@ -88,27 +89,34 @@ class SlabMappings:
 
     def __init__(self):
         self._by_id: dict[int, HostSlab | GpuSlab] = {}
+        # Replies and the slab watcher (faastube/watcher.py) attach from their own threads: a
+        # slab is mapped once, and a reply for a slab being mapped waits for that mapping.
+        self._lock = threading.Lock()
 
     def attach(self, descriptor: SlabDescriptor, fd: int) -> None:
         """Map a passed descriptor (closing it); raises CudaError for a GPU this process
         cannot use."""
-        mapping = self._by_id.get(descriptor.slab)
-        if mapping is None:
-            mapping = self._by_id[descriptor.slab] = (
-                HostSlab(descriptor.size) if cuda.in_host_memory(descriptor.device)
-                else GpuSlab(descriptor.size, descriptor.device))
-        mapping.attach(fd, descriptor.writable)
+        with self._lock:
+            mapping = self._by_id.get(descriptor.slab)
+            if mapping is None:
+                mapping = (HostSlab(descriptor.size) if cuda.in_host_memory(descriptor.device)
+                           else GpuSlab(descriptor.size, descriptor.device))
+            mapping.attach(fd, descriptor.writable)
+            self._by_id[descriptor.slab] = mapping      # only once it maps: a failure leaves none
 
     def retire(self, slab_ids) -> None:
-        for slab_id in slab_ids:
-            self._by_id.pop(slab_id, None)
+        with self._lock:
+            for slab_id in slab_ids:
+                self._by_id.pop(slab_id, None)
 
     def clear(self) -> None:
         """Slab ids belong to one controller epoch: a new epoch starts an empty cache."""
-        self._by_id.clear()
+        with self._lock:
+            self._by_id.clear()
 
     def forget(self) -> None:
         """After fork: drop every mapping without unmapping what the parent still uses."""
+        self._lock = threading.Lock()       # a parent's thread may have held it at the fork
         for mapping in self._by_id.values():
             mapping.forget()
         self._by_id.clear()
