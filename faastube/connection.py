@@ -74,6 +74,9 @@ class Connection:
         self.demand: collections.deque = collections.deque()
         #: Called after each new connection's hello (the client starts its slab watcher).
         self.on_connected = None
+        #: Which passed slabs to map (the slab watcher's choice; None: all): the others'
+        #: descriptors are closed unused.
+        self.accept_slab = None
         self.reset()
 
     def reset(self) -> None:
@@ -351,6 +354,9 @@ class Connection:
         mapped here becomes that error (and its lease is given back unused)."""
         descriptors = protocol.descriptors_of(reply)
         for descriptor, fd in zip(descriptors, reader.take_fds(len(descriptors))):
+            if self.accept_slab is not None and not self.accept_slab(descriptor):
+                os.close(fd)
+                continue
             try:
                 self.slabs.attach(descriptor, fd)
             except FaasTubeError as exc:      # e.g. the GPU is not visible to this process

@@ -136,6 +136,15 @@ class Devices:
         finally:
             cu.cuCtxPopCurrent()
 
+    def in_use(self, uuid: str) -> bool:
+        """Whether this process already runs on GPU ``uuid`` (its primary context is active),
+        asked without making one."""
+        ordinal = self.ordinals.get(uuid)
+        if ordinal is None:
+            return False
+        _flags, active = check(cu.cuDevicePrimaryCtxGetState(self.handles[ordinal]))
+        return bool(active)
+
     def context(self, ordinal: int):
         """The device's primary context, retained once per process."""
         with self._lock:

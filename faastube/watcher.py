@@ -14,7 +14,10 @@ only maps on gets hears of a retirement on its next reply; a GPU slab's memory g
 the device only once every process has unmapped it. A get whose slab the thread has mapped
 finds it in the cache (its reply's descriptor is closed unused); one whose slab it is still
 mapping waits for that mapping. The thread starts nothing on a machine where this process
-cannot use a GPU (``gpu``), ends when its connection closes (the SDK's next connection starts
+cannot use a GPU (``gpu``), waits until the process runs on one, and maps only slabs of GPUs
+it runs on (mapping one elsewhere would make the process a CUDA context on that GPU, hundreds
+of MB of its memory, which a process that only touches host objects must not pay); it ends
+when its connection closes (the SDK's next connection starts
 another), and a failure costs only the mapping ahead, never a request.
 """
 
@@ -30,6 +33,9 @@ from .config import Config
 log = logging.getLogger("faastube")
 
 
+GPU_WAIT_TICK_S = 0.25
+
+
 def _can_map_gpus() -> bool:
     """Whether this process can map GPU slabs (asked on the watcher's thread: loading CUDA
     takes a while, and CPU-only processes never pay it on a request)."""
@@ -37,6 +43,18 @@ def _can_map_gpus() -> bool:
         from . import cuda
         return bool(cuda.devices().uuids)
     except Exception:           # no CUDA bindings, no driver, no GPU: nothing to map ahead
+        return False
+
+
+def _gpu_in_use(uuid: str | None = None) -> bool:
+    """Whether this process runs on GPU ``uuid`` (any of its GPUs if None) already: mapping a
+    slab of a GPU it does not use would make it a CUDA context there (hundreds of MB of that
+    GPU's memory), which a process that only ever touches host objects must not pay."""
+    from . import cuda
+    try:
+        found = cuda.devices()
+        return any(found.in_use(u) for u in ([uuid] if uuid else found.uuids))
+    except Exception:
         return False
 
 
@@ -71,6 +89,10 @@ class SlabWatcher:
         if self.connection is not None:
             self.connection.reset()
 
+    def _accept(self, descriptor) -> bool:
+        from .cuda import in_host_memory
+        return in_host_memory(descriptor.device) or _gpu_in_use(descriptor.device)
+
     def _warm(self) -> None:
         """After the first GPU slab is mapped: make (and drop) a view over it, so the first
         get's view finds CuPy's code for it loaded (the process's first CuPy array over
@@ -93,11 +115,17 @@ class SlabWatcher:
     def _run(self) -> None:
         from . import protocol
         from .connection import Connection
-        if self.config.map_ahead == "gpu" and not _can_map_gpus():
-            return
+        if self.config.map_ahead == "gpu":
+            if not _can_map_gpus():
+                return
+            # Until this process runs on a GPU, there is nothing it could map for free.
+            while not _gpu_in_use():
+                if self._closed.wait(GPU_WAIT_TICK_S):
+                    return
         try:
             connection = Connection(self.config, self.slabs)
             connection.epoch = self.epoch           # the same controller: keep the cache
+            connection.accept_slab = self._accept
             self.connection = connection
             if self._closed.is_set():
                 return
