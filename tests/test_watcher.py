@@ -85,3 +85,54 @@ def test_watch_is_validated_and_needs_a_namespace():
     with pytest.raises(ProtocolError, match="'tiers' must be one of 'gpu', 'all'"):
         protocol.decode_request({"v": 1, "seq": 1, "op": "watch", "tiers": "host"})
     assert protocol.decode_request({"v": 1, "seq": 1, "op": "watch"}).request == protocol.Watch("gpu")
+
+
+def test_after_a_controller_restart_a_new_watcher_maps_the_new_controllers_slabs(tmp_path, redis_server):
+    first = ControllerProcess(tmp_path, redis_server.url, slab_size="1MiB").start()
+    consumer = first.client(map_ahead="all")
+    second = None
+    try:
+        consumer.request(protocol.Ping())
+        old = wait_for(lambda: consumer.watcher, message="the first watcher")
+        assert first.stop() == 0
+        second = ControllerProcess(tmp_path, redis_server.url, slab_size="1MiB", node=first.node).start()
+        consumer.request(protocol.Ping())                     # reconnects: a new epoch
+        wait_for(lambda: consumer.watcher is not old and consumer.watcher.epoch == consumer.epoch,
+                 message="a watcher of the new controller")
+        wait_for(lambda: not old.alive, message="the old watcher's end")
+        producer = second.client(map_ahead="none", spare_bytes=0)
+        try:
+            object_id = put_new_slab(producer, 5)
+            wait_for(lambda: len(consumer.slabs) == 1, message="the new controller's slab mapped ahead")
+            assert int(consumer.get(object_id, 1)[0]) == 5
+        finally:
+            producer.close()
+    finally:
+        consumer.close()
+        if second is not None:
+            assert second.stop() == 0
+
+
+def test_a_watcher_that_never_reads_does_not_stop_another_watcher(ctl):
+    # A raw connection asks 'watch' and never reads what it is sent (40 slabs' descriptors,
+    # which its socket's buffer still takes): another process's watcher gets each slab as it
+    # is made.
+    import socket
+    hostile = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hostile.connect(ctl.socket)
+    for seq, request in ((1, protocol.Hello("test", None, "hostile")), (2, protocol.Watch("all"))):
+        protocol.send_frame(hostile, protocol.request_message(seq, request))
+    consumer, producer = ctl.client(map_ahead="all"), ctl.client(map_ahead="none", spare_bytes=0)
+    try:
+        consumer.request(protocol.Ping())
+        kept = []
+        for value in range(40):
+            kept.append(put_new_slab(producer, value))          # each in a new slab, kept
+            wait_for(lambda: len(consumer.slabs) == len(kept), message="the new slab mapped ahead")
+            assert int(consumer.get(kept[-1], 1)[0]) == value
+        for object_id in kept:
+            producer.request(protocol.Delete(object_id))
+    finally:
+        hostile.close()
+        consumer.close()
+        producer.close()
