@@ -34,7 +34,7 @@ from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from report import timed, write_json
+from report import percentile, timed, write_json
 
 KB, MB, GB = 1 << 10, 1 << 20, 1 << 30
 TARGETS = {"same_gpu_p50_us": 100, "peer_share": 0.85, "h2d_share": 0.90,
@@ -233,7 +233,7 @@ def gets(consumer: Consumer, controller, sizes, gpus: int, quick: bool) -> list[
             p50 = statistics.median(times)
             gbps = size / p50 / 1e9 if limit else None
             rows.append({"path": name, "size": size, "n": n, "p50_us": p50 * 1e6,
-                         "p99_us": times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6,
+                         "p99_us": percentile(times, 0.99) * 1e6,
                          "first_us": answer["first"] * 1e6, "GBps": gbps,
                          "controller_us": control_us, "copy_us": copy_us,
                          "engine_GBps": moved / busy / 1e9 if busy else None,
@@ -303,9 +303,9 @@ def cold_gets(env, sizes, trials: int, warm: int, map_ahead: str) -> list[dict]:
         rows.append({"size": size, "map_ahead": map_ahead, "trials": trials, "correct": correct,
                      "first_p50_us": statistics.median(first) * 1e6, "first_max_us": max(first) * 1e6,
                      "later_p50_us": statistics.median(later) * 1e6,
-                     "later_p99_us": sorted(later)[min(len(later) - 1, int(len(later) * 0.99))] * 1e6,
+                     "later_p99_us": percentile(later, 0.99) * 1e6,
                      "warm_p50_us": statistics.median(warmed) * 1e6,
-                     "warm_p99_us": sorted(warmed)[min(len(warmed) - 1, int(len(warmed) * 0.99))] * 1e6})
+                     "warm_p99_us": percentile(warmed, 0.99) * 1e6})
         print(f"  cold gets of {size} B, map ahead {map_ahead}: first {rows[-1]['first_p50_us']:.0f} µs, "
               f"2–7 {rows[-1]['later_p50_us']:.0f} µs, warm {rows[-1]['warm_p50_us']:.0f} µs", flush=True)
     return rows

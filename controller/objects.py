@@ -109,6 +109,13 @@ class WouldWait(Exception):
         self.object_id, self.reason, self.wait_s, self.expired = object_id, reason, wait_s, expired
 
 
+def _watches(session: Session, slab) -> bool:
+    """Whether ``session`` watches ``slab`` (Note [Slabs mapped ahead]): its namespace's, of
+    the tiers it asked for."""
+    return (session.watch is not None and session.namespace == slab.namespace
+            and (session.watch == "all" or not in_host_memory(slab.device)))
+
+
 def _not_sealed(object_id: str, timeout: float) -> FaasTubeTimeoutError:
     return FaasTubeTimeoutError(f"object {object_id} was not sealed within {timeout:g} s: its producer "
                                 f"is still writing it (or forgot to seal it); pass a longer timeout")
@@ -682,7 +689,7 @@ class ObjectTable:
 
     def _slab_created(self, slab) -> None:
         for session in self.sessions.values():
-            if session.watch is not None and session.namespace == slab.namespace and not session.closed:
+            if _watches(session, slab) and not session.closed:
                 self.push_to(session)
 
     def take_watched(self, session_id: int) -> tuple[list, list[int]] | None:
@@ -695,10 +702,8 @@ class ObjectTable:
                 return None
             fds = []
             for pool in self.pools.values():
-                if session.watch == "gpu" and in_host_memory(pool.device):
-                    continue
                 for slab in pool.slabs.values():
-                    if slab.namespace == session.namespace and slab.id not in session.slabs_sent:
+                    if _watches(session, slab) and slab.id not in session.slabs_sent:
                         fds.append((os.dup(slab.fd(False)), SlabDescriptor(slab.id, slab.size, False, slab.device)))
                         session.slabs_sent[slab.id] = False
             retired, session.retired = session.retired, []

@@ -11,7 +11,6 @@ gets, as without a watcher), so one such client delays no other.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import select
@@ -80,12 +79,12 @@ class SlabPusher:
         if taken is None:
             return
         fds, retired = taken
+        if not fds and not retired:
+            return
         conn, send_lock = connection
+        batches = [fds[start:start + FDS_PER_FRAME] for start in range(0, len(fds), FDS_PER_FRAME)] or [[]]
         try:
-            for start in range(0, max(len(fds), 1), FDS_PER_FRAME):
-                batch = fds[start:start + FDS_PER_FRAME]
-                if not batch and not retired:
-                    return
+            for number, batch in enumerate(batches):
                 _, writable, _ = select.select([], [conn], [], 0)
                 if not writable:
                     log.warning("watching session %d does not read its slab descriptors: "
@@ -95,11 +94,9 @@ class SlabPusher:
                     except OSError:
                         pass
                     return
-                frame = {"v": protocol.PROTOCOL_VERSION, "seq": None, "ok": True, "watched": True}
-                if batch:
-                    frame["fds"] = [dataclasses.asdict(d) for _fd, d in batch]
-                if retired and start == 0:
-                    frame["retired"] = list(retired)
+                frame = protocol.reply_message(None, protocol.Done(), [d for _fd, d in batch],
+                                               retired if number == 0 else ())
+                frame["watched"] = True
                 with send_lock:
                     protocol.send_frame(conn, frame, [fd for fd, _d in batch])
         except OSError:

@@ -128,7 +128,8 @@ class SlabMappings:
         return len(self._by_id)
 
     def __iter__(self):
-        return iter(self._by_id)
+        with self._lock:        # a snapshot: the watcher's thread may attach meanwhile
+            return iter(list(self._by_id))
 
 
 class GpuOwner:

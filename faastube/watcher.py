@@ -101,7 +101,7 @@ class SlabWatcher:
             return
         from . import cuda
         from .views import gpu_array_at
-        for slab_id in list(self.slabs):
+        for slab_id in self.slabs:
             try:
                 slab = self.slabs[slab_id]
             except KeyError:
