@@ -7,8 +7,12 @@ only, in one run (Note [Queue-aware eviction], controller/eviction.py).
 
 The workflow: a producer function puts one object per request on the device tier, a consumer
 function gets it there, works on it and deletes it; requests arrive in bursts (``--burst``
-at once, then a pause the consumer drains them in), so the objects waiting for the consumer
-(its queue) reach ``burst × size``: the working set. The tier is capped at 10% and at 1% of
+at once), so the objects waiting for the consumer (its queue) reach ``burst × size``: the
+working set. ``--pace drained`` (the default) starts each burst once the consumer has
+finished the one before (and ``--gap-ms`` more), so every burst meets the same empty queue
+and the p99 is a burst's own; ``--pace timed`` starts bursts at fixed times (three times the
+consumer's work for a burst apart), as runs 1–14 did: a burst not drained in time carries
+over into the next, and the p99 then measures the backlog. The tier is capped at 10% and at 1% of
 it (``--gpu-pool-limit``; stand-in tiers on a machine without a GPU, ``--stand-in-gpus``).
 Modes, each on its own controller: ``queue`` and ``lru`` (``--eviction``), and ``host`` (the
 producer puts to the host tier, one copy, ``put(..., device="cpu")``; the consumer's get
@@ -36,7 +40,11 @@ from faastube.local import LocalController, redis_for  # noqa: E402
 from report import write_json  # noqa: E402
 
 
-def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list, start: float, queue) -> None:
+def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list, start: float, queue,
+            drained=None, burst: int = 0, gap_s: float = 0.0) -> None:
+    """Put one object per arrival (``arrivals``: seconds after ``start``). With ``drained``
+    (a queue the consumer signals on), each burst of ``burst`` arrivals after the first
+    starts ``gap_s`` after the consumer has finished the one before, instead."""
     import numpy as np
     from faastube import sdk
     sdk.connect(socket=socket_path, namespace="bench", spare_bytes=0)
@@ -48,6 +56,9 @@ def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list,
         source = np.arange(size, dtype=np.uint8)
     put_s = []
     for n, offset in enumerate(arrivals):
+        if drained is not None and n and n % burst == 0:
+            drained.get(timeout=600)
+            start = time.monotonic() + gap_s - offset       # this burst arrives now + gap
         delay = start + offset - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -66,7 +77,8 @@ def produce(socket_path: str, mode: str, device: str, size: int, arrivals: list,
     sdk.client().close()
 
 
-def consume(socket_path: str, device: str, service_s: float, queue, results) -> None:
+def consume(socket_path: str, device: str, service_s: float, queue, results, drained=None,
+            burst: int = 0) -> None:
     from faastube import sdk
     sdk.connect(socket=socket_path, namespace="bench", spare_bytes=0)
     latencies, checks, get_s, put_s = [], set(), [], []
@@ -87,6 +99,8 @@ def consume(socket_path: str, device: str, service_s: float, queue, results) -> 
             del view
             sdk.delete(ref)
         latencies.append(time.monotonic() - arrival)
+        if drained is not None and len(latencies) % burst == 0:
+            drained.put(len(latencies))          # the producer may start the next burst
     results.put({"latencies": latencies, "checks": sorted(checks), "get_s": get_s, "put_s": put_s})
     sdk.client().close()
 
@@ -108,11 +122,13 @@ def run_mode(mode: str, cap: int, args, device_setting: dict, arrivals: list) ->
             eviction="lru" if mode == "lru" else "queue", idle_minimum="0", **device_setting))
         device = next(p["device"] for p in controller.status()["pools"] if p["device"] != "host")
         queue, results = context.Queue(), context.Queue()
+        drained = context.Queue() if args.pace == "drained" else None
         start = time.monotonic() + 1.0
         workers = [context.Process(target=produce, args=(controller.socket, mode, device, args.size,
-                                                         arrivals, start, queue)),
+                                                         arrivals, start, queue, drained, args.burst,
+                                                         args.gap_ms / 1e3)),
                    context.Process(target=consume, args=(controller.socket, device, args.service_ms / 1e3,
-                                                         queue, results))]
+                                                         queue, results, drained, args.burst))]
         for worker in workers:
             worker.start()
         outcome = results.get(timeout=600)
@@ -146,6 +162,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-bursts", type=int, default=1,
                    help="bursts before the measured ones, not measured (the tiers grow in them)")
     p.add_argument("--service-ms", type=float, default=2.0, help="the consumer's own work per request")
+    p.add_argument("--pace", choices=("drained", "timed"), default="drained",
+                   help="drained: a burst starts once the one before is consumed (below saturation); "
+                        "timed: at fixed times, a backlog carrying over (runs 1-14)")
+    p.add_argument("--gap-ms", type=float, default=200.0,
+                   help="with --pace drained: the pause between a burst's end and the next")
     p.add_argument("--out", default=None, help="JSON results (default bench/results/eviction_bench-<time>.json)")
     args = p.parse_args(argv)
     args.size = args.size or (16_000_000 if args.gpu else 4_000_000)
@@ -172,8 +193,8 @@ def main(argv=None) -> int:
                   f"{row['host_grown']['request']['slabs']}", flush=True)
     print()
     print(f"== eviction under load ({'GPU 0' if args.gpu else 'stand-in tier'}, {args.bursts} bursts of "
-          f"{args.burst} × {args.size / 1e6:g} MB after {args.warmup_bursts} unmeasured, working set {working_set >> 20} MiB, consumer "
-          f"{args.service_ms:g} ms per request)")
+          f"{args.burst} × {args.size / 1e6:g} MB after {args.warmup_bursts} unmeasured, paced {args.pace}, "
+          f"working set {working_set >> 20} MiB, consumer {args.service_ms:g} ms per request)")
     print("| cap | queue p99 ms | LRU p99 ms | host-only p99 ms | queue vs host | queue vs LRU |")
     print("|---|---|---|---|---|---|")
     for share in (0.10, 0.01):
@@ -184,6 +205,7 @@ def main(argv=None) -> int:
     out = write_json("eviction_bench", {
         "machine": platform.node(), "gpu": args.gpu, "size": args.size, "burst": args.burst,
         "bursts": args.bursts, "service_ms": args.service_ms, "working_set": working_set,
+        "pace": args.pace, "gap_ms": args.gap_ms if args.pace == "drained" else None,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}, args.out)
     print(f"\nJSON: {out}")
     return 0

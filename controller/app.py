@@ -52,7 +52,7 @@ class Controller:
         self.pools = [Pool(HOST, config.slab_size, config.pool_limit, config.idle_release_s,
                            slab_factory=functools.partial(MemfdSlab, pin=pin, mapped=bool(config.stand_in_gpus)),
                            idle_minimum=config.idle_minimum, reserve_share=config.reserve_share,
-                           quota=config.namespace_quota)]
+                           quota=config.namespace_quota, per_writer=True)]
         self.pools += [gpu_pool(config, devices, ordinal) for devices, ordinal in self.gpus]
         self.pools += [stand_in_pool(config, index) for index in range(config.stand_in_gpus)]
         if config.chunk_size < 64 << 10:

@@ -175,9 +175,9 @@ class DemandTracker:
         return out
 
 
-def fit(holes: list[int], sizes: list[int], align) -> tuple[list[int], list[int]]:
-    """First fit, largest first: which holes (by index) the sizes take, and the sizes that
-    fit in none (the pool must grow for them)."""
+def fit(holes: list[int], sizes: list[int], align) -> tuple[list[int], list[int], list[int]]:
+    """First fit, largest first: which holes (by index) the sizes take, the sizes that fit
+    in none (the pool must grow for them), and what is left of each hole."""
     free = list(holes)
     used, missing = set(), []
     for size in sorted(sizes, reverse=True):
@@ -189,4 +189,4 @@ def fit(holes: list[int], sizes: list[int], align) -> tuple[list[int], list[int]
                 break
         else:
             missing.append(size)
-    return sorted(used), missing
+    return sorted(used), missing, free

@@ -165,8 +165,9 @@ class Evictor(BackgroundThread):
                     others.append(r)
         return own, others
 
-    def spill(self, pool, namespace: str, function: str | None, nbytes: int, may_grow: bool = True):
-        """A host region for a put to ``pool`` (which has no room) from ``function``, if the
+    def spill(self, pool, session, nbytes: int, may_grow: bool = True):
+        """A host region for a put to ``pool`` (which has no room) from ``session``'s function,
+        in a slab it may write (Note [Slabs of one writer], controller/pool.py), if the
         new object would be the first to move off ``pool`` (a :class:`Grow` first where the
         host tier has no room and ``may_grow``), else None (the put evicts as usual): Note
         [Puts that rank last].
@@ -176,6 +177,7 @@ class Evictor(BackgroundThread):
         of them would only bring it back before the new one is needed: the put writes to the
         host tier at once, one copy instead of two, and its object is restored ahead like an
         evicted one. Only with ``--eviction queue`` and a known, active consumer."""
+        namespace, function = session.namespace, session.function
         if self.policy != "queue" or not function:
             return None
         view = self.view
@@ -194,7 +196,7 @@ class Evictor(BackgroundThread):
             return None
         host = self.table.pools[HOST]
         try:
-            region = host.allocate(namespace, nbytes, grow=False)
+            region = host.allocate(namespace, nbytes, grow=False, writer=session.id)
         except (PoolExhaustedError, QuotaExceededError):
             size = host.growth_for(namespace, nbytes) if may_grow else None
             return None if size is None else Grow(host, namespace, size)

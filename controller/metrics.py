@@ -107,6 +107,9 @@ class ControllerCollector:
                                                  labels=["device", "name"]),
             "slabs_retired": CounterMetricFamily("faastube_pool_slabs_retired", "Slabs released",
                                                  labels=["device", "name"]),
+            "writers": GaugeMetricFamily("faastube_pool_writers", "Connections that write in slabs of "
+                                         "their own (the host tier: Note [Slabs of one writer])",
+                                         labels=["device", "name"]),
         }
         # Growth by path, and the room kept ahead (Note [Reservation ahead of demand]).
         grown = CounterMetricFamily("faastube_pool_grown_bytes", "Bytes of slabs grown, by path: "

@@ -41,7 +41,7 @@ from faastube.errors import (InvalidArgumentError, InvalidStateError, NamespaceE
 from faastube.protocol import MAX_STATUS_NAMESPACES, SlabDescriptor
 
 from .eviction import MOVE_WAIT_S, Evictor, Grow, Move
-from .pool import Pool, Region
+from .pool import CONTROLLER, Pool, Region
 
 FORGOTTEN_CAP = 100_000    # local tombstones kept in memory (Redis keeps them longer)
 RELEASES_PER_LOCK = 256    # releases applied per hold of the table's lock
@@ -275,6 +275,8 @@ class ObjectTable:
         with self.lock:
             self.sessions.pop(session.id, None)
             session.closed = True
+            for pool in self.pools.values():
+                pool.writer_gone(session.id)
             if session.waiting_gets:
                 self.closed_sessions.add(session)
             self.changed.notify_all()     # waiting gets of this session give up
@@ -317,10 +319,10 @@ class ObjectTable:
             while True:
                 with self.lock:
                     try:
-                        region = self._allocate(pool, session.namespace, nbytes)
+                        region = self._allocate(pool, session.namespace, nbytes, writer=session.id)
                     except _NoRoom as no_room:
-                        region = (self.evictor.spill(pool, session.namespace, session.function, nbytes,
-                                                     may_grow=not grown) if spill else None)
+                        region = (self.evictor.spill(pool, session, nbytes, may_grow=not grown)
+                                  if spill else None)
                         if isinstance(region, Grow):            # host room first, off the lock
                             moves, region, grown = [region], None, True
                         elif region is None:
@@ -346,10 +348,12 @@ class ObjectTable:
             with self.lock:
                 waiting.done()
 
-    def _allocate(self, pool: Pool, namespace: str, nbytes: int) -> Region:
-        """A region in ``pool`` (lock held); _NoRoom where eviction could make some."""
+    def _allocate(self, pool: Pool, namespace: str, nbytes: int, writer: int = CONTROLLER) -> Region:
+        """A region in ``pool`` that ``writer`` may write, a session's id or the controller
+        (Note [Slabs of one writer], controller/pool.py) (lock held); _NoRoom where
+        eviction could make some."""
         try:
-            return pool.allocate(namespace, nbytes)
+            return pool.allocate(namespace, nbytes, writer=writer)
         except (PoolExhaustedError, QuotaExceededError) as exc:
             if self.evictor.serves(pool):
                 raise _NoRoom(pool, exc, nbytes) from None
@@ -597,6 +601,8 @@ class ObjectTable:
         record.leases += 1
         fds = []
         slab = lease.region.slab
+        if writer and not self.pools[slab.device].may_write(slab, session.id):
+            raise AssertionError(f"slab {slab.id} is not session {session.id}'s to write")
         sent_writable = session.slabs_sent.get(slab.id)
         if sent_writable is None or (writer and not sent_writable):
             fds.append((os.dup(slab.fd(writer)), SlabDescriptor(slab.id, slab.size, writer, slab.device)))

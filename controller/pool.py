@@ -19,6 +19,19 @@ memory once no process maps it: a function drops its mapping when its next reply
 slab retired. If that is not enough, housekeeping moves objects to the host tier until whole
 slabs are empty, and retires them (Note [Queue-aware eviction], controller/eviction.py).
 
+Note [Slabs of one writer]: a process that writes a host object is sent its slab's
+read-write descriptor, and a descriptor covers the whole slab. Were a slab shared by writers,
+any member of the namespace could change another's sealed objects through its own mapping.
+So on the host tier (``per_writer``) a slab serves one writer: a slab grown ahead of demand is
+unclaimed until its first object, and then belongs to the connection that wrote it
+(``slab.writer``, the session's id) or to the controller (CONTROLLER: evictions, copies
+between tiers and replicas, which no client writes); a writer's slab takes no new object once
+its connection has closed (GONE: the process may still map it read-write) and is retired when
+empty. A slab never changes writer, as it never changes namespace. The cost is memory: each
+writing connection holds at least one slab of its own. GPU tiers share slabs between writers:
+a reader imports the whole allocation and chooses its own access (docs/security.md), so
+slabs of one's own would not stop a member of the namespace there.
+
 Not thread-safe by itself: the object table's lock guards every call.
 """
 
@@ -39,6 +52,8 @@ from .slabs import PAGE, MemfdSlab
 EVICTED_ROOM_OBJECTS = 16     # recent evictions per namespace the host tier keeps room for
 EVICTED_ROOM_S = 60.0         # … until none came for this long
 PROBE_TTL_S = 0.02            # how long a GPU's free-memory figure is used for the cap
+CONTROLLER = 0                # slab.writer of the controller's own slabs (session ids start at 1)
+GONE = -1                     # slab.writer of a slab whose writer's connection closed
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,8 @@ class Pool:
                  alignment: int = PAGE,
                  name: str | None = None, limit_setting: str = "--pool-limit / FAASTUBE_POOL_LIMIT",
                  idle_minimum: int = 0, reserve_share: float = 0.0, quota: float = 1.0,
-                 free_probe=None, free_share: float = 1.0, watermark: int = 0):
+                 free_probe=None, free_share: float = 1.0, watermark: int = 0,
+                 per_writer: bool = False):
         self.device = device            # "host" or a GPU's UUID
         self.name = name or device      # for people: "host", "GPU 0 (NVIDIA H100 …)"
         self.on_retire = on_retire      # told of every retired slab (the object table tells its holders)
@@ -73,6 +89,7 @@ class Pool:
         self.free_probe = free_probe
         self.free_share = free_share
         self.watermark = watermark
+        self.per_writer = per_writer            # Note [Slabs of one writer]
         self.device_free: int | None = None
         self._probed: tuple[float, int, int] | None = None   # (when, free memory, reserved then)
         self.given_back = [0, 0]                # slabs, bytes
@@ -98,14 +115,19 @@ class Pool:
         self.waits = [0, 0.0, 0]
         self.waiting = 0            # requests waiting for room now
 
-    def allocate(self, namespace: str, nbytes: int, grow: bool = True) -> Region:
-        """A region for ``nbytes`` in one of ``namespace``'s slabs, growing the pool if needed
-        (unless ``grow`` is False: then PoolExhaustedError)."""
+    def allocate(self, namespace: str, nbytes: int, grow: bool = True, writer: int = CONTROLLER) -> Region:
+        """A region for ``nbytes`` in one of ``namespace``'s slabs that ``writer`` may write
+        (Note [Slabs of one writer]), growing the pool if needed (unless ``grow`` is False:
+        then PoolExhaustedError)."""
+        need = align_up(max(nbytes, 1))
         best = None
         for slab in self.slabs.values():
-            if slab.namespace == namespace and slab.allocator.largest_free >= align_up(max(nbytes, 1)):
-                if best is None or slab.allocator.largest_free < best.allocator.largest_free:
-                    best = slab
+            if (slab.namespace == namespace and slab.allocator.largest_free >= need
+                    and self.may_write(slab, writer)):
+                # Its own slabs before unclaimed ones (room kept for anyone), then best fit.
+                rank = (slab.writer is None, slab.allocator.largest_free)
+                if best is None or rank < best_rank:
+                    best, best_rank = slab, rank
         if best is None:
             if not grow:
                 raise PoolExhaustedError(f"no room for {format_size(nbytes)} in the {self.name} "
@@ -115,8 +137,22 @@ class Pool:
             self.grown["request"][1] += best.size
         offset = best.allocator.allocate(nbytes)
         assert offset is not None, "largest_free promised a fitting hole"
+        if self.per_writer and best.writer is None:
+            best.writer = writer
         best.empty_since = None
         return Region(best, offset, nbytes)
+
+    def may_write(self, slab, writer: int) -> bool:
+        """Whether ``writer`` (a session's id, or CONTROLLER) may be given room in ``slab``."""
+        return not self.per_writer or slab.writer is None or slab.writer == writer != GONE
+
+    def writer_gone(self, writer: int) -> None:
+        """``writer``'s connection closed: its slabs take no new object (Note [Slabs of one
+        writer]) and are retired once empty."""
+        if self.per_writer:
+            for slab in self.slabs.values():
+                if slab.writer == writer:
+                    slab.writer = GONE
 
     def free(self, region: Region) -> None:
         slab = region.slab
@@ -134,12 +170,12 @@ class Pool:
         now = time.monotonic() if now is None else now
         idle_s = self.idle_release_s if idle_s is None else idle_s
         candidates = [s for s in self.slabs.values()
-                      if s.empty_since is not None and now - s.empty_since >= idle_s]
+                      if s.empty_since is not None and (now - s.empty_since >= idle_s or s.writer == GONE)]
         if not force and candidates:
             kept = self.reserving()
             kept_bytes = 0
             for slab in sorted(candidates, key=lambda s: s.empty_since, reverse=True):
-                if slab.id not in kept and kept_bytes + slab.size <= self.idle_minimum:
+                if slab.id not in kept and slab.writer != GONE and kept_bytes + slab.size <= self.idle_minimum:
                     kept.add(slab.id)
                     kept_bytes += slab.size
             candidates = [s for s in candidates if s.id not in kept]
@@ -154,14 +190,15 @@ class Pool:
         self.evicted_recently.setdefault(namespace, collections.deque(maxlen=EVICTED_ROOM_OBJECTS)).append(nbytes)
         self.evicted_at[namespace] = time.monotonic()
 
-    def _wanted(self, namespace: str) -> list[int]:
-        sizes = self.wanted.get(namespace, [])
+    def _wanted(self, namespace: str) -> tuple[list[int], list[int]]:
+        """The sizes to keep room for: (by demand, for recent evictions)."""
+        evicted = []
         if namespace in self.evicted_at:
             if time.monotonic() - self.evicted_at[namespace] > EVICTED_ROOM_S:
                 del self.evicted_at[namespace], self.evicted_recently[namespace]
             else:
-                sizes = sizes + list(self.evicted_recently[namespace])
-        return sizes
+                evicted = list(self.evicted_recently[namespace])
+        return self.wanted.get(namespace, []), evicted
 
     def _kept_for(self) -> set[str]:
         """The namespaces room is kept ahead for: by demand, or for recent evictions."""
@@ -172,14 +209,30 @@ class Pool:
         return max(self.slab_size, align_up(nbytes, self.alignment))
 
     def _fit(self, namespace: str) -> tuple[list[MemfdSlab], list[int], list[int]]:
-        slabs = [s for s in self.slabs.values() if s.namespace == namespace]
+        """(the namespace's slabs' holes' owners, the holes the wanted room takes, the sizes
+        that fit in none). With slabs per writer the room for evictions is looked for in the
+        controller's slabs and the room by demand in the writers' (Note [Slabs of one
+        writer]), unclaimed slabs serving either."""
+        demand, evicted = self._wanted(namespace)
         holes, owners = [], []
-        for slab in slabs:
-            for hole in slab.allocator.holes:
-                holes.append(hole)
-                owners.append(slab)
-        used, missing = fit(holes, self._wanted(namespace), align_up)
-        return owners, used, missing
+        for slab in self.slabs.values():
+            if slab.namespace == namespace and slab.writer != GONE:
+                for hole in slab.allocator.holes:
+                    holes.append(hole)
+                    owners.append(slab)
+        if not self.per_writer:
+            used, missing, _left = fit(holes, demand + evicted, align_up)
+            return owners, used, missing
+        used, missing = set(), []
+        for sizes, takes in ((evicted, lambda slab: slab.writer in (None, CONTROLLER)),
+                             (demand, lambda slab: slab.writer != CONTROLLER)):
+            index = [i for i, slab in enumerate(owners) if takes(slab)]
+            taken, lacking, left = fit([holes[i] for i in index], sizes, align_up)
+            for i, size in zip(index, left):
+                holes[i] = size         # what the first pass took of an unclaimed slab is gone
+            used.update(index[i] for i in taken)
+            missing += lacking
+        return owners, sorted(used), missing
 
     def reserving(self) -> set[int]:
         """The ids of the slabs whose free room is reserved for a namespace."""
@@ -342,7 +395,8 @@ class Pool:
         return {"device": self.device, "name": self.name, "limit": self.limit, "slab_size": self.slab_size,
                 "slabs": len(self.slabs), "reserved": self.reserved, "used": used, "quota": self.quota,
                 "slabs_created": self.slabs_created, "slabs_retired": self.slabs_retired,
-                "ahead_wanted": {ns: sum(self._wanted(ns)) for ns in self._kept_for()},
+                "ahead_wanted": {ns: sum(map(sum, self._wanted(ns))) for ns in self._kept_for()},
+                "writers": len({s.writer for s in self.slabs.values() if s.writer not in (None, CONTROLLER, GONE)}),
                 "idle_minimum": self.idle_minimum, "device_free": self.device_free,
                 "watermark": self.watermark, "given_back": {"slabs": self.given_back[0],
                                                             "bytes": self.given_back[1]},

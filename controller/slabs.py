@@ -65,6 +65,7 @@ class MemfdSlab:
         self.allocator = RangeAllocator(size)
         self.empty_since: float | None = time.monotonic()
         self.retired = False
+        self.writer: int | None = None      # Note [Slabs of one writer] (controller/pool.py)
         self.pinned = pin
         # With GPUs, the controller maps the slab and pins it once (cuMemHostRegister), so
         # host↔GPU copies run at PCIe speed straight from it, with no staging copy. With
@@ -116,6 +117,7 @@ class CudaSlab:
         self.allocator = RangeAllocator(size)
         self.empty_since: float | None = time.monotonic()
         self.retired = False
+        self.writer: int | None = None      # GPU tiers share slabs between writers (controller/pool.py)
 
     def fd(self, writable: bool) -> int:
         return self._fd

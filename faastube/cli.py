@@ -99,7 +99,8 @@ def render_status(status: dict) -> str:
         lines.append(
             f"pool {pool.get('name', pool['device'])}: {pool.get('slabs', '?')} slabs of {format_size(pool['slab_size'])}, "
             f"reserved {format_size(pool.get('reserved', 0))}, used {format_size(pool.get('used', 0))}, "
-            f"limit {format_size(pool['limit'])}")
+            f"limit {format_size(pool['limit'])}"
+            + (f"; writers with slabs of their own {pool['writers']}" if pool.get("writers") else ""))
         if "grown" in pool:             # Note [Reservation ahead of demand]
             ahead, request = pool["grown"]["ahead"], pool["grown"]["request"]
             wanted = pool["ahead_wanted"]

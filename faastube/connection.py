@@ -224,8 +224,12 @@ class Connection:
         hello = protocol.Hello(self.config.namespace, self.config.secret, f"pid {os.getpid()}")
         welcome = protocol.decode_reply(protocol.Hello, self._wait(
             self._send(hello), self._generation, DEFAULT_REPLY_TIMEOUT_S))
-        if welcome.epoch != self.epoch:
-            self.slabs.clear()   # slab ids belong to one controller epoch
+        if welcome.epoch != self.epoch or self._generation > 1:
+            # Slab ids belong to one controller epoch; and a new session of the same one is
+            # never told of the slabs retired that the old one mapped (a writer's slabs
+            # are retired once it is gone: Note [Slabs of one writer], controller/pool.py).
+            # Views in use keep their mappings; the rest are mapped again as replies need.
+            self.slabs.clear()
         self.node, self.epoch = welcome.node, welcome.epoch
         if self.on_connected is not None:
             self.on_connected()

@@ -78,9 +78,9 @@ def test_what_clients_report_is_kept_within_bounds():
 
 
 def test_fit_places_the_largest_sizes_first_and_names_what_fits_nowhere():
-    assert fit([10, 4], [3, 4, 6], align=lambda n: n) == ([0, 1], [])
-    assert fit([10, 4], [8, 8], align=lambda n: n) == ([0], [8])
-    assert fit([], [1], align=lambda n: n) == ([], [1])
+    assert fit([10, 4], [3, 4, 6], align=lambda n: n) == ([0, 1], [], [0, 1])
+    assert fit([10, 4], [8, 8], align=lambda n: n) == ([0], [8], [2, 4])
+    assert fit([], [1], align=lambda n: n) == ([], [1], [])
 
 
 def test_demand_entries_are_validated_like_any_field():

@@ -1,6 +1,7 @@
 """Hostile and careless input (issue 20): what one client sends cannot break the controller
 for the others, and what cannot be stored is refused at the edge with a clear error."""
 
+import json
 import math
 import os
 import time
@@ -360,6 +361,24 @@ def test_a_reader_of_another_user_cannot_reopen_its_read_only_slab_descriptor_wr
         assert reader.read()["ok"]
         sock.close()
     assert int(ft.get(ref).sum()) == 3000
+
+
+def test_a_member_of_the_namespace_cannot_change_another_writers_object_through_its_own_mapping(ft, worker_env):
+    # Note [Slabs of one writer] (controller/pool.py): a writer is sent the read-write
+    # descriptor of its own slabs only, so scribbling over every writable mapping it holds
+    # leaves another process's object of the same namespace as it was.
+    victim = worker_env.start("function.py", "held-put", 100_000, 5)
+    theirs = worker_env.read_json(victim)
+    ft.put(np.arange(1000))                                     # this process writes too
+    assert ft.get(theirs["ref"]).sum() > 0                      # and reads theirs
+    slabs = ft.client().slabs
+    writable = [slabs[i].writable for i in slabs if slabs[i].writable is not None]
+    assert writable
+    for mapping in writable:
+        mapping[:] = b"\xff" * len(mapping)
+    assert worker_env.run("function.py", "get", json.dumps(theirs["ref"]))["sha"] == theirs["sha"]
+    victim.stdin.close()
+    assert victim.wait(timeout=30) == 0
 
 
 def test_a_read_only_view_refuses_dlpack_instead_of_crashing_the_process_on_a_write(ft, controller):

@@ -5,7 +5,7 @@ import gc
 import numpy as np
 import pytest
 
-from faastube import errors
+from faastube import errors, protocol
 
 from .conftest import wait_for
 
@@ -77,6 +77,40 @@ def test_slabs_are_never_shared_between_namespaces(controller):
     finally:
         alice.close()
         bob.close()
+
+
+@pytest.mark.parametrize("controller_settings", [{"slab_size": "1MiB", "pool_limit": "8MiB", "idle_release": "60",
+                                                  "idle_minimum": "8MiB"}])
+def test_each_writer_writes_in_slabs_of_its_own_and_a_closed_writers_slab_is_retired_once_empty(controller):
+    # Note [Slabs of one writer]: two connections of one namespace never share a slab they
+    # write in; once a writer's connection closes its slab takes no new object and goes when
+    # its last object does, though the idle time (60 s) and idle minimum would keep it.
+    first, second = controller.client(spare_bytes=0), controller.client(spare_bytes=0)
+    try:
+        def put(client, value):
+            target, object_id, lifetime = client.create_for_put((1000,), np.dtype("uint8"))
+            target[...] = value
+            del target
+            client.seal(object_id, drop_writer=True, lifetime=lifetime)
+            return object_id
+        kept = put(first, 1)
+        put(second, 2)
+        put(second, 3)
+        writable = {client: {i for i in client.slabs if client.slabs[i].writable is not None}
+                    for client in (first, second)}
+        assert len(writable[first]) == len(writable[second]) == 1
+        assert writable[first].isdisjoint(writable[second])
+        assert pool_of(controller)["slabs"] == 2 and pool_of(controller)["writers"] == 2
+        first.close()
+        wait_for(lambda: pool_of(controller)["writers"] == 1, message="the closed writer's slab given up")
+        assert int(second.get(kept, 1).sum()) == 1000           # its object is still there, read-only
+        put(second, 4)
+        assert pool_of(controller)["slabs"] == 2                 # not in the closed writer's slab
+        second.request(protocol.Delete(kept))
+        wait_for(lambda: pool_of(controller)["slabs"] == 1, message="the closed writer's empty slab retired")
+    finally:
+        first.close()
+        second.close()
 
 
 def test_a_namespace_at_its_quota_gets_a_clear_error_and_another_namespace_still_has_room(tmp_path, redis_server):
