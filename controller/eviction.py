@@ -201,7 +201,7 @@ class Evictor(BackgroundThread):
             size = host.growth_for(namespace, nbytes) if may_grow else None
             return None if size is None else Grow(host, namespace, size)
         pool.count_move("spill", nbytes, 0.0)
-        host.note_eviction(namespace, nbytes)       # room for the next one, made ahead
+        host.note_eviction(namespace, nbytes, spill=True)       # room for the next one, made ahead
         self.table.wake_reserver()
         return region
 

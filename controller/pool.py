@@ -185,20 +185,25 @@ class Pool:
 
     # -- room ahead of demand (Note [Reservation ahead of demand]) ------------------------
 
-    def note_eviction(self, namespace: str, nbytes: int) -> None:
-        """An object of ``namespace`` was evicted to this tier: keep room for the next ones."""
-        self.evicted_recently.setdefault(namespace, collections.deque(maxlen=EVICTED_ROOM_OBJECTS)).append(nbytes)
+    def note_eviction(self, namespace: str, nbytes: int, spill: bool = False) -> None:
+        """An object of ``namespace`` was evicted to this tier (or, ``spill``, put here by its
+        producer: Note [Puts that rank last]): keep room for the next ones, in the slabs the
+        controller writes or, for a spill, in those its writers may (Note [Slabs of one
+        writer])."""
+        self.evicted_recently.setdefault(namespace, collections.deque(maxlen=EVICTED_ROOM_OBJECTS)).append(
+            (nbytes, spill))
         self.evicted_at[namespace] = time.monotonic()
 
     def _wanted(self, namespace: str) -> tuple[list[int], list[int]]:
-        """The sizes to keep room for: (by demand, for recent evictions)."""
-        evicted = []
+        """The sizes to keep room for: (by demand and recent spills, for recent evictions)."""
+        demand, evicted = list(self.wanted.get(namespace, [])), []
         if namespace in self.evicted_at:
             if time.monotonic() - self.evicted_at[namespace] > EVICTED_ROOM_S:
                 del self.evicted_at[namespace], self.evicted_recently[namespace]
             else:
-                evicted = list(self.evicted_recently[namespace])
-        return self.wanted.get(namespace, []), evicted
+                for nbytes, spill in self.evicted_recently[namespace]:
+                    (demand if spill else evicted).append(nbytes)
+        return demand, evicted
 
     def _kept_for(self) -> set[str]:
         """The namespaces room is kept ahead for: by demand, or for recent evictions."""
